@@ -1,0 +1,55 @@
+"""The ``galgan`` console command. Each sub-command lives in ``galgan_ray/commands/<noun>.py`` with a
+``register(subparsers)`` function; this module only collects them and turns errors into messages."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .errors import InputError
+
+__all__ = ["main", "build_parser"]
+
+# Command modules, in the order `galgan --help` lists them (data -> learn -> measure -> scale).
+_COMMAND_MODULES = ("sky", "cutouts", "blends", "figures", "train", "sample", "enhance", "evaluate",
+                    "photometry", "field")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="galgan",
+        description="galgan-ray: simulate HST/HSC galaxy blends, enhance ground-based images with GANs, "
+                    "and measure how many blends the enhancement recovers.")
+    parser.add_argument("--version", action="version", version=f"galgan-ray {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"galgan_ray.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"galgan_ray.commands.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        print(f"galgan {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Bit flags, defined once (photutils' ``FlagDefinition`` idea, sep's ``OBJ_MERGED`` constants).
+
+Every catalog ``flags`` column and every per-cutout flag uses these bits. ``describe_flags``
+turns a value back into names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["FlagDefinition", "FLAGS", "flag_bit", "describe_flags"]
+
+
+@dataclass(frozen=True)
+class FlagDefinition:
+    """One flag: its bit number, its name and what it means."""
+
+    bit: int
+    name: str
+    description: str
+
+    @property
+    def value(self) -> int:
+        return 1 << self.bit
+
+
+FLAGS: tuple[FlagDefinition, ...] = (
+    FlagDefinition(0, "EDGE", "source or cutout touches the image edge; the stamp was padded"),
+    FlagDefinition(1, "NONFINITE", "non-finite pixels were found (and masked) in the input"),
+    FlagDefinition(2, "MASKED", "masked pixels inside the footprint"),
+    FlagDefinition(3, "BLENDED", "the low-resolution footprint holds more than one peak"),
+    FlagDefinition(4, "SATURATED", "saturated or bad pixels near the peak"),
+    FlagDefinition(5, "FIT_FAILED", "the Gaussian-mixture fit did not converge"),
+    FlagDefinition(6, "FIT_SHIFTED", "the fitted centre moved to the limit of the allowed shift"),
+    FlagDefinition(7, "LOW_SNR", "significance below the detection threshold after the fit"),
+    FlagDefinition(8, "PEAK_MERGED", "peaks closer than the minimum separation were merged"),
+    FlagDefinition(9, "NOT_PRIMARY", "source lies in the tile's overlap border, owned by a neighbour"),
+    FlagDefinition(10, "STAR", "classified as a point source (CLASS_STAR above the cut)"),
+    FlagDefinition(11, "ENHANCE_SKIPPED", "no enhanced image was made for this footprint"),
+)
+
+_BY_NAME = {f.name: f for f in FLAGS}
+assert len({f.bit for f in FLAGS}) == len(FLAGS), "flag bits must be unique"
+
+
+def flag_bit(name: str) -> int:
+    """Return the integer value (``1 << bit``) of the flag called ``name``."""
+    try:
+        return _BY_NAME[name].value
+    except KeyError:
+        raise KeyError(f"unknown flag {name!r}; known: {sorted(_BY_NAME)}") from None
+
+
+def describe_flags(value: int) -> list[str]:
+    """Return the names of the flags set in ``value``."""
+    return [f.name for f in FLAGS if int(value) & f.value]
