@@ -189,6 +189,16 @@ class _GalaxySet:
         if img.ndim != 4 or img.shape[-1] != img.shape[-2]:
             raise InputError("galaxy_set['image_hr']", f"expected (N, C, n, n), got shape {img.shape}")
         n, c = img.shape[:2]
+        if "x_offset_px" in gs and "y_offset_px" in gs:
+            # Integer-pixel cutouts (cutouts.cut_cutouts) hold the galaxy at centre + offset: shift it
+            # onto the centre once, so every truth position below is where the flux is.
+            dx, dy = -np.asarray(gs["x_offset_px"], float), -np.asarray(gs["y_offset_px"], float)
+            moved = np.flatnonzero((np.abs(dx) > 1e-3) | (np.abs(dy) > 1e-3))
+            if len(moved):
+                img = img.copy()
+                for i in moved:
+                    img[i] = _place(img[i], angle_deg=0.0, dx=float(dx[i]), dy=float(dy[i]),
+                                    order=config.interpolation_order)
         if c != len(degrade_config.high):
             raise InputError("galaxy_set['image_hr']", f"{c} bands, but the degrade config has {len(degrade_config.high)}")
         if not 0 <= config.ref_band < c:
