@@ -1,0 +1,167 @@
+"""One-to-one matching of detected peaks to true source positions (Hungarian algorithm).
+
+Each true source is matched to at most one peak and each peak to at most one source, maximising
+first the number of pairs closer than the matching radius, then minimising their summed distance
+(``scipy.optimize.linear_sum_assignment`` on the distance matrix, with a penalty larger than any
+feasible total for pairs beyond the radius; such pairs are then discarded). Radii are stated in
+arcsec by callers and converted with :func:`radius_pixels` for the grid the peaks live on.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from .errors import InputError
+
+__all__ = ["match_peaks", "match_peaks_batch", "radius_pixels"]
+
+
+def radius_pixels(radius_arcsec: float, *, pixel_scale_arcsec: float) -> float:
+    """A matching radius in arcsec -> pixels of a grid with ``pixel_scale_arcsec``."""
+    if not radius_arcsec > 0 or not pixel_scale_arcsec > 0:
+        raise InputError("matching.radius",
+                         f"radius ({radius_arcsec}) and pixel scale ({pixel_scale_arcsec}) must be > 0")
+    return float(radius_arcsec) / float(pixel_scale_arcsec)
+
+
+def _as_xy(a, source: str) -> np.ndarray:
+    arr = np.asarray(a, dtype=np.float64)
+    if arr.size == 0:
+        return arr.reshape(0, 2)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise InputError(source, f"expected positions of shape (M, 2) (x, y), got {arr.shape}")
+    return arr
+
+
+def _assign(truth: np.ndarray, peaks: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    m, k = len(truth), len(peaks)
+    if m == 0 or k == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    d = np.hypot(truth[:, None, 0] - peaks[None, :, 0], truth[:, None, 1] - peaks[None, :, 1])
+    outside = ~(d <= radius)  # NaN positions never match
+    # A penalty above any sum of in-radius distances makes the solver maximise the match count first.
+    penalty = (min(m, k) + 1) * radius * 10.0 + 1.0
+    cost = np.where(outside, penalty, d)
+    rows, cols = linear_sum_assignment(cost)
+    ok = ~outside[rows, cols]
+    return rows[ok].astype(np.int64), cols[ok].astype(np.int64), d[rows[ok], cols[ok]]
+
+
+def match_peaks(truth_xy, peaks_xy, *, radius_px: float) -> dict[str, np.ndarray]:
+    """Match true source positions to detected peaks one to one within a radius.
+
+    Parameters
+    ----------
+    truth_xy : array_like
+        ``(M, 2)`` true positions (x, y), 0-based px on the grid of the peaks; M may be 0.
+    peaks_xy : array_like
+        ``(K, 2)`` detected positions (x, y); K may be 0.
+    radius_px : float
+        Largest distance of a match (px); pairs farther apart stay unmatched.
+
+    Returns
+    -------
+    dict of numpy.ndarray
+        ``truth_index``: int64 ``(P,)`` rows of ``truth_xy`` that were matched;
+        ``peak_index``: int64 ``(P,)`` their peaks (rows of ``peaks_xy``);
+        ``distance``: float64 ``(P,)`` separations (px), each <= ``radius_px``;
+        ``truth_matched``: bool ``(M,)``; ``peak_matched``: bool ``(K,)``.
+    """
+    if not radius_px > 0:
+        raise InputError("match_peaks.radius_px", f"must be > 0, got {radius_px}")
+    truth = _as_xy(truth_xy, "match_peaks.truth_xy")
+    peaks = _as_xy(peaks_xy, "match_peaks.peaks_xy")
+    ti, pi, dist = _assign(truth, peaks, float(radius_px))
+    tm = np.zeros(len(truth), bool)
+    pm = np.zeros(len(peaks), bool)
+    tm[ti] = True
+    pm[pi] = True
+    return {"truth_index": ti, "peak_index": pi, "distance": dist, "truth_matched": tm, "peak_matched": pm}
+
+
+def _group_bounds(index: np.ndarray, n: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+    index = np.asarray(index, dtype=np.int64)
+    if len(index) and (index.min() < 0 or index.max() >= n):
+        raise InputError(source, f"index values must lie in [0, {n}), got [{index.min()}, {index.max()}]")
+    order = np.argsort(index, kind="stable")
+    bounds = np.searchsorted(index[order], np.arange(n + 1))
+    return order, bounds
+
+
+def match_peaks_batch(
+    truth_xy,
+    truth_index,
+    peaks_xy,
+    peak_index,
+    *,
+    radius_px: float,
+    n_blends: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Match sources to peaks blend by blend, for flat tables of many blends.
+
+    Parameters
+    ----------
+    truth_xy : array_like
+        ``(M, 2)`` true positions of all sources of all blends.
+    truth_index : array_like
+        ``(M,)`` int blend number of each source (e.g. the row of the blend's image).
+    peaks_xy : array_like
+        ``(K, 2)`` detected peak positions of all images.
+    peak_index : array_like
+        ``(K,)`` int blend number of each peak (``find_peaks_batch``'s ``index``).
+    radius_px : float
+        Largest distance of a match (px).
+    n_blends : int, optional
+        Number of blends (default: one more than the largest index seen).
+
+    Returns
+    -------
+    dict of numpy.ndarray
+        ``index``: int64 ``(P,)`` blend of each matched pair;
+        ``truth_row``: int64 ``(P,)`` row in ``truth_xy``; ``peak_row``: int64 ``(P,)`` row in
+        ``peaks_xy``; ``distance``: float64 ``(P,)`` px;
+        ``truth_matched``: bool ``(M,)``; ``peak_matched``: bool ``(K,)``;
+        ``n_truth``, ``n_peaks``, ``n_matched``: int64 ``(n_blends,)`` counts per blend.
+    """
+    if not radius_px > 0:
+        raise InputError("match_peaks_batch.radius_px", f"must be > 0, got {radius_px}")
+    truth = _as_xy(truth_xy, "match_peaks_batch.truth_xy")
+    peaks = _as_xy(peaks_xy, "match_peaks_batch.peaks_xy")
+    t_idx = np.asarray(truth_index, dtype=np.int64).reshape(-1)
+    p_idx = np.asarray(peak_index, dtype=np.int64).reshape(-1)
+    if len(t_idx) != len(truth) or len(p_idx) != len(peaks):
+        raise InputError("match_peaks_batch", "index arrays must have one entry per position")
+    if n_blends is None:
+        n_blends = int(max(t_idx.max(initial=-1), p_idx.max(initial=-1)) + 1)
+    t_order, t_b = _group_bounds(t_idx, n_blends, "match_peaks_batch.truth_index")
+    p_order, p_b = _group_bounds(p_idx, n_blends, "match_peaks_batch.peak_index")
+    n_truth = np.diff(t_b)
+    n_peaks = np.diff(p_b)
+    rows_t, rows_p, dists, blends = [], [], [], []
+    radius = float(radius_px)
+    for i in np.flatnonzero((n_truth > 0) & (n_peaks > 0)):
+        tr = t_order[t_b[i]: t_b[i + 1]]
+        pr = p_order[p_b[i]: p_b[i + 1]]
+        ti, pi, d = _assign(truth[tr], peaks[pr], radius)
+        rows_t.append(tr[ti])
+        rows_p.append(pr[pi])
+        dists.append(d)
+        blends.append(np.full(len(ti), i, np.int64))
+    cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt))
+    truth_row, peak_row = cat(rows_t, np.int64), cat(rows_p, np.int64)
+    index = cat(blends, np.int64)
+    tm = np.zeros(len(truth), bool)
+    pm = np.zeros(len(peaks), bool)
+    tm[truth_row] = True
+    pm[peak_row] = True
+    return {
+        "index": index,
+        "truth_row": truth_row,
+        "peak_row": peak_row,
+        "distance": cat(dists, np.float64),
+        "truth_matched": tm,
+        "peak_matched": pm,
+        "n_truth": n_truth.astype(np.int64),
+        "n_peaks": n_peaks.astype(np.int64),
+        "n_matched": np.bincount(index, minlength=n_blends).astype(np.int64),
+    }
