@@ -29,7 +29,7 @@ FLAGS: tuple[FlagDefinition, ...] = (
     FlagDefinition(2, "MASKED", "masked pixels inside the footprint"),
     FlagDefinition(3, "BLENDED", "the low-resolution footprint holds more than one peak"),
     FlagDefinition(4, "SATURATED", "saturated or bad pixels near the peak"),
-    FlagDefinition(5, "FIT_FAILED", "the Gaussian-mixture fit did not converge"),
+    FlagDefinition(5, "FIT_FAILED", "the Gaussian-mixture fit did not converge, or a flux is unconstrained"),
     FlagDefinition(6, "FIT_SHIFTED", "the fitted centre moved to the limit of the allowed shift"),
     FlagDefinition(7, "LOW_SNR", "significance below the detection threshold after the fit"),
     FlagDefinition(8, "PEAK_MERGED", "peaks closer than the minimum separation were merged"),
