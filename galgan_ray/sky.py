@@ -112,6 +112,8 @@ class SkyConfig:
         Largest postage stamp side used to draw one object.
     add_noise : bool
         Add white Gaussian sky noise of ``band.sky_sigma``.
+    catalog_bands : tuple of str
+        Bands whose fluxes the catalog lists (as a multi-band CANDELS catalog does), drawn or not.
     """
 
     seed: int = 0
@@ -147,6 +149,7 @@ class SkyConfig:
     margin_arcsec: float = 2.0
     max_stamp_pixels: int = 257
     add_noise: bool = True
+    catalog_bands: tuple[str, ...] = HST_BANDS
 
     def __post_init__(self):
         if not self.bands:
@@ -433,7 +436,14 @@ def simulate_sky(config: SkyConfig = SkyConfig()) -> tuple[dict[str, np.ndarray]
             arr += noise_rng.normal(0.0, band.sky_sigma, arr.shape).astype(np.float32)
         images[name] = arr
 
-    catalog = _build_catalog(config, p, fluxes, bands, ref, wcs)
+    # The catalog lists every band a CANDELS catalog would (the paper's F160W cut needs F160W even
+    # when only F775W is drawn); fluxes follow the same SED recipe as the drawn mosaics.
+    cat_bands = dict(bands)
+    for name in config.catalog_bands:
+        if name not in cat_bands:
+            cat_bands[name] = _at_scale(get_band(config.survey, name), ps)
+            fluxes[name] = _component_fluxes(p, cat_bands[name], ref)
+    catalog = _build_catalog(config, p, fluxes, cat_bands, ref, wcs)
     return images, wcs, catalog
 
 

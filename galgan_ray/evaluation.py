@@ -1,0 +1,348 @@
+"""The blend benchmark (paper Figs. 4, 5, 6, 9): how often both galaxies of a blend are found at high,
+low and enhanced resolution, false positives, baselines, the dependence on the blend parameters and
+the SOM of that parameter space.
+
+``evaluate(spec, models=...)`` is pure (numpy/torch); ``galgan evaluate`` writes its report and figures.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .blends import BlendConfig
+from .catalog import SelectionConfig
+from .config import to_dict
+from .dataset import (BandsConfig, DatasetConfig, build_galaxy_sets, clean_neighbours, concat_batches,
+                      make_blend_set, make_sky_tiles, real_galaxy_set)
+from .detect import DetectConfig, find_peaks_batch
+from .errors import ConfigError
+from .figures import truth_positions
+from .matching import match_peaks_batch
+from .metrics import (blend_outcomes, detection_fraction, detection_scores, efficiency_matrix,
+                      enhancement_false_positive_rate, false_positive_rate)
+from .provenance import provenance
+from .psf import draw_psf
+
+__all__ = ["EvalSpec", "evaluate", "benchmark_galaxies", "peaks_at_resolution", "score_blends",
+           "write_report", "BLEND_PARAMETERS"]
+
+log = logging.getLogger(__name__)
+
+#: The four blend parameters of the paper's Fig. 5 / Fig. 6 (columns of the blends table).
+BLEND_PARAMETERS = ("sep_over_size", "delta_mag", "sum_fwhm_arcsec", "delta_z")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The standard blend benchmark (committed as ``galgan_ray/data/benchmark_default.yaml``).
+
+    Attributes
+    ----------
+    seed : int
+        Sky tiles ``seed + k`` (disjoint from the training sky), blends, noise.
+    bands : BandsConfig
+    sky_size_arcsec, n_sky_tiles : float, int
+        The evaluation sky (all its galaxies passing the cuts are used).
+    selection : SelectionConfig
+    clean_neighbours : bool
+    blends : BlendConfig
+        Separation distribution etc.
+    n_blends, n_isolated : int
+    match_radius_arcsec : float
+        Hungarian matching radius of peaks to true positions.
+    detect : DetectConfig
+        One peak finder for every resolution (only the PSF differs).
+    noise_realizations : int
+        Pure-noise inputs used to calibrate the noise of enhanced / transformed images.
+    baselines : tuple of str
+        Any of ``sep``, ``richardson_lucy``, ``bicubic``.
+    batch_size : int
+        Enhancement batch size.
+    """
+
+    seed: int = 5000
+    bands: BandsConfig = field(default_factory=BandsConfig)
+    sky_size_arcsec: float = 60.0
+    n_sky_tiles: int = 6
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    clean_neighbours: bool = True
+    blends: BlendConfig = field(default_factory=lambda: BlendConfig(sep_scale_arcsec=1.0, min_sep_arcsec=0.2,
+                                                                    max_sep_arcsec=1.5, exclude_flags=("EDGE",)))
+    n_blends: int = 5000
+    n_isolated: int = 1000
+    match_radius_arcsec: float = 0.3
+    detect: DetectConfig = field(default_factory=lambda: DetectConfig(background="zero"))
+    noise_realizations: int = 64
+    baselines: tuple[str, ...] = ("sep", "richardson_lucy", "bicubic")
+    batch_size: int = 256
+
+
+def benchmark_galaxies(spec: EvalSpec, *, work_dir: str | Path, real_galaxies: str | None = None,
+                       real_band: str = "hst/F814W") -> tuple[dict[str, np.ndarray], dict[str, Any], EvalSpec]:
+    """The galaxies the benchmark blends are built from: the evaluation sky, or real stamps.
+
+    Returns
+    -------
+    galaxies : dict
+        A cleaned galaxy set.
+    info : dict
+        Where they came from and how many.
+    spec : EvalSpec
+        The spec, with ``bands.high`` set to the real stamps' band when ``real_galaxies`` is given.
+    """
+    if real_galaxies:
+        galaxies, meta = real_galaxy_set(real_galaxies, band=real_band, seed=spec.seed)
+        spec = replace(spec, bands=replace(spec.bands, high=(real_band,)))
+        info = {"source": str(real_galaxies), "n_galaxies": int(len(galaxies["image_hr"])),
+                "band_configs": meta.get("band_configs")}
+    else:
+        ds = DatasetConfig(seed=spec.seed, bands=spec.bands, sky_size_arcsec=spec.sky_size_arcsec,
+                           n_sky_tiles=spec.n_sky_tiles, selection=spec.selection, test_fraction=0.5)
+        tiles = make_sky_tiles(ds, Path(work_dir) / "sky")
+        train, test, binfo = build_galaxy_sets(tiles, bands=spec.bands, selection=spec.selection, test_fraction=0.5)
+        galaxies = concat_batches([g for g in (train, test) if g])
+        info = {"source": "simulated sky", "n_galaxies": int(len(galaxies["image_hr"])),
+                "selection_counts": binfo["selection_counts"], "band_configs": binfo["band_configs"]}
+    if spec.clean_neighbours:
+        galaxies, _ = clean_neighbours(galaxies, seed=spec.seed)
+    return galaxies, info, spec
+
+
+def _degrade_config_with_real_psf(spec: EvalSpec, band_configs) -> Any:
+    """The degrade config, with the HR band replaced by the one the galaxy set was drawn with."""
+    from .config import from_dict
+    from .instrument import BandConfig
+
+    dc = spec.bands.degrade_config()
+    if band_configs:
+        first = next(iter(band_configs.values())) if isinstance(band_configs, Mapping) else band_configs[0]
+        high = first if isinstance(first, BandConfig) else from_dict(BandConfig, first)
+        dc = replace(dc, high=(high,) + tuple(dc.high[1:]))
+    return dc
+
+
+def peaks_at_resolution(images: np.ndarray, *, psf: np.ndarray, noise_sigma: np.ndarray,
+                        detect: DetectConfig) -> dict[str, np.ndarray]:
+    """``find_peaks_batch`` on the detection band (band 0, or the noise-weighted sum of bands)."""
+    images = np.asarray(images)
+    if images.ndim == 4:
+        sig = np.asarray(noise_sigma).reshape(len(images), -1)
+        if images.shape[1] == 1:
+            images, noise_sigma = images[:, 0], sig[:, 0]
+        else:  # chi-like detection image: sum of S/N images, noise sqrt(C)
+            w = 1.0 / sig[:, :, None, None]
+            images = (images * w).sum(axis=1)
+            noise_sigma = np.full(len(images), np.sqrt(sig.shape[1]))
+    return find_peaks_batch(images, psf=psf, config=detect, noise_sigma=noise_sigma)
+
+
+def score_blends(peaks: Mapping[str, np.ndarray], truth_xy: np.ndarray, *, n_items: int, radius_px: float,
+                 n_truth: int | np.ndarray) -> dict[str, np.ndarray]:
+    """Match peaks to truth per blend; returns :func:`metrics.blend_outcomes` columns."""
+    n_t = np.broadcast_to(np.asarray(n_truth), (n_items,))
+    txy = truth_xy.reshape(n_items, -1, 2)
+    keep = np.isfinite(txy[..., 0])
+    t_index = np.nonzero(keep)[0]
+    m = match_peaks_batch(txy[keep], t_index, np.c_[peaks["x"], peaks["y"]], peaks["index"],
+                          radius_px=radius_px, n_blends=n_items)
+    return blend_outcomes(n_truth=n_t, n_peaks=m["n_peaks"], n_matched=m["n_matched"])
+
+
+def _fraction(ok) -> dict:
+    return {k: (float(v) if isinstance(v, (float, np.floating)) else v)
+            for k, v in detection_fraction(np.asarray(ok, bool)).items()}
+
+
+def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_dir: str | Path = "runs/evaluate",
+             real_galaxies: str | None = None, real_band: str = "hst/F814W",
+             photometry: bool = True) -> dict[str, Any]:
+    """Run the benchmark.
+
+    Parameters
+    ----------
+    spec : EvalSpec
+    models : mapping name -> checkpoint
+        Enhancers to score, e.g. ``{"enhanced": "default", "enhanced_noflux": "runs/noflux.pt"}``;
+        the first one is the headline ``enhanced`` row.
+    real_galaxies : str, optional
+        A GalSim ``RealGalaxyCatalog`` file: blends are made from those stamps instead of the sky.
+
+    Returns
+    -------
+    dict
+        ``report`` (JSON-able: ``detection_fraction.{row}``, ``false_positive_rate.{row}``,
+        ``false_positive_rate_isolated.{row}``, ``scores.{row}``, ``efficiency_matrix.{row}``, ``n_blends``,
+        ``n_isolated``, ``spec``, ``models``, ``timing``, ``provenance``), and the arrays the figures need:
+        ``blends`` (truth table), ``outcomes`` (row -> per-blend outcome), ``images``, ``peaks``,
+        ``sources``, ``blend_ids``.
+    """
+    from .enhance import Enhancer
+
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+    models = dict(models or {"enhanced": "default"})
+    galaxies, ginfo, spec = benchmark_galaxies(spec, work_dir=work_dir, real_galaxies=real_galaxies, real_band=real_band)
+    timing["galaxies_s"] = time.perf_counter() - t_start
+    dc = _degrade_config_with_real_psf(spec, ginfo.get("band_configs")) if real_galaxies else spec.bands.degrade_config()
+    t0 = time.perf_counter()
+    from .blends import simulate_blends, simulate_isolated
+
+    bb, blends, sources = simulate_blends(galaxies, config=spec.blends, degrade_config=dc, n_blends=spec.n_blends,
+                                          seed=spec.seed)
+    ib, iso, iso_sources = simulate_isolated(galaxies, config=spec.blends, degrade_config=dc, n=spec.n_isolated,
+                                             seed=spec.seed, first_id=10**7)
+    timing["blends_s"] = time.perf_counter() - t0
+    scale_hr, scale_lr = dc.scale_high_arcsec, dc.scale_low_arcsec
+    psf_hr = draw_psf(dc.high[0].psf, pixel_scale_arcsec=scale_hr)
+    psf_lr = draw_psf(dc.low[0].psf, pixel_scale_arcsec=scale_lr)
+    n_b, n_i = len(bb["image_hr"]), len(ib["image_hr"])
+    truth_hr = truth_positions(sources, bb["blendId"], grid="hr")
+    truth_lr = truth_positions(sources, bb["blendId"], grid="lr")
+    iso_hr = truth_positions(iso_sources, ib["blendId"], grid="hr")
+    iso_lr = truth_positions(iso_sources, ib["blendId"], grid="lr")
+    n_truth = blends["n_sources"]
+    r_hr, r_lr = spec.match_radius_arcsec / scale_hr, spec.match_radius_arcsec / scale_lr
+
+    rows: dict[str, dict[str, Any]] = {}  # row -> {"blend": outcomes, "iso": outcomes, "peaks": ..., "grid": ...}
+
+    def add_row(name, pk_b, pk_i, grid):
+        th, ti, r = (truth_hr, iso_hr, r_hr) if grid == "hr" else (truth_lr, iso_lr, r_lr)
+        rows[name] = {"blend": score_blends(pk_b, th, n_items=n_b, radius_px=r, n_truth=n_truth),
+                      "iso": score_blends(pk_i, ti, n_items=n_i, radius_px=r, n_truth=1),
+                      "peaks": pk_b, "grid": grid}
+
+    det = spec.detect
+    t0 = time.perf_counter()
+    add_row("high", peaks_at_resolution(bb["image_hr"], psf=psf_hr, noise_sigma=bb["sigma_hr"], detect=det),
+            peaks_at_resolution(ib["image_hr"], psf=psf_hr, noise_sigma=ib["sigma_hr"], detect=det), "hr")
+    add_row("low", peaks_at_resolution(bb["image_lr"], psf=psf_lr, noise_sigma=bb["sigma_lr"], detect=det),
+            peaks_at_resolution(ib["image_lr"], psf=psf_lr, noise_sigma=ib["sigma_lr"], detect=det), "lr")
+    timing["detect_high_low_s"] = time.perf_counter() - t0
+
+    enhanced_images = {}
+    model_info = {}
+    for name, ckpt in models.items():
+        t0 = time.perf_counter()
+        enh = Enhancer(ckpt, batch_size=spec.batch_size)
+        sr_b = enh.enhance_cutouts(bb["image_lr"], bb["sigma_lr"])
+        sr_i = enh.enhance_cutouts(ib["image_lr"], ib["sigma_lr"])
+        rho = _enhanced_noise_scale(enh, shape=bb["image_lr"].shape[1:], psf=psf_hr, n=spec.noise_realizations,
+                                    seed=spec.seed, det=det)
+        timing[f"{name}_enhance_s"] = time.perf_counter() - t0
+        add_row(name, peaks_at_resolution(sr_b, psf=psf_hr, noise_sigma=rho * bb["sigma_lr"], detect=det),
+                peaks_at_resolution(sr_i, psf=psf_hr, noise_sigma=rho * ib["sigma_lr"], detect=det), "hr")
+        enhanced_images[name] = sr_b
+        model_info[name] = {"checkpoint": str(ckpt), "noise_scale_rho": rho, **enh.describe()}
+
+    from .baselines import baseline_peaks
+
+    for method in spec.baselines:
+        t0 = time.perf_counter()
+        kw = dict(method=method, psf_lr=psf_lr, detect=det)
+        pb = baseline_peaks(bb["image_lr"][:, 0], noise_sigma=bb["sigma_lr"][:, 0], **kw)
+        pi = baseline_peaks(ib["image_lr"][:, 0], noise_sigma=ib["sigma_lr"][:, 0], **kw)
+        add_row(method, pb, pi, "hr" if method == "bicubic" else "lr")
+        timing[f"{method}_s"] = time.perf_counter() - t0
+
+    report = _report(spec, rows, n_b=n_b, n_i=n_i, models=model_info, galaxies=ginfo)
+    first = next(iter(models))
+    report["headline_model"] = first
+    out = {"report": report, "blends": blends, "sources": sources, "blend_batch": bb,
+           "outcomes": {k: v["blend"]["outcome"] for k, v in rows.items()},
+           "n_peaks": {k: v["blend"]["n_peaks"] for k, v in rows.items()},
+           "peaks": {k: v["peaks"] for k, v in rows.items()}, "enhanced_images": enhanced_images,
+           "truth_hr": truth_hr, "truth_lr": truth_lr, "degrade_config": dc, "psf_hr": psf_hr, "psf_lr": psf_lr,
+           "isolated_batch": ib, "isolated_sources": iso_sources}
+    if photometry:
+        from .photometry_eval import evaluate_photometry
+
+        t0 = time.perf_counter()
+        out["photometry"] = evaluate_photometry(out, headline=first)
+        report["photometry"] = out["photometry"]["report"]
+        timing["photometry_s"] = time.perf_counter() - t0
+    timing["total_s"] = time.perf_counter() - t_start
+    report["timing"] = timing
+    return out
+
+
+def _enhanced_noise_scale(enh, *, shape, psf, n: int, seed: int, det: DetectConfig) -> float:
+    """rho with noise_sigma = rho * sigma_lr for the detector on enhanced images (calibrated on noise).
+
+    The enhancer works on inputs divided by their own sigma, so it is equivariant in sigma_lr and
+    one calibration at sigma_lr = 1 serves every image.
+    """
+    from .baselines import significance_noise_scale
+
+    c = shape[0]
+
+    def transform(x):
+        x = np.asarray(x, dtype=np.float32)[:, None].repeat(c, axis=1)
+        return enh.enhance_cutouts(x, np.ones((len(x), c), np.float32))[:, 0]
+
+    return float(significance_noise_scale(transform, shape=tuple(shape[1:]), psf_out=psf, n_realizations=n,
+                                          seed=seed, psf_energy=det.psf_energy))
+
+
+def _report(spec, rows, *, n_b, n_i, models, galaxies) -> dict[str, Any]:
+    rep: dict[str, Any] = {"n_blends": n_b, "n_isolated": n_i, "rows": list(rows)}
+    rep["detection_fraction"] = {k: _fraction(v["blend"]["outcome"] == 2) for k, v in rows.items()}
+    rep["one_found_fraction"] = {k: _fraction(v["blend"]["outcome"] == 1) for k, v in rows.items()}
+    rep["none_found_fraction"] = {k: _fraction(v["blend"]["outcome"] == 0) for k, v in rows.items()}
+    rep["false_positive_rate_isolated"] = {k: _fraction(v["iso"]["n_peaks"] > 1) for k, v in rows.items()}
+    hr, lr = rows["high"]["blend"]["n_peaks"], rows["low"]["blend"]["n_peaks"]
+    rep["false_positive_rate"] = {
+        k: {kk: (float(vv) if isinstance(vv, (float, np.floating)) else vv) for kk, vv in
+            enhancement_false_positive_rate(n_peaks_hr=hr, n_peaks_lr=lr, n_peaks_enhanced=v["blend"]["n_peaks"]).items()}
+        for k, v in rows.items() if k not in ("high", "low")}
+    rep["scores"] = {k: detection_scores(n_truth=v["blend"]["n_truth"], n_peaks=v["blend"]["n_peaks"],
+                                         n_matched=v["blend"]["n_matched"]) for k, v in rows.items()}
+    rep["efficiency_matrix"] = {k: efficiency_matrix(n_truth=v["blend"]["n_truth"], n_detected=v["blend"]["n_matched"],
+                                                     max_count=3).tolist() for k, v in rows.items()}
+    rep["spec"] = to_dict(spec)
+    rep["models"] = models
+    rep["galaxies"] = {k: v for k, v in galaxies.items() if k != "band_configs"}
+    rep["provenance"] = provenance()
+    rep["definitions"] = {
+        "detection_fraction": "share of blends whose two galaxies each have their own peak within "
+                              "match_radius_arcsec (Hungarian one-to-one); err = sqrt(p(1-p)/n), lower/upper = "
+                              "68% Wilson interval",
+        "false_positive_rate": "share of blends with one peak at high AND low resolution where this row finds "
+                               "more than one (the paper's definition)",
+        "false_positive_rate_isolated": "share of isolated single galaxies with more than one peak",
+        "efficiency_matrix": "BTK convention E[matched count, true count], counts capped at 3",
+    }
+    return rep
+
+
+def write_report(out: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:
+    """Write ``report.json``, the per-blend outcome table (Parquet) and every figure into ``out_dir``."""
+    from .evaluation_figures import plot_all
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(out["report"], indent=2, sort_keys=True, default=_json_default))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = {k: np.asarray(v) for k, v in out["blends"].items() if np.asarray(v).ndim == 1}
+    for row, oc in out["outcomes"].items():
+        table[f"outcome_{row}"] = np.asarray(oc)
+        table[f"n_peaks_{row}"] = np.asarray(out["n_peaks"][row])
+    pq.write_table(pa.table(table), out_dir / "blend_outcomes.parquet")
+    written = {"report": str(out_dir / "report.json"), "outcomes": str(out_dir / "blend_outcomes.parquet")}
+    written.update(plot_all(out, out_dir))
+    return written
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)

@@ -1,0 +1,164 @@
+"""Figures of the blend benchmark: Fig. 4 (examples with peaks), Fig. 5/9 (dependence on the blend
+parameters), Fig. 6 (SOM of the parameter space) and the summary table as Markdown."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .figures import _plt, plot_blends
+from .metrics import binned_fraction
+
+__all__ = ["plot_all", "plot_examples", "plot_dependence", "plot_som", "markdown_table", "PARAMETER_LABELS"]
+
+PARAMETER_LABELS = {
+    "sep_over_size": "separation / sqrt(r1^2 + r2^2)",
+    "delta_mag": "magnitude difference (flux ratio)",
+    "sum_fwhm_arcsec": 'sum of FWHM ["]',
+    "delta_z": "redshift difference",
+}
+_COLOURS = {"high": "tab:blue", "low": "tab:red", "enhanced": "tab:green", "enhanced_noflux": "tab:olive",
+            "richardson_lucy": "tab:purple", "bicubic": "tab:gray", "sep": "tab:orange"}
+
+
+def _peaks_list(peaks: Mapping[str, np.ndarray], n: int) -> list[np.ndarray]:
+    idx = np.asarray(peaks["index"])
+    xy = np.c_[peaks["x"], peaks["y"]]
+    return [xy[idx == i] for i in range(n)]
+
+
+def plot_examples(out: Mapping[str, Any], path: Path, *, n_show: int = 6, row: str | None = None) -> Path:
+    """Fig. 4: blends at high, low and enhanced resolution, truth (+) and found peaks (o)."""
+    bb = out["blend_batch"]
+    row = row or out["report"].get("headline_model", "enhanced")
+    # Prefer blends that the enhancement resolved and the low resolution did not (what the paper shows).
+    oc = out["outcomes"]
+    gain = np.flatnonzero((oc["low"] < 2) & (oc.get(row, oc["low"]) == 2))
+    rest = np.setdiff1d(np.arange(len(bb["image_hr"])), gain)
+    pick = np.concatenate([gain[: n_show // 2], rest[: n_show - min(len(gain), n_show // 2)]])[:n_show]
+    images = {"high": bb["image_hr"][pick, 0], "low": bb["image_lr"][pick, 0]}
+    truth = {"high": out["truth_hr"][pick], "low": out["truth_lr"][pick]}
+    peaks = {"high": _sel(out["peaks"]["high"], pick), "low": _sel(out["peaks"]["low"], pick)}
+    noise = {"high": bb["sigma_hr"][pick, 0], "low": bb["sigma_lr"][pick, 0]}
+    titles = {"high": "HST-like", "low": "HSC-like", row: "GAN-enhanced"}
+    if row in out.get("enhanced_images", {}):
+        images[row] = out["enhanced_images"][row][pick, 0]
+        truth[row] = out["truth_hr"][pick]
+        peaks[row] = _sel(out["peaks"][row], pick)
+        noise[row] = bb["sigma_hr"][pick, 0]
+    return plot_blends(images, out=path, truth=truth, peaks=peaks, n_show=len(pick), titles=titles, noise=noise)
+
+
+def _sel(peaks: Mapping[str, np.ndarray], pick: np.ndarray) -> list[np.ndarray]:
+    allp = _peaks_list(peaks, int(max(pick.max() + 1, 1)))
+    return [allp[i] for i in pick]
+
+
+def plot_dependence(out: Mapping[str, Any], path: Path, *, rows: tuple[str, ...] | None = None, n_bins: int = 8) -> Path:
+    """Fig. 5: both-found fraction vs the four blend parameters, histograms of counts underneath."""
+    plt = _plt()
+    blends = out["blends"]
+    rows = rows or tuple(r for r in ("high", "low", out["report"].get("headline_model", "enhanced"))
+                         if r in out["outcomes"])
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6), sharex="col", gridspec_kw={"height_ratios": [3, 1]})
+    for j, param in enumerate(PARAMETER_LABELS):
+        v = np.asarray(blends[param], dtype=float)
+        finite = v[np.isfinite(v)]
+        if len(finite) == 0:
+            axes[0, j].set_visible(False)
+            axes[1, j].set_visible(False)
+            continue
+        lo, hi = np.percentile(finite, [1, 99])
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, n_bins + 1)
+        for r in rows:
+            c, f, e, n = binned_fraction(v, out["outcomes"][r] == 2, bins=bins)
+            axes[0, j].errorbar(c, f, yerr=e, marker="o", ms=4, capsize=2, label=r, color=_COLOURS.get(r))
+        axes[1, j].hist(finite, bins=bins, color="0.6")
+        axes[0, j].set_ylim(-0.02, 1.02)
+        axes[1, j].set_xlabel(PARAMETER_LABELS[param])
+    axes[0, 0].set_ylabel("both galaxies found")
+    axes[1, 0].set_ylabel("blends")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_som(out: Mapping[str, Any], path: Path, *, rows: tuple[str, ...] | None = None, epochs: int = 10) -> tuple[Path, dict]:
+    """Fig. 6: a 32x24 SOM of (separation/size, delta mag, sum FWHM, delta z); top row coloured by each
+    parameter's cell mean, bottom row by the both-found fraction at each resolution.
+
+    Returns
+    -------
+    path, info
+        ``info``: quantization and topographic error of the map.
+    """
+    from .som import SOMConfig, fit_som
+
+    plt = _plt()
+    blends = out["blends"]
+    data = np.column_stack([np.asarray(blends[p], dtype=float) for p in PARAMETER_LABELS])
+    good = np.all(np.isfinite(data), axis=1)
+    data = data[good]
+    som = fit_som(data, config=SOMConfig(shape=(32, 24), epochs=epochs))
+    bmu = som.bmu(data)
+    rows = rows or tuple(r for r in ("high", "low", out["report"].get("headline_model", "enhanced"))
+                         if r in out["outcomes"])
+    n_cols = max(len(PARAMETER_LABELS), len(rows))
+    fig, axes = plt.subplots(2, n_cols, figsize=(3.2 * n_cols, 7), squeeze=False)
+    for j, p in enumerate(PARAMETER_LABELS):
+        im = axes[0, j].imshow(som.cell_mean(bmu, data[:, j]), origin="lower", cmap="viridis")
+        axes[0, j].set_title(PARAMETER_LABELS[p], fontsize=8)
+        fig.colorbar(im, ax=axes[0, j], fraction=0.046)
+    for j, r in enumerate(rows):
+        im = axes[1, j].imshow(som.cell_mean(bmu, (out["outcomes"][r][good] == 2).astype(float)), origin="lower",
+                               cmap="RdYlGn", vmin=0, vmax=1)
+        axes[1, j].set_title(f"{r}: both found", fontsize=9)
+        fig.colorbar(im, ax=axes[1, j], fraction=0.046)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for j in range(len(rows), n_cols):
+        axes[1, j].set_visible(False)
+    info = {"shape": [32, 24], "n_rows": int(len(data)), "quantization_error": float(som.quantization_error(data)),
+            "topographic_error": float(som.topographic_error(data))}
+    fig.suptitle(f"SOM 32x24: QE {info['quantization_error']:.3f}, TE {info['topographic_error']:.3f}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path, info
+
+
+def markdown_table(report: Mapping[str, Any]) -> str:
+    """The benchmark table (paper vs this project) in Markdown."""
+    paper = {"high": "~80%", "low": "~10%", "enhanced": "~50%"}
+    lines = ["| row | both found (68% interval) | one found | FP (HR=LR=1 peak) | FP (isolated) | paper |",
+             "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        d = report["detection_fraction"][r]
+        o = report["one_found_fraction"][r]
+        fp = report["false_positive_rate"].get(r)
+        fi = report["false_positive_rate_isolated"][r]
+        fp_s = f"{100 * fp['fraction']:.1f}% ({fp['k']}/{fp['n']})" if fp else "-"
+        lines.append(f"| {r} | {100 * d['fraction']:.1f}% ({100 * d['lower']:.1f}-{100 * d['upper']:.1f}) | "
+                     f"{100 * o['fraction']:.1f}% | {fp_s} | {100 * fi['fraction']:.1f}% | {paper.get(r, '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_all(out: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:
+    """Every figure of the benchmark into ``out_dir``; returns name -> path. Adds the SOM errors to the report."""
+    out_dir = Path(out_dir)
+    written = {"figure4": str(plot_examples(out, out_dir / "fig4_examples.png")),
+               "figure5": str(plot_dependence(out, out_dir / "fig5_dependence.png"))}
+    p, info = plot_som(out, out_dir / "fig6_som.png")
+    written["figure6"] = str(p)
+    out["report"]["som"] = info
+    (out_dir / "table.md").write_text(markdown_table(out["report"]))
+    written["table"] = str(out_dir / "table.md")
+    if "photometry" in out:
+        from .photometry_eval import plot_photometry
+
+        written["figure7"] = str(plot_photometry(out["photometry"], out_dir / "fig7_photometry.png"))
+    return written
