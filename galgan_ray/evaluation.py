@@ -182,11 +182,9 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
         ``blends`` (truth table), ``outcomes`` (row -> per-blend outcome), ``images``, ``peaks``,
         ``sources``, ``blend_ids``.
     """
-    from .enhance import Enhancer
-
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
-    models = dict(models or {"enhanced": "default"})
+    models = dict({"enhanced": "default"} if models is None else models)
     galaxies, ginfo, spec = benchmark_galaxies(spec, work_dir=work_dir, real_galaxies=real_galaxies, real_band=real_band)
     timing["galaxies_s"] = time.perf_counter() - t_start
     dc = _degrade_config_with_real_psf(spec, ginfo.get("band_configs")) if real_galaxies else spec.bands.degrade_config()
@@ -228,6 +226,8 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
     enhanced_images = {}
     model_info = {}
     for name, ckpt in models.items():
+        from .enhance import Enhancer
+
         t0 = time.perf_counter()
         enh = Enhancer(ckpt, batch_size=spec.batch_size)
         sr_b = enh.enhance_cutouts(bb["image_lr"], bb["sigma_lr"])
@@ -238,7 +238,8 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
         add_row(name, peaks_at_resolution(sr_b, psf=psf_hr, noise_sigma=rho * bb["sigma_lr"], detect=det),
                 peaks_at_resolution(sr_i, psf=psf_hr, noise_sigma=rho * ib["sigma_lr"], detect=det), "hr")
         enhanced_images[name] = sr_b
-        model_info[name] = {"checkpoint": str(ckpt), "noise_scale_rho": rho, **enh.describe()}
+        model_info[name] = {"checkpoint": str(ckpt), "noise_scale_rho": rho, "bands_low": list(enh.band_keys_low),
+                            "bands_high": list(enh.band_keys_high)}
 
     from .baselines import baseline_peaks
 
@@ -251,7 +252,7 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
         timing[f"{method}_s"] = time.perf_counter() - t0
 
     report = _report(spec, rows, n_b=n_b, n_i=n_i, models=model_info, galaxies=ginfo)
-    first = next(iter(models))
+    first = next(iter(models), None)
     report["headline_model"] = first
     out = {"report": report, "blends": blends, "sources": sources, "blend_batch": bb,
            "outcomes": {k: v["blend"]["outcome"] for k, v in rows.items()},
@@ -259,7 +260,7 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
            "peaks": {k: v["peaks"] for k, v in rows.items()}, "enhanced_images": enhanced_images,
            "truth_hr": truth_hr, "truth_lr": truth_lr, "degrade_config": dc, "psf_hr": psf_hr, "psf_lr": psf_lr,
            "isolated_batch": ib, "isolated_sources": iso_sources}
-    if photometry:
+    if photometry and first is not None:
         from .photometry_eval import evaluate_photometry
 
         t0 = time.perf_counter()
