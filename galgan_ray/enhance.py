@@ -52,7 +52,7 @@ from .models import SRGANConfig, postprocess, prepare_batch
 from .psf import draw_psf, measure_fwhm, normalize_psf
 
 __all__ = ["DEFAULT_MODELS", "default_checkpoint", "resolve_model", "Enhancer", "enhance_image",
-           "estimate_noise_sigma", "PSF_MATCH_TOLERANCE", "PSF_BROADER_WARN"]
+           "estimate_noise_sigma", "model_available", "NAMED_MODELS", "PSF_MATCH_TOLERANCE", "PSF_BROADER_WARN"]
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,22 @@ def default_checkpoint(n_bands: int = 1) -> str:
     return str(ref)
 
 
+#: Other shipped checkpoints, by alias (the evaluation's baselines).
+NAMED_MODELS: dict[str, str] = {"default-noflux": "sr_1band_noflux.pt"}
+
+
+def model_available(spec: str) -> bool:
+    """Whether a shipped model alias (``default``, ``default-7band``, ``default-noflux``) is installed."""
+    try:
+        resolve_model(spec)
+    except InputError:
+        return False
+    return True
+
+
 def resolve_model(spec: str | os.PathLike = "default") -> str:
-    """Checkpoint path/URL of a model spec: ``"default"`` (1 band), ``"default-7band"``, or a path/URL.
+    """Checkpoint path/URL of a model spec: ``"default"`` (1 band), ``"default-7band"``,
+    ``"default-noflux"`` (1 band trained without flux consistency), or a path/URL.
 
     Returns
     -------
@@ -101,6 +115,12 @@ def resolve_model(spec: str | os.PathLike = "default") -> str:
     s = str(spec)
     if s in _MODEL_ALIASES:
         return default_checkpoint(_MODEL_ALIASES[s])
+    if s in NAMED_MODELS:
+        ref = resources.files("galgan_ray").joinpath("data", "models", NAMED_MODELS[s])
+        if not ref.is_file():
+            raise InputError(f"galgan_ray/data/models/{NAMED_MODELS[s]}", f"model {s!r} is not shipped in this "
+                                                                           "installation")
+        return str(ref)
     return s
 
 

@@ -59,11 +59,17 @@ class EvalSpec:
     detect : DetectConfig
         One peak finder for every resolution (only the PSF differs).
     noise_realizations : int
-        Pure-noise inputs used to calibrate the noise of enhanced / transformed images.
+        Noise draws per calibration galaxy for the noise of enhanced images.
+    noise_calibration_galaxies : int
+        Isolated galaxies used to calibrate that noise (see :func:`enhanced_noise_scale`).
+    noise_percentile : float
+        Percentile of the per-pixel noise map of the filtered enhanced images taken as its noise.
     baselines : tuple of str
         Any of ``sep``, ``richardson_lucy``, ``bicubic``.
     batch_size : int
         Enhancement batch size.
+    photometry_blends : int
+        Blends (the first ones) measured in the Fig. 7 photometry experiment.
     """
 
     seed: int = 5000
@@ -78,9 +84,12 @@ class EvalSpec:
     n_isolated: int = 1000
     match_radius_arcsec: float = 0.3
     detect: DetectConfig = field(default_factory=lambda: DetectConfig(background="zero"))
-    noise_realizations: int = 64
+    noise_realizations: int = 8
+    noise_calibration_galaxies: int = 48
+    noise_percentile: float = 90.0
     baselines: tuple[str, ...] = ("sep", "richardson_lucy", "bicubic")
     batch_size: int = 256
+    photometry_blends: int = 1500
 
 
 def benchmark_galaxies(spec: EvalSpec, *, work_dir: str | Path, real_galaxies: str | None = None,
@@ -232,13 +241,15 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
         enh = Enhancer(ckpt, batch_size=spec.batch_size)
         sr_b = enh.enhance_cutouts(bb["image_lr"], bb["sigma_lr"])
         sr_i = enh.enhance_cutouts(ib["image_lr"], ib["sigma_lr"])
-        rho = _enhanced_noise_scale(enh, shape=bb["image_lr"].shape[1:], psf=psf_hr, n=spec.noise_realizations,
-                                    seed=spec.seed, det=det)
+        rho = enhanced_noise_scale(enh, ib["image_hr"][: spec.noise_calibration_galaxies], ib["sigma_lr"],
+                                   degrade_config=dc, psf=psf_hr, n_draws=spec.noise_realizations,
+                                   percentile=spec.noise_percentile, seed=spec.seed, det=det)
         timing[f"{name}_enhance_s"] = time.perf_counter() - t0
         add_row(name, peaks_at_resolution(sr_b, psf=psf_hr, noise_sigma=rho * bb["sigma_lr"], detect=det),
                 peaks_at_resolution(sr_i, psf=psf_hr, noise_sigma=rho * ib["sigma_lr"], detect=det), "hr")
         enhanced_images[name] = sr_b
-        model_info[name] = {"checkpoint": str(ckpt), "noise_scale_rho": rho, "bands_low": list(enh.band_keys_low),
+        image_metrics = _image_metrics(enh, bb, ib)
+        model_info[name] = {"image_metrics": image_metrics,"checkpoint": str(ckpt), "noise_scale_rho": rho, "bands_low": list(enh.band_keys_low),
                             "bands_high": list(enh.band_keys_high)}
 
     from .baselines import baseline_peaks
@@ -264,7 +275,7 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
         from .photometry_eval import evaluate_photometry
 
         t0 = time.perf_counter()
-        out["photometry"] = evaluate_photometry(out, headline=first)
+        out["photometry"] = evaluate_photometry(out, headline=first, max_blends=spec.photometry_blends)
         report["photometry"] = out["photometry"]["report"]
         timing["photometry_s"] = time.perf_counter() - t0
     timing["total_s"] = time.perf_counter() - t_start
@@ -272,22 +283,40 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
     return out
 
 
-def _enhanced_noise_scale(enh, *, shape, psf, n: int, seed: int, det: DetectConfig) -> float:
-    """rho with noise_sigma = rho * sigma_lr for the detector on enhanced images (calibrated on noise).
+def _image_metrics(enh, *batches) -> dict[str, float]:
+    """PSNR / SSIM / total-flux error of the enhancer and of bicubic upsampling on the benchmark cutouts."""
+    from .training import evaluate_srgan
 
-    The enhancer works on inputs divided by their own sigma, so it is equivariant in sigma_lr and
-    one calibration at sigma_lr = 1 serves every image.
+    data = {k: np.concatenate([b[k] for b in batches]) for k in ("image_lr", "image_hr", "sigma_lr")}
+    return {k: float(v) for k, v in evaluate_srgan(enh.generator, data, scaling=enh.model_cfg.scaling).items()}
+
+
+def enhanced_noise_scale(enh, images_hr: np.ndarray, sigma_lr: np.ndarray, *, degrade_config, psf: np.ndarray,
+                         n_draws: int = 8, percentile: float = 90.0, seed: int = 0,
+                         det: DetectConfig = DetectConfig()) -> float:
+    """rho such that ``noise_sigma = rho * sigma_lr`` is the noise of the matched-filtered enhanced image.
+
+    The enhancer is not linear and its output noise is not white: it depends on what is in the
+    image. So the noise is measured where it matters: isolated galaxies are degraded without noise,
+    ``n_draws`` noise realisations at their ``sigma_lr`` are added, each is enhanced and filtered with
+    the detection PSF, and the per-pixel standard deviation over the draws (in units of sigma_lr)
+    gives a noise map; its ``percentile`` over all pixels of all galaxies is rho. The enhancer
+    works on inputs divided by their own sigma, so rho carries over to any depth.
     """
-    from .baselines import significance_noise_scale
+    from .degrade import degrade
+    from .detect import matched_filter
 
-    c = shape[0]
-
-    def transform(x):
-        x = np.asarray(x, dtype=np.float32)[:, None].repeat(c, axis=1)
-        return enh.enhance_cutouts(x, np.ones((len(x), c), np.float32))[:, 0]
-
-    return float(significance_noise_scale(transform, shape=tuple(shape[1:]), psf_out=psf, n_realizations=n,
-                                          seed=seed, psf_energy=det.psf_energy))
+    images_hr = np.asarray(images_hr)
+    m = len(images_hr)
+    clean = degrade(images_hr, config=replace(degrade_config, add_noise=False))["image_lr"]
+    s = np.asarray(sigma_lr, dtype=np.float32)[:m]
+    rng = np.random.default_rng([seed, 99])
+    noisy = clean[:, None] + rng.normal(0.0, 1.0, (m, n_draws) + clean.shape[1:]).astype(np.float32) * s[:, None, :, None, None]
+    sr = enh.enhance_cutouts(noisy.reshape((m * n_draws,) + clean.shape[1:]), np.repeat(s, n_draws, axis=0))
+    sig = matched_filter(sr[:, 0], psf=psf, noise_sigma=np.ones(m * n_draws), psf_energy=det.psf_energy)["significance"]
+    sig = np.asarray(sig).reshape((m, n_draws) + sig.shape[-2:])
+    std = sig.std(axis=1, ddof=1) / s[:, 0, None, None]
+    return float(np.percentile(std, percentile))
 
 
 def _report(spec, rows, *, n_b, n_i, models, galaxies) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     spec = load_config(EvalSpec, spec_path, args.overrides)
     models = {"enhanced": args.model}
     if args.compare is None:
-        from ..enhance import DEFAULT_MODELS, model_available
+        from ..enhance import model_available
 
         if args.model == "default" and model_available("default-noflux"):
             models["enhanced_noflux"] = "default-noflux"

@@ -1,0 +1,45 @@
+"""``galgan photometry``: the paper's Fig. 7 -- Gaussian-mixture forced photometry of blends on the
+low-resolution image at the low-resolution vs the enhanced peaks, with the GP error model."""
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+from pathlib import Path
+
+from ..config import load_config
+from ..evaluation import EvalSpec, evaluate
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "photometry", help="Fig. 7: forced GMM photometry at low-res vs enhanced peaks, improvement factor",
+        description="Build the benchmark blends, enhance them, find peaks, fit Gaussian-mixture models on the "
+                    "low-resolution image at (a) the low-resolution peaks and (b) the enhanced-image peaks, and "
+                    "compare with the input magnitudes (high-resolution image, its PSF, true positions). Writes "
+                    "OUT/photometry.json (RMS/NMAD of dmag and their improvement factors, GP error models) and "
+                    "OUT/fig7_photometry.png.")
+    p.add_argument("--model", default="default", help="SR checkpoint: 'default' or a path/URL")
+    p.add_argument("--spec", help="benchmark spec YAML (default: benchmark_default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--work-dir", default="runs/evaluate")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..photometry_eval import plot_photometry
+
+    spec_path = args.spec or str(resources.files("galgan_ray").joinpath("data/benchmark_default.yaml"))
+    spec = load_config(EvalSpec, spec_path, ["baselines=[]", *args.overrides])
+    out = evaluate(spec, models={"enhanced": args.model}, work_dir=args.work_dir, photometry=True)
+    ph = out["photometry"]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "photometry.json").write_text(json.dumps(ph["report"], indent=2, default=float))
+    fig = plot_photometry(ph, out_dir / "fig7_photometry.png")
+    rep = ph["report"]
+    print(json.dumps({"headline_rms_factor_dominant": rep["headline_factor"],
+                      "all.dominant": rep["all.dominant"], "low1_enhanced2.dominant": rep["low1_enhanced2.dominant"],
+                      "written": [str(out_dir / "photometry.json"), str(fig)]}, indent=2, default=float))
+    return 0
