@@ -1,0 +1,701 @@
+"""Tiles: the unit of work of the field pipeline -- the FITS layout, reading and validation, and
+simulated fields.
+
+A *field* is a set of overlapping tiles (survey coadd patches). One tile is a multi-extension FITS
+file, as survey coadd patches come:
+
+==========  ===========================================================================================
+HDU         content
+==========  ===========================================================================================
+primary     header only: ``TILEID`` (int, unique in the field), ``BANDS`` (comma-separated band keys
+            ``survey/name`` in plane order, e.g. ``hsc/i``; ``FILTER`` is accepted for one band),
+            optional ``SIMULATD`` (a simulated high-resolution tile with truth)
+``IMAGE``   float ``(C, H, W)`` or ``(H, W)``, nJy per pixel (``BUNIT = 'nJy'``; otherwise ``MAGZERO``
+            converts); the celestial WCS; optional inner region ``INNRX0 INNRX1 INNRY0 INNRY1``
+            (0-based continuous pixel coordinates: the tile owns sources with
+            ``INNRX0 <= x < INNRX1`` and ``INNRY0 <= y < INNRY1``; default the whole tile) and
+            ``TRACTX0 TRACTY0`` (integer position of pixel (0, 0) on the grid shared by all tiles
+            of the field, as patches of a tract share one projection)
+``VARIANCE`` same shape, nJy^2 (or ``WEIGHT`` = 1 / variance)
+``MASK``    optional, same shape, integer; non-zero pixels are not used
+``PSF``     ``(C, P, P)`` or ``(P, P)``, odd P, the effective PSF at the tile's pixel scale
+``TRUTH``   optional binary table of the true sources (simulated tiles): ``truthId``, ``ra``,
+            ``dec`` (deg), ``x``, ``y`` (0-based px of this tile), ``mag`` (AB), ``flux_njy``,
+            ``hlr_arcsec``, ``flux_radius_arcsec``, ``fwhm_arcsec``, ``redshift``, ``is_star``
+==========  ===========================================================================================
+
+:func:`read_tile` parses the bytes of such a file and checks everything the pipeline relies on;
+every problem raises :class:`~galgan_ray.errors.InputError` naming the file and the problem
+(corrupt or truncated FITS, missing extension, NaNs, missing WCS or PSF, shape mismatches,
+variance <= 0, band count). Tiles can also come as Parquet shards (one row per tile,
+:func:`write_tiles_parquet`), in the column layout of :mod:`galgan_ray.shards`.
+
+:func:`make_simulated_field` draws one CANDELS-like HST mosaic (:mod:`galgan_ray.sky`) over the
+whole field and cuts it into overlapping high-resolution tiles that carry their truth catalog; the
+pipeline degrades them to HSC-like tiles itself (simulation mode). Tiles share pixels in their
+overlaps (one sky), with a border of ``border_arcsec`` on every side.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import fsspec
+import numpy as np
+
+from .errors import ConfigError, InputError
+
+__all__ = ["Tile", "FieldSimConfig", "read_tile", "tile_to_fits_bytes", "write_tile", "list_tile_sources",
+           "read_tile_source", "write_tiles_parquet", "pack_arrays", "unpack_arrays", "pack_tile", "unpack_tile",
+           "make_simulated_field", "TRUTH_COLUMNS"]
+
+#: Columns of a tile's truth table (simulated tiles).
+TRUTH_COLUMNS: tuple[str, ...] = ("truthId", "ra", "dec", "x", "y", "mag", "flux_njy", "hlr_arcsec",
+                                  "flux_radius_arcsec", "fwhm_arcsec", "redshift", "is_star")
+_TRUTH_DTYPES = {"truthId": np.int64, "ra": np.float64, "dec": np.float64, "x": np.float64, "y": np.float64,
+                 "mag": np.float32, "flux_njy": np.float64, "hlr_arcsec": np.float32,
+                 "flux_radius_arcsec": np.float32, "fwhm_arcsec": np.float32, "redshift": np.float32,
+                 "is_star": bool}
+_NJY_ZP = 31.4
+
+
+# ------------------------------------------------------------------------------------------------
+# The in-memory tile
+# ------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Tile:
+    """One tile of a field, validated, in the package's conventions.
+
+    Attributes
+    ----------
+    tile_id : int
+        ``TILEID``.
+    source : str
+        URL the tile was read from (``url#row=i`` for a row of a Parquet file).
+    image : numpy.ndarray
+        float32 ``(C, H, W)``, nJy per pixel; masked pixels are 0.
+    variance : numpy.ndarray
+        float32 ``(C, H, W)``, nJy^2; ``inf`` where a pixel must not be used (masked, non-finite).
+    mask : numpy.ndarray
+        int32 ``(C, H, W)``; the input mask (non-zero = bad), plus bit 30 where the pipeline found
+        non-finite values in masked pixels.
+    psf : numpy.ndarray
+        float64 ``(C, P, P)``, unit sum per band, odd P.
+    wcs_header : str
+        The celestial WCS as FITS header text (``astropy.wcs.WCS.to_header(relax=True)``).
+    bands : tuple of str
+        Band keys ``survey/name`` per plane.
+    inner : tuple of float
+        ``(x_lo, x_hi, y_lo, y_hi)`` 0-based continuous pixel bounds of the region the tile owns.
+    tract_origin : tuple of int or None
+        Pixel (0, 0) of the tile on the field's common grid (``TRACTX0``, ``TRACTY0``).
+    truth : dict of numpy.ndarray or None
+        The truth table (:data:`TRUTH_COLUMNS`), positions in this tile's pixels.
+    simulated : bool
+        A simulated high-resolution tile (``SIMULATD``).
+    """
+
+    tile_id: int
+    source: str
+    image: np.ndarray
+    variance: np.ndarray
+    mask: np.ndarray
+    psf: np.ndarray
+    wcs_header: str
+    bands: tuple[str, ...]
+    inner: tuple[float, float, float, float]
+    tract_origin: tuple[int, int] | None = None
+    truth: dict[str, np.ndarray] | None = None
+    simulated: bool = False
+    _wcs: Any = field(default=None, repr=False)
+
+    @property
+    def wcs(self):
+        """The tile's celestial :class:`astropy.wcs.WCS` (built once)."""
+        if self._wcs is None:
+            from astropy.io import fits
+            from astropy.wcs import WCS
+
+            self._wcs = WCS(fits.Header.fromstring(self.wcs_header)).celestial
+        return self._wcs
+
+    @property
+    def pixel_scale_arcsec(self) -> float:
+        """Mean pixel scale of the WCS (arcsec)."""
+        from .geometry import pixel_scale_of
+
+        return pixel_scale_of(self.wcs)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(H, W)`` of the image planes."""
+        return tuple(self.image.shape[1:])
+
+    @property
+    def n_bands(self) -> int:
+        return int(self.image.shape[0])
+
+    def owns(self, x, y) -> np.ndarray:
+        """True where 0-based pixel positions ``(x, y)`` lie in the tile's inner region."""
+        x0, x1, y0, y1 = self.inner
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        return (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+
+    def inner_area_deg2(self) -> float:
+        """Sky area of the inner region clipped to the image (deg^2)."""
+        h, w = self.shape
+        x0, x1, y0, y1 = self.inner
+        nx = max(0.0, min(x1, w - 0.5) - max(x0, -0.5))
+        ny = max(0.0, min(y1, h - 0.5) - max(y0, -0.5))
+        return nx * ny * (self.pixel_scale_arcsec / 3600.0) ** 2
+
+
+# ------------------------------------------------------------------------------------------------
+# FITS <-> Tile
+# ------------------------------------------------------------------------------------------------
+def _planes(arr: np.ndarray, name: str, source: str) -> np.ndarray:
+    a = np.asarray(arr)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise InputError(source, f"{name} must be 2-D (H, W) or 3-D (C, H, W), got shape {a.shape}")
+    return a.astype(a.dtype.newbyteorder("="), copy=False)
+
+
+def _bands_of(header, n: int, source: str) -> tuple[str, ...]:
+    raw = header.get("BANDS")
+    if raw is None and header.get("FILTER") is not None:
+        raw = str(header["FILTER"])
+    if raw is None:
+        raise InputError(source, "no BANDS (or FILTER) keyword naming the band(s) of the image planes")
+    bands = tuple(b.strip() for b in str(raw).split(",") if b.strip())
+    if len(bands) != n:
+        raise InputError(source, f"BANDS lists {len(bands)} band(s) {list(bands)} but IMAGE has {n} plane(s)")
+    return bands
+
+
+def _truth_from_table(table, source: str) -> dict[str, np.ndarray]:
+    missing = [c for c in TRUTH_COLUMNS if c not in table.colnames]
+    if missing:
+        raise InputError(source, f"TRUTH table lacks column(s) {missing}")
+    return {c: np.asarray(table[c]).astype(_TRUTH_DTYPES[c]) for c in TRUTH_COLUMNS}
+
+
+def read_tile(data: bytes, *, source: str) -> Tile:
+    """Parse and validate the bytes of a tile FITS file.
+
+    Parameters
+    ----------
+    data : bytes
+        The whole file.
+    source : str
+        Its URL, used in every error message.
+
+    Returns
+    -------
+    Tile
+
+    Raises
+    ------
+    InputError
+        ``"<source>: <problem>"`` for a corrupt or truncated file, a missing ``IMAGE``,
+        ``VARIANCE``/``WEIGHT`` or ``PSF`` extension, a missing ``TILEID``, no celestial WCS in the
+        ``IMAGE`` header, planes of different shapes, non-finite unmasked pixels, a variance <= 0 in
+        an unmasked pixel, or a band list that does not match the planes.
+    """
+    import warnings
+
+    from astropy.io import fits
+    from astropy.io.fits.verify import VerifyWarning
+    from astropy.table import Table
+    from astropy.wcs import WCS
+
+    if not data:
+        raise InputError(source, "is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", VerifyWarning)
+            warnings.filterwarnings("error", message=".*truncated.*")  # astropy only warns otherwise
+            hdul = fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False)
+            hdul.verify("exception")
+            names = [h.name for h in hdul]
+            arrays = {}
+            for name in ("IMAGE", "VARIANCE", "WEIGHT", "MASK", "PSF"):
+                if name in names:
+                    d = hdul[name].data
+                    arrays[name] = None if d is None else np.array(d)
+            truth_hdu = hdul["TRUTH"] if "TRUTH" in names else None
+            truth_table = Table.read(truth_hdu) if truth_hdu is not None else None
+            primary = hdul[0].header.copy()
+            img_header = hdul["IMAGE"].header.copy() if "IMAGE" in names else None
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - astropy raises OSError, TypeError, ValueError, VerifyError...
+        raise InputError(source, f"not a readable FITS file (corrupt or truncated?): {type(exc).__name__}: {exc}") from None
+
+    if img_header is None or arrays.get("IMAGE") is None:
+        raise InputError(source, f"no IMAGE extension with data (extensions: {names})")
+    header = primary.copy()
+    header.update(img_header)
+    image = _planes(arrays["IMAGE"], "IMAGE", source)
+    c, h, w = image.shape
+    if h < 8 or w < 8:
+        raise InputError(source, f"IMAGE planes of {h}x{w} px are too small to process")
+
+    if "TILEID" not in header:
+        raise InputError(source, "no TILEID keyword in the primary or IMAGE header")
+    try:
+        tile_id = int(header["TILEID"])
+    except (TypeError, ValueError):
+        raise InputError(source, f"TILEID {header['TILEID']!r} is not an integer") from None
+    if not 0 <= tile_id < 2**38:
+        raise InputError(source, f"TILEID {tile_id} outside [0, 2^38) (object ids are (TILEID << 24) | n)")
+    bands = _bands_of(header, c, source)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wcs = WCS(img_header)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(source, f"the IMAGE header holds an unreadable WCS: {exc}") from None
+    if not wcs.has_celestial:
+        raise InputError(source, "no celestial WCS in the IMAGE header (CTYPE/CRVAL/CRPIX/CD keywords)")
+    wcs = wcs.celestial
+    try:
+        from .geometry import pixel_scale_of
+
+        scale = pixel_scale_of(wcs)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(source, f"the IMAGE WCS has no usable pixel scale: {exc}") from None
+    if not (np.isfinite(scale) and scale > 0):
+        raise InputError(source, f"the IMAGE WCS gives a pixel scale of {scale}\"")
+
+    # Units: nJy per pixel, or converted with the zero point.
+    bunit = str(header.get("BUNIT", "nJy")).strip()
+    zp = header.get("MAGZERO", header.get("PHOTZP"))
+    if bunit.lower() != "njy":
+        if zp is None:
+            raise InputError(source, f"BUNIT is {bunit!r}, not nJy, and there is no MAGZERO to convert")
+        factor = 10.0 ** (-0.4 * (float(zp) - _NJY_ZP))
+    elif zp is not None and abs(float(zp) - _NJY_ZP) > 1e-6:
+        raise InputError(source, f"BUNIT is nJy but MAGZERO is {zp}, not {_NJY_ZP}")
+    else:
+        factor = 1.0
+
+    mask = np.zeros((c, h, w), dtype=np.int32)
+    if arrays.get("MASK") is not None:
+        m = _planes(arrays["MASK"], "MASK", source)
+        if m.shape[1:] != (h, w) or m.shape[0] not in (1, c):
+            raise InputError(source, f"MASK shape {m.shape} differs from IMAGE shape {image.shape}")
+        if not np.issubdtype(m.dtype, np.integer) and not np.issubdtype(m.dtype, np.bool_):
+            raise InputError(source, f"MASK must be integer, got {m.dtype}")
+        mask = np.broadcast_to(m.astype(np.int32), (c, h, w)).copy()
+
+    if arrays.get("VARIANCE") is not None:
+        var = _planes(arrays["VARIANCE"], "VARIANCE", source).astype(np.float64)
+        vname = "VARIANCE"
+    elif arrays.get("WEIGHT") is not None:
+        wt = _planes(arrays["WEIGHT"], "WEIGHT", source).astype(np.float64)
+        with np.errstate(divide="ignore"):
+            var = np.where(wt > 0, 1.0 / np.where(wt > 0, wt, 1.0), 0.0)
+        vname = "WEIGHT"
+    else:
+        raise InputError(source, "no VARIANCE or WEIGHT extension")
+    if var.shape != image.shape:
+        raise InputError(source, f"{vname} shape {var.shape} differs from IMAGE shape {image.shape}")
+
+    image = image.astype(np.float64) * factor
+    var = var * factor**2
+    good = mask == 0
+    bad_img = good & ~np.isfinite(image)
+    if bad_img.any():
+        raise InputError(source, f"IMAGE has {int(bad_img.sum())} non-finite (NaN/inf) unmasked pixel(s)")
+    bad_var = good & ~(np.isfinite(var) & (var > 0))
+    if bad_var.any():
+        raise InputError(source, f"{vname} has {int(bad_var.sum())} unmasked pixel(s) with variance <= 0 or non-finite")
+    if not good.any():
+        raise InputError(source, "every pixel is masked")
+    image = np.where(good & np.isfinite(image), image, 0.0).astype(np.float32)
+    var = np.where(good, var, np.inf).astype(np.float32)
+
+    if arrays.get("PSF") is None:
+        raise InputError(source, "no PSF extension")
+    psf = _planes(arrays["PSF"], "PSF", source).astype(np.float64)
+    if psf.shape[0] not in (1, c):
+        raise InputError(source, f"PSF has {psf.shape[0]} planes for {c} band(s)")
+    if psf.shape[1] != psf.shape[2] or psf.shape[1] % 2 == 0:
+        raise InputError(source, f"PSF planes must be square with odd sides, got {psf.shape[1:]}")
+    from .psf import normalize_psf
+
+    psf = np.stack([normalize_psf(p, source=f"{source} PSF") for p in np.broadcast_to(psf, (c,) + psf.shape[1:])])
+
+    inner = (-0.5, w - 0.5, -0.5, h - 0.5)
+    keys = ("INNRX0", "INNRX1", "INNRY0", "INNRY1")
+    if any(k in header for k in keys):
+        if not all(k in header for k in keys):
+            raise InputError(source, f"the inner region needs all of {keys}")
+        inner = tuple(float(header[k]) for k in keys)
+        if not (inner[0] < inner[1] and inner[2] < inner[3]):
+            raise InputError(source, f"empty inner region {inner}")
+    origin = None
+    if "TRACTX0" in header and "TRACTY0" in header:
+        origin = (int(header["TRACTX0"]), int(header["TRACTY0"]))
+
+    truth = _truth_from_table(truth_table, source) if truth_table is not None else None
+    return Tile(tile_id=tile_id, source=source, image=image, variance=var, mask=mask, psf=psf,
+                wcs_header=wcs.to_header(relax=True).tostring(), bands=bands, inner=inner, tract_origin=origin,
+                truth=truth, simulated=bool(header.get("SIMULATD", False)))
+
+
+def tile_to_fits_bytes(tile: Tile, *, extra_header: Mapping[str, Any] | None = None) -> bytes:
+    """The FITS bytes of a tile in the layout of the module docstring (inverse of :func:`read_tile`)."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    primary = fits.PrimaryHDU()
+    ph = primary.header
+    ph["TILEID"] = (int(tile.tile_id), "tile id, unique in the field")
+    ph["BANDS"] = (",".join(tile.bands), "band keys survey/name of the image planes")
+    ph["SIMULATD"] = (bool(tile.simulated), "simulated high-resolution tile with truth")
+    for k, v in (extra_header or {}).items():
+        ph[k] = v
+    hdr = fits.Header.fromstring(tile.wcs_header)
+    hdr["BUNIT"] = ("nJy", "per pixel")
+    for k, v in zip(("INNRX0", "INNRX1", "INNRY0", "INNRY1"), tile.inner):
+        hdr[k] = (float(v), "inner region, 0-based pixel coordinates")
+    if tile.tract_origin is not None:
+        hdr["TRACTX0"] = (int(tile.tract_origin[0]), "pixel (0,0) on the field grid, x")
+        hdr["TRACTY0"] = (int(tile.tract_origin[1]), "pixel (0,0) on the field grid, y")
+    var = np.where(np.isfinite(tile.variance), tile.variance, 0.0).astype(np.float32)
+    mask = tile.mask.astype(np.int32) | np.where(np.isfinite(tile.variance), 0, 1).astype(np.int32)
+    hdus = [primary,
+            fits.ImageHDU(np.asarray(tile.image, dtype=np.float32), header=hdr, name="IMAGE"),
+            fits.ImageHDU(var, name="VARIANCE"),
+            fits.ImageHDU(mask, name="MASK"),
+            fits.ImageHDU(np.asarray(tile.psf, dtype=np.float32), name="PSF")]
+    if tile.truth is not None:
+        hdus.append(fits.BinTableHDU(Table({c: tile.truth[c] for c in TRUTH_COLUMNS}), name="TRUTH"))
+    buf = io.BytesIO()
+    fits.HDUList(hdus).writeto(buf)
+    return buf.getvalue()
+
+
+def write_tile(tile: Tile, url: str, *, storage_options: Mapping | None = None) -> str:
+    """Write a tile FITS file to any fsspec URL (through a temporary name, then moved)."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = path + ".tmp"
+    with fs.open(tmp, "wb") as fh:
+        fh.write(tile_to_fits_bytes(tile))
+    fs.mv(tmp, path)
+    return url
+
+
+# ------------------------------------------------------------------------------------------------
+# Parquet tiles (one row per tile) and the packing used between pipeline stages
+# ------------------------------------------------------------------------------------------------
+def _tile_arrays(tile: Tile) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    arrays = {"image": tile.image, "variance": tile.variance, "mask": tile.mask, "psf": tile.psf}
+    if tile.truth is not None:
+        arrays.update({f"truth.{k}": np.asarray(v) for k, v in tile.truth.items()})
+    meta = {"tile_id": int(tile.tile_id), "source": tile.source, "wcs_header": tile.wcs_header,
+            "bands": list(tile.bands), "inner": [float(v) for v in tile.inner],
+            "tract_origin": None if tile.tract_origin is None else [int(v) for v in tile.tract_origin],
+            "simulated": bool(tile.simulated)}
+    return arrays, meta
+
+
+def _tile_from(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], source: str | None = None) -> Tile:
+    truth_keys = [k for k in arrays if k.startswith("truth.")]
+    truth = {k[len("truth."):]: np.asarray(arrays[k]) for k in truth_keys} or None
+    return Tile(tile_id=int(meta["tile_id"]), source=source or meta["source"], image=np.asarray(arrays["image"]),
+                variance=np.asarray(arrays["variance"]), mask=np.asarray(arrays["mask"]),
+                psf=np.asarray(arrays["psf"]), wcs_header=meta["wcs_header"], bands=tuple(meta["bands"]),
+                inner=tuple(meta["inner"]), tract_origin=None if meta.get("tract_origin") is None
+                else tuple(meta["tract_origin"]), truth=truth, simulated=bool(meta.get("simulated", False)))
+
+
+def pack_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
+    """Arrays and a JSON-able dict as one ``.npz`` byte string (no pickle; shapes and dtypes kept).
+
+    Tiles of different shapes travel between Ray Data stages as one binary column built with this:
+    tensor columns need one shape per block, a tile does not fit in one.
+    """
+    buf = io.BytesIO()
+    payload = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    payload["__meta__"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+    np.savez(buf, **payload)
+    return buf.getvalue()
+
+
+def unpack_arrays(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Inverse of :func:`pack_arrays`."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if k != "__meta__"}
+        meta = json.loads(z["__meta__"].tobytes().decode())
+    return arrays, meta
+
+
+def pack_tile(tile: Tile, *, extra: Mapping[str, np.ndarray] | None = None,
+              info: Mapping[str, Any] | None = None) -> bytes:
+    """A tile plus pipeline products (``extra`` arrays, ``info`` dict) as bytes (:func:`pack_arrays`)."""
+    arrays, meta = _tile_arrays(tile)
+    arrays = {f"tile.{k}": v for k, v in arrays.items()}
+    arrays.update({f"x.{k}": v for k, v in (extra or {}).items()})
+    return pack_arrays(arrays, {"tile": meta, "info": dict(info or {})})
+
+
+def unpack_tile(data: bytes) -> tuple[Tile, dict[str, np.ndarray], dict[str, Any]]:
+    """Inverse of :func:`pack_tile`: ``(tile, extra, info)``."""
+    arrays, meta = unpack_arrays(data)
+    tile = _tile_from({k[5:]: v for k, v in arrays.items() if k.startswith("tile.")}, meta["tile"])
+    extra = {k[2:]: v for k, v in arrays.items() if k.startswith("x.")}
+    return tile, extra, meta.get("info", {})
+
+
+def write_tiles_parquet(tiles: Sequence[Tile], url: str, *, storage_options: Mapping | None = None) -> str:
+    """Write tiles as one Parquet file, one row per tile (a ``tile`` binary column of
+    :func:`pack_tile` bytes beside ``tileId`` and ``bands``)."""
+    import pyarrow as pa
+
+    from .shards import write_table
+
+    table = pa.table({"tileId": pa.array([int(t.tile_id) for t in tiles], pa.int64()),
+                      "bands": pa.array([",".join(t.bands) for t in tiles]),
+                      "tile": pa.array([pack_tile(t) for t in tiles], pa.binary())})
+    return write_table(table, url, storage_options=storage_options)
+
+
+# ------------------------------------------------------------------------------------------------
+# Listing and reading sources
+# ------------------------------------------------------------------------------------------------
+_FITS_EXT = (".fits", ".fit", ".fts", ".fits.gz", ".fits.fz")
+
+
+def _protocol_prefix(fs) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return "" if protocol in ("file", "local") else f"{protocol}://"
+
+
+def list_tile_sources(urls: str | Sequence[str], *, storage_options: Mapping | None = None) -> list[str]:
+    """Tile sources under ``urls`` (files, directories, globs), sorted and de-duplicated.
+
+    FITS files are one source each; a Parquet file of tiles gives ``url#row=i`` per row. A URL
+    that names a file which does not exist is kept (it becomes a failure row when read), a
+    directory or glob that matches nothing is an error.
+
+    Returns
+    -------
+    list of str
+    """
+    import pyarrow.parquet as pq
+
+    if isinstance(urls, str):
+        urls = [urls]
+    out: list[str] = []
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        prefix = _protocol_prefix(fs)
+        full = lambda p: p if (not prefix or p.startswith(prefix)) else prefix + p  # noqa: E731
+        if any(ch in path for ch in "*?["):
+            found = sorted(fs.glob(path))
+            if not found:
+                raise InputError(url, "matches no files")
+        elif fs.isdir(path):
+            found = sorted(p for p in fs.find(path) if p.lower().endswith(_FITS_EXT + (".parquet",))
+                           and not posixpath.basename(p).startswith((".", "_")))
+            if not found:
+                raise InputError(url, "holds no tile files (*.fits, *.parquet)")
+        else:
+            found = [path]
+        for p in found:
+            if p.lower().endswith(".parquet") and fs.exists(p):
+                with fs.open(p, "rb") as fh:
+                    n = pq.ParquetFile(fh).metadata.num_rows
+                out += [f"{full(p)}#row={i}" for i in range(n)]
+            else:
+                out.append(url if p == path else full(p))
+    return sorted(dict.fromkeys(out))
+
+
+def read_tile_source(source: str, *, storage_options: Mapping | None = None) -> Tile:
+    """Read and validate one tile source (a FITS URL or ``parquet-url#row=i``).
+
+    Raises
+    ------
+    InputError
+        Naming ``source``: unreadable URL, or any problem :func:`read_tile` finds.
+    """
+    if "#row=" in source:
+        import pyarrow.parquet as pq
+
+        url, row = source.rsplit("#row=", 1)
+        try:
+            with fsspec.open(url, "rb", **(storage_options or {})) as fh:
+                table = pq.read_table(fh, columns=["tile"])
+            data = table.column("tile")[int(row)].as_py()
+            tile, _, _ = unpack_tile(data)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(source, f"cannot read the tile row: {type(exc).__name__}: {exc}") from None
+        tile.source = source
+        return tile
+    try:
+        with fsspec.open(source, "rb", **(storage_options or {})) as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise InputError(source, "no such file (unreadable URL)") from None
+    except Exception as exc:  # noqa: BLE001 - network, permissions, bad protocol
+        raise InputError(source, f"cannot read the URL: {type(exc).__name__}: {exc}") from None
+    return read_tile(data, source=source)
+
+
+# ------------------------------------------------------------------------------------------------
+# Simulated fields
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FieldSimConfig:
+    """A small simulated field: one CANDELS-like HST mosaic cut into overlapping tiles.
+
+    Attributes
+    ----------
+    seed : int
+        Seed of the sky (galaxies and HST noise).
+    n_tiles_x, n_tiles_y : int
+        Tiles along x (RA) and y (Dec).
+    tile_inner_arcsec : float
+        Side of each tile's inner (owned) region; rounded to whole low-resolution pixels.
+    border_arcsec : float
+        Overlap border on each side of a tile (rounded likewise); should exceed half a 22 px
+        cutout (2"), plus the degradation kernel (1.9"), so owned sources never touch the tile edge.
+    ra_center_deg, dec_center_deg : float
+        Centre of the field.
+    hr_band : str
+        Band key of the HST-like mosaic (``survey/name``).
+    lr_pixel_scale_arcsec : float
+        The low-resolution grid the tiles will be degraded to (tile sides are whole multiples of it).
+    galaxy_density_arcmin2, mag_bright, mag_faint, star_fraction : float
+        Passed to :class:`galgan_ray.sky.SkyConfig`.
+    """
+
+    seed: int = 0
+    n_tiles_x: int = 2
+    n_tiles_y: int = 2
+    tile_inner_arcsec: float = 32.4
+    border_arcsec: float = 3.96
+    ra_center_deg: float = 150.1
+    dec_center_deg: float = 2.2
+    hr_band: str = "hst/F775W"
+    lr_pixel_scale_arcsec: float = 0.18
+    galaxy_density_arcmin2: float = 120.0
+    mag_bright: float = 18.0
+    mag_faint: float = 27.0
+    star_fraction: float = 0.04
+
+    def __post_init__(self):
+        if self.n_tiles_x < 1 or self.n_tiles_y < 1:
+            raise ConfigError("simulate.n_tiles_x", "need at least one tile along each axis")
+        if not self.tile_inner_arcsec > 0 or self.border_arcsec < 0:
+            raise ConfigError("simulate.tile_inner_arcsec", "need tile_inner_arcsec > 0 and border_arcsec >= 0")
+        if "/" not in self.hr_band:
+            raise ConfigError("simulate.hr_band", f"expected survey/name, got {self.hr_band!r}")
+
+
+def make_simulated_field(config: FieldSimConfig, out_url: str, *, storage_options: Mapping | None = None
+                         ) -> dict[str, Any]:
+    """Simulate an HST-like field and write it as overlapping high-resolution tiles with truth.
+
+    The mosaic covers ``n * inner + 2 * border`` on each side; tile ``(i, j)`` (``TILEID = j *
+    n_tiles_x + i``) covers inner region ``(i, j)`` plus the border, so neighbours overlap by two
+    borders and share those pixels exactly. Each tile's ``TRUTH`` holds the catalogued sources
+    centred on it; ``TRACTX0/TRACTY0`` place it on the mosaic grid.
+
+    Parameters
+    ----------
+    config : FieldSimConfig
+    out_url : str
+        Directory URL; tiles are written as ``tile_<TILEID>.fits``.
+    storage_options : mapping, optional
+        fsspec options (e.g. ``endpoint_url``).
+
+    Returns
+    -------
+    dict
+        ``tiles``: list of tile URLs; ``n_truth``: catalogued sources; ``area_deg2``: the union
+        of the inner regions; ``hr_pixel_scale_arcsec``; ``seconds``.
+    """
+    import time
+
+    from .geometry import make_tan_wcs
+    from .instrument import get_band
+    from .psf import draw_psf
+    from .sky import SkyConfig, simulate_sky
+
+    t0 = time.perf_counter()
+    survey, name = config.hr_band.split("/", 1)
+    band = get_band(survey, name)
+    s_hr = band.pixel_scale_arcsec
+    ratio = config.lr_pixel_scale_arcsec / s_hr
+    r = int(round(ratio))
+    if abs(ratio - r) > 1e-6:
+        raise ConfigError("simulate.lr_pixel_scale_arcsec", f"must be a whole multiple of the HR scale {s_hr}\"")
+    inner_lr = int(round(config.tile_inner_arcsec / config.lr_pixel_scale_arcsec))
+    border_lr = int(round(config.border_arcsec / config.lr_pixel_scale_arcsec))
+    inner, border = inner_lr * r, border_lr * r  # HR px
+    tile_px = inner + 2 * border
+    nx_px, ny_px = config.n_tiles_x * inner + 2 * border, config.n_tiles_y * inner + 2 * border
+    n_side = max(nx_px, ny_px)
+    sky_cfg = SkyConfig(seed=config.seed, size_pixels=n_side, pixel_scale_arcsec=s_hr,
+                        ra_center_deg=config.ra_center_deg, dec_center_deg=config.dec_center_deg, survey=survey,
+                        bands=(name,), reference_band=name, galaxy_density_arcmin2=config.galaxy_density_arcmin2,
+                        mag_bright=config.mag_bright, mag_faint=config.mag_faint, star_fraction=config.star_fraction,
+                        catalog_bands=(name,))
+    images, wcs, cat = simulate_sky(sky_cfg)
+    mosaic = images[name]
+    psf = draw_psf(band.psf, pixel_scale_arcsec=s_hr)
+    sigma_hr = band.sky_sigma
+    mag = np.asarray(cat[f"MAG_TRUE_{name}"], dtype=np.float64)
+    truth_all = {
+        "truthId": np.asarray(cat["ID"], dtype=np.int64),
+        "ra": np.asarray(cat["RA"], dtype=np.float64), "dec": np.asarray(cat["DEC"], dtype=np.float64),
+        "x": np.asarray(cat["X_PIX"], dtype=np.float64), "y": np.asarray(cat["Y_PIX"], dtype=np.float64),
+        "mag": mag.astype(np.float32),
+        "flux_njy": np.where(np.isfinite(mag), 10.0 ** (-0.4 * (mag - _NJY_ZP)), 0.0),
+        "hlr_arcsec": np.asarray(cat["HLR_TRUE_ARCSEC"], dtype=np.float32),
+        "flux_radius_arcsec": (np.asarray(cat["FLUX_RADIUS"]) * s_hr).astype(np.float32),
+        "fwhm_arcsec": (np.asarray(cat["FWHM_IMAGE"]) * s_hr).astype(np.float32),
+        "redshift": np.asarray(cat["ZBEST"], dtype=np.float32),
+        "is_star": np.asarray(cat["IS_STAR"], dtype=bool),
+    }
+    urls = []
+    for j in range(config.n_tiles_y):
+        for i in range(config.n_tiles_x):
+            x0, y0 = i * inner, j * inner
+            tid = j * config.n_tiles_x + i
+            tw = make_tan_wcs(config.ra_center_deg, config.dec_center_deg, pixel_scale_arcsec=s_hr,
+                              shape=(n_side, n_side))
+            tw.wcs.crpix = np.asarray(tw.wcs.crpix) - [x0, y0]
+            tw.pixel_shape = (tile_px, tile_px)
+            img = mosaic[y0:y0 + tile_px, x0:x0 + tile_px].astype(np.float32)[None]
+            sel = ((truth_all["x"] >= x0 - 0.5) & (truth_all["x"] < x0 + tile_px - 0.5)
+                   & (truth_all["y"] >= y0 - 0.5) & (truth_all["y"] < y0 + tile_px - 0.5))
+            truth = {k: v[sel] for k, v in truth_all.items()}
+            truth["x"] = truth["x"] - x0
+            truth["y"] = truth["y"] - y0
+            lo, hi = border - 0.5, border + inner - 0.5
+            tile = Tile(tile_id=tid, source="", image=img, variance=np.full_like(img, sigma_hr**2),
+                        mask=np.zeros(img.shape, np.int32), psf=psf[None].astype(np.float64),
+                        wcs_header=tw.to_header(relax=True).tostring(), bands=(config.hr_band,),
+                        inner=(lo, hi, lo, hi), tract_origin=(x0, y0), truth=truth, simulated=True)
+            url = out_url.rstrip("/") + f"/tile_{tid:06d}.fits"
+            urls.append(write_tile(tile, url, storage_options=storage_options))
+    area = (config.n_tiles_x * inner * s_hr / 3600.0) * (config.n_tiles_y * inner * s_hr / 3600.0)
+    inside = ((truth_all["x"] >= border - 0.5) & (truth_all["x"] < border + config.n_tiles_x * inner - 0.5)
+              & (truth_all["y"] >= border - 0.5) & (truth_all["y"] < border + config.n_tiles_y * inner - 0.5))
+    return {"tiles": urls, "n_truth": int(inside.sum()), "area_deg2": float(area), "hr_pixel_scale_arcsec": s_hr,
+            "tile_side_arcsec": tile_px * s_hr, "seconds": time.perf_counter() - t0}

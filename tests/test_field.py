@@ -1,0 +1,214 @@
+"""The field processor's pure core on small synthetic tiles (no Ray)."""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+
+from galgan_ray.errors import InputError
+from galgan_ray.field import (ID_SHIFT, PARENT_BIT, FieldConfig, FootprintConfig, ModelGrid, TruthConfig, check_tile,
+                              cut_cutouts, degrade_tile, enhanced_noise_scale, find_footprints, process_tile,
+                              score_truth)
+from galgan_ray.flags import flag_bit
+from galgan_ray.geometry import make_tan_wcs
+from galgan_ray.instrument import get_band
+from galgan_ray.psf import draw_psf
+from galgan_ray.tiles import Tile
+
+HSC = get_band("hsc", "i")
+HST = get_band("hst", "F775W")
+MODEL = ModelGrid(high=(HST,), low=(HSC,))
+
+
+def bicubic_enhancer(tmp_path):
+    """An untrained SR generator (skip=True: bicubic upsampling) as a checkpoint + Enhancer."""
+    from galgan_ray.checkpoint import save_checkpoint
+    from galgan_ray.enhance import Enhancer
+    from galgan_ray.models import SRGANConfig, build_generator
+
+    cfg = SRGANConfig()
+    path = save_checkpoint(str(tmp_path / "bicubic.pt"), generator_state=build_generator(cfg).state_dict(),
+                           model_cfg=cfg, bands={"high": [HST], "low": [HSC]})
+    return Enhancer(path, device="cpu")
+
+
+def point_tile(positions, fluxes, *, n=100, tile_id=3, inner=None, sigma=None, seed=0, band=HSC, simulated=False,
+               origin=None, truth=None) -> Tile:
+    """A tile of point sources (the band's PSF) with white noise."""
+    import galsim
+
+    from galgan_ray.psf import psf_profile
+
+    scale = band.pixel_scale_arcsec
+    img = galsim.ImageF(n, n, scale=scale)
+    prof = psf_profile(band.psf)
+    for (x, y), f in zip(positions, fluxes):
+        stamp = prof.withFlux(float(f)).drawImage(nx=41, ny=41, scale=scale, offset=(x - round(x), y - round(y)))
+        stamp.setCenter(int(round(x)) + 1, int(round(y)) + 1)  # galsim is 1-based
+        b = stamp.bounds & img.bounds
+        img[b] += stamp[b]
+    arr = img.array.astype(np.float32)[None]
+    sigma = band.sky_sigma if sigma is None else sigma
+    if sigma > 0:
+        arr = arr + np.random.default_rng(seed).normal(0, sigma, arr.shape).astype(np.float32)
+    w = make_tan_wcs(150.0, 2.0, pixel_scale_arcsec=scale, shape=(n, n))
+    psf = np.asarray(draw_psf(band.psf, pixel_scale_arcsec=scale))[None]
+    return Tile(tile_id=tile_id, source=f"mem://t{tile_id}.fits", image=arr,
+                variance=np.full(arr.shape, max(sigma, 1e-3) ** 2, np.float32), mask=np.zeros(arr.shape, np.int32),
+                psf=psf, wcs_header=w.to_header().tostring(), bands=(band.key,),
+                inner=inner or (-0.5, n - 0.5, -0.5, n - 0.5), tract_origin=origin, truth=truth, simulated=simulated)
+
+
+def test_configs_pickle():
+    for obj in (FieldConfig(), FootprintConfig(), TruthConfig(), MODEL):
+        assert pickle.loads(pickle.dumps(obj)) == obj
+
+
+def test_ownership_partitions_the_field():
+    """Adjacent tiles on one grid: every position is owned by exactly one tile, borders included."""
+    inner, border = 20, 5
+    tiles = [point_tile([], [], n=inner + 2 * border, tile_id=i, sigma=0,
+                        inner=(border - 0.5, border + inner - 0.5, border - 0.5, border + inner - 0.5))
+             for i in range(2)]
+    rng = np.random.default_rng(1)
+    xf = np.r_[rng.uniform(border - 0.5, border + 2 * inner - 0.5, 2000), border + inner - 0.5, border - 0.5]
+    yf = np.r_[rng.uniform(border - 0.5, border + inner - 0.5, 2000), 10.0, 10.0]
+    owned = np.stack([t.owns(xf - i * inner, yf) for i, t in enumerate(tiles)])
+    assert np.all(owned.sum(axis=0) == 1)
+    assert owned[1, -2] and owned[0, -1]  # a source on the shared boundary goes to the upper tile
+
+
+def test_check_tile_names_the_problem():
+    t = point_tile([], [], n=40)
+    assert check_tile(t, model=MODEL) == "real"
+    two = dataclasses.replace(t, image=np.concatenate([t.image] * 2), bands=("hsc/i", "hsc/r"), _wcs=None)
+    with pytest.raises(InputError, match=r"^mem://t3.fits: wrong band count: the tile has 2 band"):
+        check_tile(two, model=MODEL)
+    with pytest.raises(InputError, match="differ from the model's low-resolution bands"):
+        check_tile(dataclasses.replace(t, bands=("hsc/r",)), model=MODEL)
+    w = make_tan_wcs(150.0, 2.0, pixel_scale_arcsec=0.2, shape=(40, 40))
+    with pytest.raises(InputError, match="wrong pixel scale for the model: 0.2000"):
+        check_tile(dataclasses.replace(t, wcs_header=w.to_header().tostring(), _wcs=None), model=MODEL)
+    with pytest.raises(InputError, match="wrong shape"):
+        check_tile(point_tile([], [], n=16), model=MODEL)
+
+
+def test_degrade_tile_conserves_flux_maps_geometry_and_shares_noise():
+    cfg = MODEL.degrade_config()
+    hr = point_tile([(70.0, 80.0)], [5000.0], n=150, band=HST, sigma=0, simulated=True, origin=(0, 0),
+                    inner=(29.5, 119.5, 29.5, 119.5))
+    lr = degrade_tile(hr, config=cfg, seed=0, add_noise=False)
+    assert lr.shape == (50, 50) and lr.bands == ("hsc/i",)
+    assert lr.image.sum() == pytest.approx(hr.image.sum(), rel=2e-3)
+    yy, xx = np.indices(lr.shape)
+    w = lr.image[0]
+    cx, cy = (w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()
+    assert (cx, cy) == pytest.approx(((70.0 - 1) / 3, (80.0 - 1) / 3), abs=0.02)
+    np.testing.assert_allclose(lr.wcs.pixel_to_world_values(cx, cy), hr.wcs.pixel_to_world_values(70.0, 80.0),
+                               atol=0.01 * 0.18 / 3600)
+    assert lr.inner == pytest.approx((29.5 - 1) / 3, abs=1e-9) or lr.inner[0] == pytest.approx((29.5 - 1) / 3)
+    assert lr.pixel_scale_arcsec == pytest.approx(0.18)
+    # Two tiles of one field on the common grid get identical noise in their overlap.
+    a = degrade_tile(dataclasses.replace(hr, tile_id=1), config=cfg, seed=5)
+    b_hr = dataclasses.replace(hr, tile_id=2, image=np.zeros_like(hr.image), tract_origin=(60, 0))
+    b = degrade_tile(b_hr, config=cfg, seed=5)
+    a0 = degrade_tile(dataclasses.replace(hr, tile_id=1, image=np.zeros_like(hr.image)), config=cfg, seed=5)
+    np.testing.assert_array_equal(a0.image[:, :, 20:], b.image[:, :, :30])
+    assert not np.array_equal(a.image, a0.image)
+    assert np.isfinite(a.variance).all() and (a.variance > HSC.sky_sigma**2 * 0.999).all()
+
+
+def test_footprints_cutouts_and_large_footprints():
+    pos = [(25.0, 25.0), (70.0, 30.0), (72.5, 31.0)]
+    t = point_tile(pos, [300.0, 1500.0, 1500.0], n=100)
+    # A big bright blob: an extended source needing a grid of cutouts.
+    yy, xx = np.indices((100, 100))
+    t.image[0] += (3000.0 * np.exp(-0.5 * ((xx - 50) ** 2 + (yy - 75) ** 2) / 6.0**2) / (2 * np.pi * 36)).astype(np.float32)
+    fp = find_footprints(t, config=FieldConfig())
+    labels = fp["seg"][[25, 30, 31, 75], [25, 70, 72, 50]]
+    assert labels[0] > 0 and labels[1] == labels[2] and len(set(labels)) == 3
+    k_single = int(np.flatnonzero(fp["fp.label"] == labels[0])[0])
+    k_big = int(np.flatnonzero(fp["fp.label"] == labels[3])[0])
+    assert fp["fp.n_peaks_low"][k_single] == 1
+    cut = cut_cutouts(fp["image_sub"], t.variance, fp, config=FootprintConfig())
+    assert cut["fp.n_cutouts"][k_single] == 1 and cut["fp.n_cutouts"][k_big] > 1
+    i = int(np.flatnonzero(cut["cut.fp"] == k_single)[0])
+    ox, oy = cut["cut.origin"][i]
+    assert abs(ox + 10.5 - 25.0) <= 1.0 and abs(oy + 10.5 - 25.0) <= 1.0
+    assert cut["cut.image"].shape[1:] == (1, 22, 22)
+    np.testing.assert_allclose(cut["cut.sigma"][i], HSC.sky_sigma, rtol=0.2)
+    few = cut_cutouts(fp["image_sub"], t.variance, fp, config=FootprintConfig(max_cutouts_per_footprint=1))
+    assert few["fp.n_cutouts"][k_big] == 0  # too large: not enhanced, flagged downstream
+
+
+@pytest.fixture(scope="module")
+def enhancer(tmp_path_factory):
+    return bicubic_enhancer(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def rho(enhancer):
+    return enhanced_noise_scale(enhancer.enhance_cutouts, n_bands=1, psf_hr=MODEL.psf_high(),
+                                detect=FieldConfig().detect, n_realizations=32)
+
+
+def test_process_tile_finds_each_source_once_with_its_flux(enhancer, rho):
+    pos = [(20.3, 30.7), (60.0, 62.4), (80.6, 20.2), (95.0, 50.0)]  # the last one lies outside the inner region
+    flux = [3000.0, 1500.0, 800.0, 2000.0]
+    t = point_tile(pos, flux, n=100, inner=(9.5, 89.5, 9.5, 89.5))
+    res = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_cutouts, rho=rho)
+    cat = res["catalog"]
+    assert len(cat["objectId"]) >= 3
+    for (x, y), f in zip(pos[:3], flux[:3]):
+        d = np.hypot(cat["x"] - x, cat["y"] - y)
+        j = int(np.argmin(d))
+        assert d[j] < 0.35, (x, y, d[j])  # 0.06": bicubic images keep the broad LR PSF
+        assert np.sum(d < 1.5) == 1  # found once
+        assert abs(cat["i_gmmFlux"][j] - f) < 5 * cat["i_gmmFluxErr"][j] + 0.05 * f
+    assert np.all(cat["tileId"] == 3)
+    assert np.all(cat["objectId"] >> ID_SHIFT == 3) and len(set(cat["objectId"])) == len(cat["objectId"])
+    assert np.all(cat["parentObjectId"] & PARENT_BIT)
+    assert not np.any(np.hypot(cat["x"] - 95.0, cat["y"] - 50.0) < 2)  # owned by a neighbour: dropped
+    ra, dec = t.wcs.pixel_to_world_values(cat["x"], cat["y"])
+    np.testing.assert_allclose(cat["coord_ra"], ra)
+    kept = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_cutouts, rho=rho,
+                        config=FieldConfig(keep_not_primary=True))["catalog"]
+    far = np.hypot(kept["x"] - 95.0, kept["y"] - 50.0) < 0.5
+    assert far.sum() == 1 and kept["flags"][far][0] & flag_bit("NOT_PRIMARY")
+    assert set(cat["objectId"]) <= set(kept["objectId"])  # ids do not depend on the ownership cut
+
+
+def test_score_truth_pairs_and_matches(enhancer, rho):
+    pos = [(30.0, 30.0), (33.0, 30.0), (70.0, 70.0)]
+    truth = {"truthId": np.array([10, 11, 12]), "ra": np.zeros(3), "dec": np.zeros(3),
+             "x": np.array([p[0] for p in pos]), "y": np.array([p[1] for p in pos]),
+             "mag": np.array([22.0, 22.5, 23.0], np.float32), "flux_njy": np.array([5000.0, 3000.0, 2000.0]),
+             "hlr_arcsec": np.zeros(3, np.float32), "flux_radius_arcsec": np.full(3, 0.2, np.float32),
+             "fwhm_arcsec": np.full(3, 0.6, np.float32), "redshift": np.array([0.5, 1.0, 2.0], np.float32),
+             "is_star": np.ones(3, bool)}
+    t = point_tile(pos, [5000.0, 3000.0, 2000.0], n=100, truth=truth)
+    res = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_cutouts, rho=rho)
+    tr, bl = res["truth"], res["blends"]
+    assert tr["truthId"].tolist() == [10, 11, 12] and tr["matched_low"][2] and tr["matched_enhanced"][2]
+    assert len(bl["blendId"]) == 1 and bl["truthId_primary"][0] == 10 and bl["truthId_secondary"][0] == 11
+    assert bl["sep_arcsec"][0] == pytest.approx(3 * 0.18) and bl["delta_z"][0] == pytest.approx(0.5)
+    assert bl["blended_low"][0]  # one low-resolution footprint holds both
+    assert bl["n_found_low"][0] in (1, 2) and bl["found_enhanced"][0] == (bl["n_found_enhanced"][0] == 2)
+    # A stand-alone call gives the same tables.
+    tr2, bl2 = score_truth(res["tile"], res["products"], res["catalog"], config=TruthConfig())
+    assert tr2["matched_enhanced"].tolist() == tr["matched_enhanced"].tolist()
+
+
+def test_tile_peak_finder_has_no_cap_and_no_block_seams():
+    """More peaks than one image's ``max_peaks``, several on block boundaries: each found once."""
+    from galgan_ray.field import find_peaks_tiled
+
+    pos = [(8.0 + 14 * i + 0.3 * j, 8.0 + 14 * j) for i in range(6) for j in range(6)]
+    pos += [(31.5, 57.0), (57.0, 31.6)]  # on the edges between 32 px block cores
+    t = point_tile(pos, [800.0] * len(pos), n=90, sigma=3.0)
+    pk = find_peaks_tiled(t.image[0], psf=t.psf[0], detect=FieldConfig().detect, noise_sigma=3.0, block_px=32)
+    assert len(pk["x"]) == len(pos) > FieldConfig().detect.max_peaks
+    for x, y in pos:
+        assert np.sum(np.hypot(pk["x"] - x, pk["y"] - y) < 1.0) == 1

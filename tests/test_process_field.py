@@ -1,0 +1,206 @@
+"""The field job on local Ray: end to end, tile borders against the truth, resumption, bad tiles."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+ray = pytest.importorskip("ray")
+
+from galgan_ray.config import load_config  # noqa: E402
+from galgan_ray.errors import ConfigError  # noqa: E402
+from galgan_ray.field import FieldConfig, ModelGrid  # noqa: E402
+from galgan_ray.instrument import get_band  # noqa: E402
+from galgan_ray.ray_shell.field import (DegradeStage, DetectStage, FieldJobConfig, FootprintStage,  # noqa: E402
+                                        PhotometerStage, StorageConfig, read_catalog, run_field)
+from galgan_ray.schema import failure_schema, object_schema, validate_table  # noqa: E402
+from galgan_ray.tiles import FieldSimConfig, make_simulated_field, tile_to_fits_bytes, read_tile_source  # noqa: E402
+
+pytestmark = pytest.mark.ray
+HST, HSC = get_band("hst", "F775W"), get_band("hsc", "i")
+SIM = FieldSimConfig(seed=3, n_tiles_x=2, n_tiles_y=2, tile_inner_arcsec=14.4, border_arcsec=3.96,
+                     galaxy_density_arcmin2=150.0)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, object_store_memory=250 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    """An untrained SR generator (skip=True: bicubic): the tests do not depend on a trained model."""
+    from galgan_ray.checkpoint import save_checkpoint
+    from galgan_ray.models import SRGANConfig, build_generator
+
+    cfg = SRGANConfig()
+    return save_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "bicubic.pt"),
+                           generator_state=build_generator(cfg).state_dict(), model_cfg=cfg,
+                           bands={"high": [HST], "low": [HSC]})
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("field")
+    info = make_simulated_field(SIM, str(out / "tiles"))
+    info["dir"] = out / "tiles"
+    return info
+
+
+def job(ckpt: str, inputs, output, **kw) -> FieldJobConfig:
+    return FieldJobConfig(inputs=tuple(str(i) for i in inputs), output=str(output), checkpoint=ckpt, **kw)
+
+
+def read_parts(root: Path, what: str) -> dict[str, object]:
+    return {p.parent.name: pq.read_table(p) for p in sorted((root / what).glob("tile=*/part-0.parquet"))}
+
+
+def test_default_yaml_mirrors_the_config_and_rejects_unknown_keys(tmp_path):
+    path = resources.files("galgan_ray").joinpath("data", "field_default.yaml")
+    assert load_config(FieldJobConfig, str(path)) == FieldJobConfig()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("field:\n  detect:\n    nsigmaa: 3\n")
+    with pytest.raises(ConfigError, match="field.detect.nsigmaa"):
+        load_config(FieldJobConfig, str(bad))
+    cfg = load_config(FieldJobConfig, str(path), ["field.detect.nsigma=4", "inputs=[s3://b/t/]"])
+    assert cfg.field.detect.nsigma == 4 and cfg.inputs == ("s3://b/t/",)
+
+
+def test_stages_and_configs_pickle():
+    model = ModelGrid(high=(HST,), low=(HSC,))
+    for obj in (FieldJobConfig(), StorageConfig(endpoint_url="http://x"), model):
+        assert pickle.loads(pickle.dumps(obj)) == obj
+    for cls in (DegradeStage, FootprintStage, DetectStage, PhotometerStage):
+        stage = pickle.loads(pickle.dumps(cls(model, FieldConfig())))
+        assert stage.model == model
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_local, ckpt, sim, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    summary = run_field(job(ckpt, [sim["dir"]], out), verbose=False)
+    return out, summary
+
+
+def test_end_to_end_catalog_schema_provenance(full_run):
+    out, summary = full_run
+    assert summary["tiles"] == {"total": 4, "done": 4, "failed": 0, "skipped": 0}
+    parts = read_parts(out, "catalog")
+    assert sorted(parts) == [f"tile={i:06d}" for i in range(4)]
+    ids = []
+    for name, table in parts.items():
+        validate_table(table, object_schema(["i"]), source=name)
+        assert set(table.column("tileId").to_pylist()) <= {int(name.split("=")[1])}
+        ids += table.column("objectId").to_pylist()
+        meta = json.loads(table.schema.metadata[b"galgan_ray"])
+        assert meta["checkpoint"]["sha256"] and meta["version"] and meta["config"]["field"]["detect"]["nsigma"] == 5.0
+        assert (out / "catalog" / name / "_COMMITTED").exists()
+    assert len(ids) == len(set(ids)) == summary["sources"] > 0
+    assert summary["newly_resolved_blends"] >= 0 and summary["throughput"]["sources_per_s"] > 0
+    assert json.loads((out / "summary.json").read_text())["sources"] == summary["sources"]
+    assert not list((out / "failures").glob("*.parquet")) if (out / "failures").exists() else True
+    blends = read_catalog(str(out), what="blends")
+    assert blends.num_rows == summary["truth"]["n_blends"]
+
+
+def _tangent(ra, dec, ra0, dec0):
+    return ((np.asarray(ra) - ra0) * np.cos(np.radians(dec0)) * 3600.0, (np.asarray(dec) - dec0) * 3600.0)
+
+
+def test_no_gaps_no_duplicates_across_tile_borders(full_run, sim):
+    """Each truth source is owned by one tile; each bright isolated one is found, by one tile only."""
+    from scipy.spatial import cKDTree
+
+    out, _ = full_run
+    truth = read_catalog(str(out), what="truth").to_pandas()
+    cat = read_catalog(str(out)).to_pandas()
+    assert truth["truthId"].is_unique and len(truth) == sim["n_truth"]
+    ra0, dec0 = SIM.ra_center_deg, SIM.dec_center_deg
+    tx, ty = _tangent(truth["coord_ra"], truth["coord_dec"], ra0, dec0)
+    cx, cy = _tangent(cat["coord_ra"], cat["coord_dec"], ra0, dec0)
+    t_all = cKDTree(np.c_[tx, ty])
+    bright = np.flatnonzero(truth["mag"].to_numpy() < 24.0)
+    isolated = [i for i in bright if len(t_all.query_ball_point([tx[i], ty[i]], 2.0)) == 1]
+    assert len(isolated) >= 3
+    c_tree = cKDTree(np.c_[cx, cy])
+    tiles_of = cat["tileId"].to_numpy()
+    for i in isolated:
+        near = c_tree.query_ball_point([tx[i], ty[i]], 0.5)
+        assert near, f"truth {truth['truthId'][i]} (mag {truth['mag'][i]:.1f}) not found"
+        assert len(set(tiles_of[near])) == 1, f"truth {truth['truthId'][i]} reported by tiles {set(tiles_of[near])}"
+    # No source is reported twice by neighbouring tiles (same position, different tiles).
+    pairs = c_tree.query_pairs(0.1, output_type="ndarray")
+    assert not np.any(tiles_of[pairs[:, 0]] != tiles_of[pairs[:, 1]]) if len(pairs) else True
+
+
+def test_resume_processes_only_uncommitted_tiles_and_gives_the_same_catalog(full_run, ckpt, sim, tmp_path):
+    """A run that committed tiles 0 and 1, then died while writing tile 3 (after tile 2 had failed)."""
+    from galgan_ray.ray_shell.field import _failure_url
+
+    ref_out, ref_summary = full_run
+    out = tmp_path / "out"
+    for name in ("catalog", "truth", "blends"):
+        for tid in (0, 1):
+            shutil.copytree(ref_out / name / f"tile={tid:06d}", out / name / f"tile={tid:06d}")
+    committed = {p: p.stat().st_mtime_ns for p in (out / "catalog").glob("tile=*/part-0.parquet")}
+    (out / "catalog" / "tile=000003").mkdir(parents=True)
+    (out / "catalog" / "tile=000003" / "part-0.parquet").write_bytes(b"PAR1 partial")  # debris, no marker
+    stale = Path(_failure_url(str(out), str(sim["dir"] / "tile_000002.fits")))
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an earlier failure of tile 2")
+    second = run_field(job(ckpt, [sim["dir"]], out), verbose=False)
+    assert second["tiles"] == {"total": 4, "done": 2, "failed": 0, "skipped": 2}
+    assert {p: p.stat().st_mtime_ns for p in committed} == committed  # committed tiles untouched
+    assert not stale.exists()  # the retried tile's old failure is superseded
+    ref, new = read_parts(ref_out, "catalog"), read_parts(out, "catalog")
+    assert sorted(ref) == sorted(new)
+    for name in ref:
+        assert ref[name].to_pydict() == new[name].to_pydict(), name
+    assert second["sources"] == ref_summary["sources"]
+    # Nothing is left to do now; another science config may not reuse the output.
+    third = run_field(job(ckpt, [sim["dir"]], out), verbose=False)
+    assert third["tiles"]["skipped"] == 4 and third["tiles"]["done"] == 0
+    with pytest.raises(ConfigError, match="another config or model"):
+        run_field(job(ckpt, [sim["dir"]], out, field=FieldConfig(seed=9)), verbose=False)
+
+
+def test_bad_tiles_become_failure_rows_and_the_field_completes(ray_local, ckpt, sim, tmp_path):
+    import dataclasses
+
+    src = tmp_path / "tiles"
+    src.mkdir()
+    files = sorted(sim["dir"].glob("tile_*.fits"))
+    shutil.copy(files[0], src / "good.fits")
+    data = files[1].read_bytes()
+    (src / "truncated.fits").write_bytes(data[: len(data) // 3])
+    t = read_tile_source(str(files[2]))
+    t.image[0, 50, 50] = np.nan
+    (src / "nan.fits").write_bytes(tile_to_fits_bytes(t))
+    wrong = dataclasses.replace(read_tile_source(str(files[3])), bands=("hst/F606W",))
+    (src / "wrongband.fits").write_bytes(tile_to_fits_bytes(wrong))
+    missing = tmp_path / "elsewhere" / "missing.fits"
+    out = tmp_path / "out"
+    summary = run_field(job(ckpt, [src, missing], out), verbose=False)
+    assert summary["tiles"]["done"] == 1 and summary["tiles"]["failed"] == 4
+    failures = read_catalog(str(out), what="failures")
+    validate_table(failures.replace_schema_metadata(None), failure_schema())
+    rows = {Path(r["source"]).name: r for r in failures.to_pylist()}
+    assert set(rows) == {"truncated.fits", "nan.fits", "wrongband.fits", "missing.fits"}
+    assert "truncated" in rows["truncated.fits"]["reason"] and rows["truncated.fits"]["stage"] == "read"
+    assert "non-finite" in rows["nan.fits"]["reason"] and rows["nan.fits"]["tileId"] == 2
+    assert "differ from the model" in rows["wrongband.fits"]["reason"] and rows["wrongband.fits"]["stage"] == "degrade"
+    assert "no such file" in rows["missing.fits"]["reason"]
+    for r in rows.values():
+        assert r["reason"].startswith(r["source"]), r
+    assert len(read_parts(out, "catalog")) == 1
+    assert not any((out / "catalog").glob("*/_COMMITTED")) or len(list((out / "catalog").glob("*/_COMMITTED"))) == 1
