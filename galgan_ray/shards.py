@@ -22,7 +22,7 @@ from .errors import InputError
 
 __all__ = ["batch_to_table", "table_to_batch", "write_shards", "read_shards", "iter_shards",
            "list_shards", "write_table", "read_table", "write_fits_shard", "read_fits_shard",
-           "read_metadata", "METADATA_KEY"]
+           "read_metadata", "write_atomic", "METADATA_KEY"]
 
 METADATA_KEY = b"galgan_ray"
 
@@ -82,17 +82,24 @@ def _join(url: str, name: str) -> str:
     return url.rstrip("/") + "/" + name
 
 
-def write_table(table: pa.Table, url: str, *, storage_options: Mapping | None = None) -> str:
-    """Write one Parquet file atomically where the filesystem allows (write ``.tmp``, then move)."""
+def write_atomic(url: str, write, *, storage_options: Mapping | None = None) -> str:
+    """Call ``write(file_handle)`` on ``url + ".tmp"``, then move it to ``url`` (atomic where the
+    filesystem's move is; on object stores the object appears whole or not at all)."""
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
     tmp = path + ".tmp"
     with fs.open(tmp, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd")
+        write(fh)
     fs.mv(tmp, path)
     return url
+
+
+def write_table(table: pa.Table, url: str, *, storage_options: Mapping | None = None) -> str:
+    """Write one Parquet file atomically where the filesystem allows (write ``.tmp``, then move)."""
+    return write_atomic(url, lambda fh: pq.write_table(table, fh, compression="zstd"),
+                        storage_options=storage_options)
 
 
 def write_shards(batch: Mapping[str, np.ndarray], url: str, *, metadata: Mapping[str, Any] | None = None,

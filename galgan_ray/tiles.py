@@ -386,14 +386,10 @@ def tile_to_fits_bytes(tile: Tile, *, extra_header: Mapping[str, Any] | None = N
 
 def write_tile(tile: Tile, url: str, *, storage_options: Mapping | None = None) -> str:
     """Write a tile FITS file to any fsspec URL (through a temporary name, then moved)."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as fh:
-        fh.write(tile_to_fits_bytes(tile))
-    fs.mv(tmp, path)
+    from .shards import write_atomic
+
+    data = tile_to_fits_bytes(tile)
+    write_atomic(url, lambda fh: fh.write(data), storage_options=storage_options)
     return url
 
 

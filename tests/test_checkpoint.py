@@ -24,13 +24,6 @@ from galgan_ray.training import TrainConfig
 BANDS = {"high": [get_band("hst", "F775W")], "low": [get_band("hsc", "i")]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread (the machine is shared; 2 threads under load spin); restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -30,13 +30,6 @@ TRUTH_XY = [(20.3, 30.7), (55.6, 20.2), (40.1, 50.5)]  # 0-based input pixels
 TRUTH_FLUX = [3000.0, 1500.0, 2000.0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread (the machine is shared); restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _save_untrained(path: Path, high, low) -> str:

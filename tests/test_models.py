@@ -23,13 +23,6 @@ from galgan_ray.models import (
 from galgan_ray.scaling import ArcsinhScaling
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread (the machine is shared; 2 threads under load spin); restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("channels", [1, 7])

@@ -57,13 +57,6 @@ def galaxy_set(n: int, *, channels: int = 1, seed: int = 0, sigma_lr: float = 20
             "objectId": np.arange(n, dtype=np.int64)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Train on one thread (the machine is shared; 2 threads under load spin) and restore torch's setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------- metrics
