@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from astropy.table import Table, vstack
+from astropy.table import vstack
 
 from .blends import BlendConfig, simulate_blends, simulate_isolated
 from .catalog import CatalogColumns, SelectionConfig, read_catalog, select_galaxies, split_by_dec

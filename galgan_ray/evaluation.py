@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -19,13 +19,12 @@ from .blends import BlendConfig
 from .catalog import SelectionConfig
 from .config import to_dict
 from .dataset import (BandsConfig, DatasetConfig, build_galaxy_sets, clean_neighbours, concat_batches,
-                      make_blend_set, make_sky_tiles, real_galaxy_set)
+                      make_sky_tiles, real_galaxy_set)
 from .detect import DetectConfig, find_peaks_batch
-from .errors import ConfigError
 from .figures import truth_positions
 from .matching import match_peaks_batch
 from .metrics import (blend_outcomes, detection_fraction, detection_scores, efficiency_matrix,
-                      enhancement_false_positive_rate, false_positive_rate)
+                      enhancement_false_positive_rate)
 from .provenance import provenance
 from .psf import draw_psf
 

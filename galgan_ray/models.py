@@ -177,7 +177,7 @@ class SRGANConfig:
         if self.architecture == "paper" and self.hr_size % (2 ** max(self.depth, 1)):
             raise ConfigError("SRGANConfig.depth", f"hr_size {self.hr_size} not divisible by 2**depth")
         if self.disc_depth < 1 or self.hr_size % (2**self.disc_depth):
-            raise ConfigError("SRGANConfig.disc_depth", f"hr_size must be divisible by 2**disc_depth")
+            raise ConfigError("SRGANConfig.disc_depth", "hr_size must be divisible by 2**disc_depth")
 
     @property
     def crop(self) -> int:

@@ -187,7 +187,7 @@ def evaluate_photometry(out: Mapping[str, Any], *, headline: str = "enhanced", c
     primary = np.asarray(blends["primary_index"])[:n]
     secondary = np.asarray(blends["secondary_index"])[:n]
     rows_ = np.arange(n)
-    oc_low, oc_enh = out["n_peaks"]["low"][:n], out["n_peaks"][headline][:n]
+    oc_low = out["n_peaks"]["low"][:n]
     subset = (oc_low == 1) & (out["outcomes"][headline][:n] == 2)
     d_low = mags["low"] - mag_in
     d_enh = mags["enhanced"] - mag_in

@@ -68,8 +68,6 @@ def read_psf(path: str, *, hdu: int = 0, index: int = 0) -> np.ndarray:
 
 @lru_cache(maxsize=256)
 def _draw_cached(psf: PSFConfig, pixel_scale_arcsec: float, size: int | None) -> np.ndarray:
-    import galsim
-
     prof = psf_profile(psf)
     # A FITS PSF already includes its pixel response; an analytic one is integrated over our pixels.
     method = "no_pixel" if psf.kind == "fits" else "auto"

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
