@@ -79,6 +79,9 @@ class DatasetConfig:
         The paper's cuts.
     test_fraction : float
         Southernmost share of the selected galaxies used for testing.
+    clean_neighbours : bool
+        Replace neighbouring objects in the cutouts by noise (:func:`clean_neighbours`), so blends
+        hold only the galaxies their truth lists.
     blends : BlendConfig
     n_blends, n_isolated : int
         Blends and isolated galaxies made from the test galaxies.
@@ -92,7 +95,8 @@ class DatasetConfig:
     dec_center_deg: float = -27.85
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     test_fraction: float = 0.2
-    blends: BlendConfig = field(default_factory=BlendConfig)
+    clean_neighbours: bool = True
+    blends: BlendConfig = field(default_factory=lambda: BlendConfig(exclude_flags=("EDGE",)))
     n_blends: int = 200
     n_isolated: int = 100
 

@@ -28,7 +28,7 @@ def asinh_display(image: np.ndarray, *, noise: float | None = None, q: float = 9
         med = np.median(img)
         noise = 1.4826 * np.median(np.abs(img - med)) or (np.std(img) or 1.0)
     y = np.arcsinh(img / noise)
-    lo, hi = np.percentile(y, 1.0), np.percentile(y, q)
+    lo, hi = np.percentile(y, 25.0), np.percentile(y, q)  # sky at dark grey, noise mostly below it
     return np.clip((y - lo) / max(hi - lo, 1e-12), 0, 1)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..catalog import CatalogColumns
 from ..config import load_config, to_dict
-from ..dataset import DatasetConfig, build_galaxy_sets
+from ..dataset import DatasetConfig, build_galaxy_sets, clean_neighbours
 from ..errors import InputError
 from ..provenance import provenance
 from ..shards import write_shards
@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
             "columns": to_dict(columns)}
     out = args.out.rstrip("/")
     for part, gs in (("train", train), ("test", test)):
+        if gs and cfg.clean_neighbours:
+            gs, replaced = clean_neighbours(gs, seed=cfg.seed)
+            info[f"cleaned_pixels_{part}"] = int(replaced.sum())
         if gs:
             write_shards(gs, f"{out}/{part}", metadata={**meta, "part": part})
     print_json({k: info[k] for k in ("selection_counts", "dec_split_deg", "n_train", "n_test", "cutout_counts")}
