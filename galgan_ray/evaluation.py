@@ -355,6 +355,7 @@ def write_report(out: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    figures = plot_all(out, out_dir)  # first: it adds the SOM's errors to the report
     (out_dir / "report.json").write_text(json.dumps(out["report"], indent=2, sort_keys=True, default=_json_default))
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -365,7 +366,7 @@ def write_report(out: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:
         table[f"n_peaks_{row}"] = np.asarray(out["n_peaks"][row])
     pq.write_table(pa.table(table), out_dir / "blend_outcomes.parquet")
     written = {"report": str(out_dir / "report.json"), "outcomes": str(out_dir / "blend_outcomes.parquet")}
-    written.update(plot_all(out, out_dir))
+    written.update(figures)
     return written
 
 

@@ -65,6 +65,21 @@ def _fit_at(images_lr, sigma_lr, peaks_lr, psf_mix, config, scale):
     return [res["flux"][i, : len(p)] for i, p in enumerate(peaks_lr)], res
 
 
+def _stamp_mags(sources: Mapping[str, np.ndarray], blend_ids: np.ndarray, s_max: int) -> np.ndarray:
+    """(N, S) AB magnitudes of each galaxy's flux as placed in the HR blend image (band 0)."""
+    row_of = {int(b): i for i, b in enumerate(blend_ids)}
+    out = np.full((len(blend_ids), s_max), np.nan)
+    flux = np.asarray(sources["flux_stamp_njy"], float)
+    flux = flux[:, 0] if flux.ndim > 1 else flux
+    fill = np.zeros(len(blend_ids), dtype=int)
+    for b, f in zip(sources["blendId"], flux):
+        i = row_of.get(int(b))
+        if i is not None and fill[i] < s_max:
+            out[i, fill[i]] = f
+            fill[i] += 1
+    return _mag(out)
+
+
 def improvement(d_low: np.ndarray, d_enh: np.ndarray) -> dict[str, float]:
     """RMS and NMAD of two sets of magnitude errors and their ratios (low / enhanced)."""
     out = {"rms_low": _rms(d_low), "rms_enhanced": _rms(d_enh), "nmad_low": nmad(d_low),
@@ -136,8 +151,16 @@ def fit_error_model(mag_in: np.ndarray, dmag: np.ndarray, *, max_points: int = 8
 
 
 def evaluate_photometry(out: Mapping[str, Any], *, headline: str = "enhanced", config: PhotometryConfig | None = None,
-                        max_blends: int | None = None, assoc_radius_arcsec: float = 1.0) -> dict[str, Any]:
+                        max_blends: int | None = None, assoc_radius_arcsec: float = 1.0,
+                        input_flux: str = "stamp") -> dict[str, Any]:
     """Fig. 7 on a benchmark result from :func:`galgan_ray.evaluation.evaluate`.
+
+    ``input_flux`` chooses the input magnitudes: ``"stamp"`` (default) is each galaxy's light as
+    placed in the high-resolution blend image (its pixel sum, at its true position); ``"gmm_hr"`` is
+    the Gaussian-mixture fit of the high-resolution image with its PSF at the true positions. On the
+    simulated bulge + disk + knots galaxies a single-profile fit at 0.06"/px misses ~27% of the
+    light (exponential) or adds ~27% (de Vaucouleurs), a model error larger than the blending
+    effect being measured, so the stamp flux is the reference; both are reported.
 
     Each fitted source is associated one-to-one (Hungarian) with a true galaxy within
     ``assoc_radius_arcsec``: where the low resolution sees one peak for two galaxies, that peak's
@@ -165,7 +188,9 @@ def evaluate_photometry(out: Mapping[str, Any], *, headline: str = "enhanced", c
     # 1. Input magnitudes: the high-resolution image, its PSF, the true positions.
     inp = measure_input_fluxes(bb["image_hr"][:n, 0], centres=truth_hr, psf_mixture=psf_hr_mix,
                                noise_sigma=bb["sigma_hr"][:n, 0], pixel_scale_arcsec=scale_hr, config=config)
-    mag_in = np.where(np.isfinite(truth_hr[..., 0]), inp["mag"], np.nan)
+    mag_gmm_hr = np.where(np.isfinite(truth_hr[..., 0]), inp["mag"], np.nan)
+    mag_stamp = _stamp_mags(out["sources"], np.asarray(bb["blendId"])[:n], truth_hr.shape[1])
+    mag_in = mag_stamp if input_flux == "stamp" else mag_gmm_hr
 
     def peaks_lr_of(row):
         p = out["peaks"][row]
@@ -198,7 +223,8 @@ def evaluate_photometry(out: Mapping[str, Any], *, headline: str = "enhanced", c
             return dom
         return np.concatenate([dom, d[rows_, secondary][sel]])
 
-    report: dict[str, Any] = {"n_blends": int(n), "n_subset_low1_enh2": int(subset.sum()),
+    report: dict[str, Any] = {"n_blends": int(n), "n_subset_low1_enh2": int(subset.sum()), "input_flux": input_flux,
+                              "gmm_hr_minus_stamp_mag_median": float(np.nanmedian(mag_gmm_hr - mag_stamp)),
                               "assoc_radius_arcsec": float(max(out["report"]["spec"]["match_radius_arcsec"],
                                                                assoc_radius_arcsec)),
                               "config": {k: getattr(config, k) for k in ("model", "mode", "allow_shift_px")}}
