@@ -281,10 +281,12 @@ def plot_photometry(ph: Mapping[str, Any], path: str | Path) -> Path:
     axes[1].axhline(0, color="k", lw=1)
     axes[1].set_xlabel("input magnitude")
     axes[1].set_ylabel("measured - input [mag]")
-    axes[1].legend(fontsize=8)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=8)
     axes[2].set_xlabel("input magnitude")
     axes[2].set_ylabel("dmag: median and 68% half-width")
-    axes[2].legend(fontsize=7)
+    if axes[2].get_legend_handles_labels()[0]:
+        axes[2].legend(fontsize=7)
     f = rep["all.dominant"]
     fig.suptitle(f"dominant source: RMS {f['rms_low']:.3f} -> {f['rms_enhanced']:.3f} mag "
                  f"(x{f['rms_factor']:.1f}), NMAD {f['nmad_low']:.3f} -> {f['nmad_enhanced']:.3f} (x{f['nmad_factor']:.1f})",
