@@ -26,7 +26,7 @@ from .shards import read_shards, write_shards
 
 __all__ = ["BandsConfig", "DatasetConfig", "band_from_key", "make_sky_tiles", "build_galaxy_sets",
            "real_galaxy_set", "make_blend_set", "make_training_pairs", "concat_batches", "write_blend_set",
-           "read_blend_set", "take_rows", "clean_neighbours"]
+           "read_blend_set", "take_rows", "clean_neighbours", "simulated_galaxy_sets"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,15 @@ def make_sky_tiles(config: DatasetConfig, out_dir: str | Path) -> list[dict[str,
                         bands=config.bands.high_names, reference_band=config.bands.high_names[0])
         tiles.append(write_sky(sky, Path(out_dir) / f"tile_{k:03d}"))
     return tiles
+
+
+def simulated_galaxy_sets(config: DatasetConfig, *, work_dir: str | Path
+                          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """Simulated sky tiles written under ``work_dir/sky``, then :func:`build_galaxy_sets` with the
+    config's bands, selection and test fraction (cutouts not yet cleaned of neighbours)."""
+    tiles = make_sky_tiles(config, Path(work_dir) / "sky")
+    return build_galaxy_sets(tiles, bands=config.bands, selection=config.selection,
+                             test_fraction=config.test_fraction)
 
 
 def _read_mosaic_wcs(path: str | Path):

@@ -18,8 +18,8 @@ import numpy as np
 from .blends import BlendConfig
 from .catalog import SelectionConfig
 from .config import to_dict
-from .dataset import (BandsConfig, DatasetConfig, build_galaxy_sets, clean_neighbours, concat_batches,
-                      make_sky_tiles, real_galaxy_set)
+from .dataset import (BandsConfig, DatasetConfig, clean_neighbours, concat_batches, real_galaxy_set,
+                      simulated_galaxy_sets)
 from .detect import DetectConfig, find_peaks_batch
 from .figures import truth_positions
 from .matching import match_peaks_batch
@@ -112,8 +112,7 @@ def benchmark_galaxies(spec: EvalSpec, *, work_dir: str | Path, real_galaxies: s
     else:
         ds = DatasetConfig(seed=spec.seed, bands=spec.bands, sky_size_arcsec=spec.sky_size_arcsec,
                            n_sky_tiles=spec.n_sky_tiles, selection=spec.selection, test_fraction=0.5)
-        tiles = make_sky_tiles(ds, Path(work_dir) / "sky")
-        train, test, binfo = build_galaxy_sets(tiles, bands=spec.bands, selection=spec.selection, test_fraction=0.5)
+        train, test, binfo = simulated_galaxy_sets(ds, work_dir=work_dir)
         galaxies = concat_batches([g for g in (train, test) if g])
         info = {"source": "simulated sky", "n_galaxies": int(len(galaxies["image_hr"])),
                 "selection_counts": binfo["selection_counts"], "band_configs": binfo["band_configs"]}

@@ -18,8 +18,7 @@ from .blends import BlendConfig
 from .catalog import SelectionConfig
 from .checkpoint import save_checkpoint
 from .config import to_dict
-from .dataset import (BandsConfig, DatasetConfig, build_galaxy_sets, clean_neighbours, make_sky_tiles,
-                      make_training_pairs)
+from .dataset import BandsConfig, DatasetConfig, clean_neighbours, make_training_pairs, simulated_galaxy_sets
 from .errors import ConfigError
 from .models import DCGANConfig, SRGANConfig
 from .provenance import provenance
@@ -119,8 +118,7 @@ def make_training_data(cfg: TrainDataConfig, *, work_dir: str | Path) -> tuple[d
     ds = DatasetConfig(seed=cfg.seed, bands=cfg.bands, sky_size_arcsec=cfg.sky_size_arcsec,
                        n_sky_tiles=cfg.n_sky_tiles, selection=cfg.selection, test_fraction=cfg.test_fraction)
     t0 = time.perf_counter()
-    tiles = make_sky_tiles(ds, Path(work_dir) / "sky")
-    train, _, info = build_galaxy_sets(tiles, bands=cfg.bands, selection=cfg.selection, test_fraction=cfg.test_fraction)
+    train, _, info = simulated_galaxy_sets(ds, work_dir=work_dir)
     if cfg.clean_neighbours:
         train, replaced = clean_neighbours(train, seed=cfg.seed)
         info["cleaned_pixels_median"] = float(np.median(replaced))

@@ -118,7 +118,8 @@ def _plot_binned(panels: dict[str, dict], names: tuple[str, ...], *, path: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from galgan_ray.ray_shell.field import FieldComputeConfig, StorageConfig, init_ray, read_run_dataset
+    from galgan_ray.ray_shell.field import (FieldComputeConfig, StorageConfig, figures_dir, init_ray,
+                                             read_run_dataset)
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", nargs="?", default="output", help="output URL of a field run (default ./output)")
@@ -127,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint of the run's storage")
     args = p.parse_args(argv)
     storage = StorageConfig(endpoint_url=args.endpoint_url)
-    local = "://" not in args.run or args.run.startswith("file://")
-    fig_dir = Path(args.figures or (Path(args.run.replace("file://", "")) / "figures" if local else "figures"))
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    fig_dir = figures_dir(args.run, args.figures)
     init_ray(FieldComputeConfig())
     stats: dict = {"run": args.run}
     written: list[Path] = []

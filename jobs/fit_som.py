@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -37,7 +36,8 @@ def _auto_shape(n: int) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from galgan_ray.ray_shell.field import FieldComputeConfig, StorageConfig, init_ray, read_run_dataset
+    from galgan_ray.ray_shell.field import (FieldComputeConfig, StorageConfig, figures_dir, init_ray,
+                                             read_run_dataset)
     from galgan_ray.som import SOMConfig, fit_som
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     storage = StorageConfig(endpoint_url=args.endpoint_url)
-    local = "://" not in args.run or args.run.startswith("file://")
-    fig_dir = Path(args.figures or (Path(args.run.replace("file://", "")) / "figures" if local else "figures"))
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    fig_dir = figures_dir(args.run, args.figures)
     init_ray(FieldComputeConfig())
 
     ds = read_run_dataset(args.run, what="blends", storage=storage, columns=PARAMS + OUTCOMES)

@@ -44,6 +44,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import fsspec
@@ -60,7 +61,7 @@ from ..field import FieldConfig, ModelGrid
 from ..photometry import PhotometryComputeConfig
 from ..tiles import FieldSimConfig
 
-__all__ = ["StorageConfig", "FieldComputeConfig", "FieldJobConfig", "TileDatasource", "DegradeStage",
+__all__ = ["figures_dir", "StorageConfig", "FieldComputeConfig", "FieldJobConfig", "TileDatasource", "DegradeStage",
            "FootprintStage", "EnhanceStage", "DetectStage", "PhotometerStage", "commit_tiles", "build_pipeline",
            "run_field", "resolve_model_grid", "format_summary", "init_ray", "read_catalog", "read_run_dataset",
            "run_files", "ROW_COLUMNS"]
@@ -939,6 +940,15 @@ def run_files(output: str, *, what: str = "catalog", storage: StorageConfig = St
                  for p in fs.glob(posixpath.join(path, "catalog", "tile=*", "_COMMITTED"))}
     return sorted(p for p in fs.glob(posixpath.join(path, what, "tile=*", "part-0.parquet"))
                   if posixpath.basename(posixpath.dirname(p)) in committed)
+
+
+def figures_dir(run: str, figures: str | None = None) -> Path:
+    """Where an aggregation job writes its PNGs: ``figures`` if given, else ``RUN/figures`` for a
+    local run and ``./figures`` for a run on object storage (created)."""
+    local = "://" not in run or run.startswith("file://")
+    out = Path(figures or (Path(run.replace("file://", "")) / "figures" if local else "figures"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def read_run_dataset(output: str, *, what: str = "catalog", storage: StorageConfig = StorageConfig(),
