@@ -52,7 +52,8 @@ from .models import SRGANConfig, postprocess, prepare_batch
 from .psf import draw_psf, measure_fwhm, normalize_psf
 
 __all__ = ["DEFAULT_MODELS", "default_checkpoint", "resolve_model", "Enhancer", "enhance_image",
-           "estimate_noise_sigma", "model_available", "NAMED_MODELS", "PSF_MATCH_TOLERANCE", "PSF_BROADER_WARN"]
+           "estimate_noise_sigma", "model_available", "NAMED_MODELS", "PSF_MATCH_TOLERANCE", "PSF_BROADER_WARN",
+           "PIXEL_SCALE_MAX_RATIO"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,10 @@ _MODEL_ALIASES: dict[str, int] = {"default": 1, "default-1band": 1, "default-7ba
 PSF_MATCH_TOLERANCE = 0.01
 #: A PSF broader than the model's by more than this fraction gets a warning (it cannot be undone).
 PSF_BROADER_WARN = 0.10
+#: An image whose pixel scale differs from the model's input scale by more than this factor is refused:
+#: resampling it is no longer an enhancement (and a WCS in the wrong units, e.g. CDELT in arcsec read
+#: as degrees, would ask for an output of millions of pixels a side).
+PIXEL_SCALE_MAX_RATIO = 10.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +179,9 @@ class Enhancer:
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.generator, self.meta = load_checkpoint(self.checkpoint, device=self.device)
+        # channels_last: oneDNN (CPU) and cuDNN run these convolutions without layout reorders around
+        # every layer (bench/bench_enhance.py measures it; outputs agree to ~1e-7).
+        self.generator = self.generator.to(memory_format=torch.channels_last)
         target = self.meta.get("path", self.checkpoint)
         cfg = self.generator.cfg
         if not isinstance(cfg, SRGANConfig):
@@ -250,7 +258,8 @@ class Enhancer:
             for i in range(0, arr.shape[0], self.batch_size):
                 j = min(i + self.batch_size, arr.shape[0])
                 x, _ = prepare_batch(arr[i:j], None, sig[i:j], scaling, device=self.device)
-                y = postprocess(self.generator(x).float(), sig[i:j], scaling)
+                x = x.contiguous(memory_format=torch.channels_last)
+                y = postprocess(self.generator(x).float().contiguous(), sig[i:j], scaling)
                 out[i:j] = y.cpu().numpy()
         return out
 
@@ -507,8 +516,9 @@ def enhance_image(image, wcs: WCS, *, enhancer: Enhancer, sigma: float | Sequenc
     Raises
     ------
     InputError
-        Naming ``source``: wrong rank or band count, no finite pixels, no celestial WCS, a PSF of the
-        wrong shape, a noiseless image without ``sigma``.
+        Naming ``source``: wrong rank or band count, no finite pixels, a band of zeros, no celestial
+        WCS, a pixel scale more than :data:`PIXEL_SCALE_MAX_RATIO` from the model's, a PSF of the
+        wrong shape or with non-finite pixels, a noiseless image without ``sigma``.
     """
     from scipy.signal import fftconvolve
 
@@ -529,11 +539,19 @@ def enhance_image(image, wcs: WCS, *, enhancer: Enhancer, sigma: float | Sequenc
         raise InputError(source, "has no finite pixels (all NaN/inf)")
     n_nonfinite = int((~finite).sum())
     arr = np.where(finite, arr, 0.0)
+    for b in range(n_bands):  # a real exposure has noise: an all-zero plane is empty or unfilled
+        if not np.any(arr[b]):
+            raise InputError(source, f"all pixels are zero in band {b} ({enhancer.band_keys_low[b]}): an empty "
+                                     f"or unfilled image, nothing to enhance")
     wcs_in = _celestial_wcs(wcs, source)
     if not 1 <= overlap_px <= cfg.lr_size // 2:
         raise InputError("overlap_px", f"must be in 1..{cfg.lr_size // 2}, got {overlap_px}")
     scale_in = pixel_scale_of(wcs_in)
     s_lr, s_hr = enhancer.pixel_scale_low_arcsec, enhancer.pixel_scale_high_arcsec
+    if not (np.isfinite(scale_in) and s_lr / PIXEL_SCALE_MAX_RATIO <= scale_in <= s_lr * PIXEL_SCALE_MAX_RATIO):
+        raise InputError(source, f"wrong pixel scale for the model: the WCS gives {scale_in:.4g}\"/px, more than "
+                                 f"{PIXEL_SCALE_MAX_RATIO:g}x from the model's {s_lr}\"/px input (CD/CDELT in the "
+                                 f"wrong units?)")
 
     # ---- 1. resample onto the model's LR grid
     wcs_lr = _lr_grid(wcs_in, arr.shape[1:], s_lr)

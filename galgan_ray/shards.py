@@ -123,7 +123,10 @@ def write_shards(batch: Mapping[str, np.ndarray], url: str, *, metadata: Mapping
 
 def list_shards(url: str, *, storage_options: Mapping | None = None) -> list[str]:
     """Parquet files under ``url`` (a file, a directory or a glob), sorted, as full URLs."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ValueError as exc:  # e.g. "Protocol not known: nonexistentproto"
+        raise InputError(url, f"unreadable URL: {exc}") from None
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     prefix = "" if protocol in ("file", "local") else f"{protocol}://"
     if any(ch in path for ch in "*?["):
@@ -147,7 +150,7 @@ def read_table(url: str, *, storage_options: Mapping | None = None) -> pa.Table:
     except FileNotFoundError as exc:
         raise InputError(url, "no such file") from exc
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(url, f"not a readable Parquet file ({exc})") from exc
+        raise InputError(url, f"not a readable Parquet file (truncated or corrupt?): {exc}") from exc
 
 
 def iter_shards(url: str, *, storage_options: Mapping | None = None) -> Iterator[tuple[dict, dict]]:

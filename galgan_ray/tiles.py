@@ -26,9 +26,11 @@ primary     header only: ``TILEID`` (int, unique in the field), ``BANDS`` (comma
 
 :func:`read_tile` parses the bytes of such a file and checks everything the pipeline relies on;
 every problem raises :class:`~galgan_ray.errors.InputError` naming the file and the problem
-(corrupt or truncated FITS, missing extension, NaNs, missing WCS or PSF, shape mismatches,
-variance <= 0, band count). Tiles can also come as Parquet shards (one row per tile,
-:func:`write_tiles_parquet`), in the column layout of :mod:`galgan_ray.shards`.
+(corrupt or truncated FITS, missing extension, NaNs, all-zero bands, missing WCS, missing or
+non-finite PSF, shape mismatches, variance <= 0, band count). Tiles can also come as Parquet files
+(one row per tile, :func:`write_tiles_parquet`); :func:`read_tile_source` checks their rows the same
+way and names a truncated file. Whether a tile suits the model (bands, pixel scale) is checked by
+:func:`galgan_ray.field.check_tile`.
 
 :func:`make_simulated_field` draws one CANDELS-like HST mosaic (:mod:`galgan_ray.sky`) over the
 whole field and cuts it into overlapping high-resolution tiles that carry their truth catalog; the
@@ -49,8 +51,8 @@ import numpy as np
 from .errors import ConfigError, InputError
 
 __all__ = ["Tile", "FieldSimConfig", "read_tile", "tile_to_fits_bytes", "write_tile", "list_tile_sources",
-           "read_tile_source", "write_tiles_parquet", "pack_arrays", "unpack_arrays", "pack_tile", "unpack_tile",
-           "make_simulated_field", "TRUTH_COLUMNS"]
+           "read_tile_source", "read_url_bytes", "write_tiles_parquet", "pack_arrays", "unpack_arrays", "pack_tile",
+           "unpack_tile", "make_simulated_field", "TRUTH_COLUMNS"]
 
 #: Columns of a tile's truth table (simulated tiles).
 TRUTH_COLUMNS: tuple[str, ...] = ("truthId", "ra", "dec", "x", "y", "mag", "flux_njy", "hlr_arcsec",
@@ -177,6 +179,87 @@ def _bands_of(header, n: int, source: str) -> tuple[str, ...]:
     return bands
 
 
+def _check_pixels(image: np.ndarray, var: np.ndarray, mask: np.ndarray, *, bands: Sequence[str], source: str,
+                  vname: str = "VARIANCE") -> np.ndarray:
+    """The usable pixels (``mask == 0``) after checking them; raises naming ``source`` and the problem.
+
+    Unmasked pixels must be finite with a finite variance > 0, some pixel must be unmasked, and
+    no band may be all zeros: a real exposure has noise, so an all-zero plane is an empty or unfilled
+    one (a missing band written as zeros), not data -- it would give an empty catalog, not a failure.
+    """
+    good = mask == 0
+    bad_img = good & ~np.isfinite(image)
+    if bad_img.any():
+        raise InputError(source, f"IMAGE has {int(bad_img.sum())} non-finite (NaN/inf) unmasked pixel(s)")
+    bad_var = good & ~(np.isfinite(var) & (var > 0))
+    if bad_var.any():
+        raise InputError(source, f"{vname} has {int(bad_var.sum())} unmasked pixel(s) with variance <= 0 or "
+                                 f"non-finite")
+    if not good.any():
+        raise InputError(source, "every pixel is masked")
+    for b, band in enumerate(bands):
+        if not np.any(np.where(good[b], image[b], 0.0)):
+            raise InputError(source, f"all pixels are zero in band {band} (an empty or unfilled exposure: "
+                                     f"a real one has noise)")
+    return good
+
+
+def _check_psf(psf: np.ndarray, n_bands: int, source: str) -> np.ndarray:
+    """PSF planes ``(n_bands, P, P)``, float64, unit sum; raises naming ``source`` and the problem."""
+    psf = _planes(psf, "PSF", source).astype(np.float64)
+    if psf.shape[0] not in (1, n_bands):
+        raise InputError(source, f"PSF has {psf.shape[0]} planes for {n_bands} band(s)")
+    if psf.shape[1] != psf.shape[2] or psf.shape[1] % 2 == 0:
+        raise InputError(source, f"PSF planes must be square with odd sides, got {psf.shape[1:]}")
+    from .psf import normalize_psf
+
+    return np.stack([normalize_psf(p, source=source) for p in np.broadcast_to(psf, (n_bands,) + psf.shape[1:])])
+
+
+def _check_pixel_scale(wcs, source: str) -> float:
+    """The mean pixel scale of a celestial WCS (arcsec), or InputError when it has none that is usable."""
+    try:
+        from .geometry import pixel_scale_of
+
+        scale = pixel_scale_of(wcs)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(source, f"the IMAGE WCS has no usable pixel scale: {exc}") from None
+    if not (np.isfinite(scale) and scale > 0):
+        raise InputError(source, f"the IMAGE WCS gives a pixel scale of {scale}\"")
+    return float(scale)
+
+
+def _validate_tile(tile: Tile) -> Tile:
+    """Check a tile that did not come through :func:`read_tile` (a Parquet row) the same way.
+
+    Raises
+    ------
+    InputError
+        Naming ``tile.source``: arrays of the wrong rank or shapes, a band list that does not match the
+        planes, non-finite or all-zero pixels, a variance <= 0, a bad PSF, or no celestial WCS.
+    """
+    source = tile.source
+    image = _planes(tile.image, "IMAGE", source)
+    c = image.shape[0]
+    var, mask = np.asarray(tile.variance), np.asarray(tile.mask)
+    for name, arr in (("VARIANCE", var), ("MASK", mask)):
+        if arr.shape != image.shape:
+            raise InputError(source, f"{name} shape {arr.shape} differs from IMAGE shape {image.shape}")
+    if len(tile.bands) != c:
+        raise InputError(source, f"BANDS lists {len(tile.bands)} band(s) {list(tile.bands)} but IMAGE has "
+                                 f"{c} plane(s)")
+    _check_pixels(image, var, mask, bands=tile.bands, source=source)
+    tile.psf = _check_psf(tile.psf, c, source)
+    try:
+        has_celestial = tile.wcs.has_celestial and tile.wcs.naxis == 2
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(source, f"the tile holds an unreadable WCS: {exc}") from None
+    if not has_celestial:
+        raise InputError(source, "no celestial WCS (CTYPE/CRVAL/CRPIX/CD keywords)")
+    _check_pixel_scale(tile.wcs, source)
+    return tile
+
+
 def _truth_from_table(table, source: str) -> dict[str, np.ndarray]:
     missing = [c for c in TRUTH_COLUMNS if c not in table.colnames]
     if missing:
@@ -204,7 +287,8 @@ def read_tile(data: bytes, *, source: str) -> Tile:
         ``"<source>: <problem>"`` for a corrupt or truncated file, a missing ``IMAGE``,
         ``VARIANCE``/``WEIGHT`` or ``PSF`` extension, a missing ``TILEID``, no celestial WCS in the
         ``IMAGE`` header, planes of different shapes, non-finite unmasked pixels, a variance <= 0 in
-        an unmasked pixel, or a band list that does not match the planes.
+        an unmasked pixel, a band whose pixels are all zero, a PSF that is not finite, or a band list
+        that does not match the planes.
     """
     import warnings
 
@@ -264,14 +348,7 @@ def read_tile(data: bytes, *, source: str) -> Tile:
     if not wcs.has_celestial:
         raise InputError(source, "no celestial WCS in the IMAGE header (CTYPE/CRVAL/CRPIX/CD keywords)")
     wcs = wcs.celestial
-    try:
-        from .geometry import pixel_scale_of
-
-        scale = pixel_scale_of(wcs)
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(source, f"the IMAGE WCS has no usable pixel scale: {exc}") from None
-    if not (np.isfinite(scale) and scale > 0):
-        raise InputError(source, f"the IMAGE WCS gives a pixel scale of {scale}\"")
+    _check_pixel_scale(wcs, source)
 
     # Units: nJy per pixel, or converted with the zero point.
     bunit = str(header.get("BUNIT", "nJy")).strip()
@@ -309,28 +386,13 @@ def read_tile(data: bytes, *, source: str) -> Tile:
 
     image = image.astype(np.float64) * factor
     var = var * factor**2
-    good = mask == 0
-    bad_img = good & ~np.isfinite(image)
-    if bad_img.any():
-        raise InputError(source, f"IMAGE has {int(bad_img.sum())} non-finite (NaN/inf) unmasked pixel(s)")
-    bad_var = good & ~(np.isfinite(var) & (var > 0))
-    if bad_var.any():
-        raise InputError(source, f"{vname} has {int(bad_var.sum())} unmasked pixel(s) with variance <= 0 or non-finite")
-    if not good.any():
-        raise InputError(source, "every pixel is masked")
+    good = _check_pixels(image, var, mask, bands=bands, source=source, vname=vname)
     image = np.where(good & np.isfinite(image), image, 0.0).astype(np.float32)
     var = np.where(good, var, np.inf).astype(np.float32)
 
     if arrays.get("PSF") is None:
         raise InputError(source, "no PSF extension")
-    psf = _planes(arrays["PSF"], "PSF", source).astype(np.float64)
-    if psf.shape[0] not in (1, c):
-        raise InputError(source, f"PSF has {psf.shape[0]} planes for {c} band(s)")
-    if psf.shape[1] != psf.shape[2] or psf.shape[1] % 2 == 0:
-        raise InputError(source, f"PSF planes must be square with odd sides, got {psf.shape[1:]}")
-    from .psf import normalize_psf
-
-    psf = np.stack([normalize_psf(p, source=f"{source} PSF") for p in np.broadcast_to(psf, (c,) + psf.shape[1:])])
+    psf = _check_psf(arrays["PSF"], c, source)
 
     inner = (-0.5, w - 0.5, -0.5, h - 0.5)
     keys = ("INNRX0", "INNRX1", "INNRY0", "INNRY1")
@@ -478,45 +540,139 @@ def _protocol_prefix(fs) -> str:
     return "" if protocol in ("file", "local") else f"{protocol}://"
 
 
+def _parquet_rows(fs, path: str) -> int | None:
+    """Rows of a Parquet file of tiles, or None when it cannot be read (kept as one source, which then
+    becomes a failure row naming the problem instead of stopping the listing)."""
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(path, "rb") as fh:
+            return int(pq.ParquetFile(fh).metadata.num_rows)
+    except Exception:  # noqa: BLE001 - missing, truncated, not Parquet: reported when read
+        return None
+
+
 def list_tile_sources(urls: str | Sequence[str], *, storage_options: Mapping | None = None) -> list[str]:
     """Tile sources under ``urls`` (files, directories, globs), sorted and de-duplicated.
 
     FITS files are one source each; a Parquet file of tiles gives ``url#row=i`` per row. A URL
-    that names a file which does not exist is kept (it becomes a failure row when read), a
-    directory or glob that matches nothing is an error.
+    that cannot be read -- a file which does not exist, an unknown protocol, a truncated Parquet
+    file -- is kept as it is (it becomes a failure row when read); a directory or glob that matches
+    nothing is an error.
 
     Returns
     -------
     list of str
     """
-    import pyarrow.parquet as pq
-
     if isinstance(urls, str):
         urls = [urls]
     out: list[str] = []
     for url in urls:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except Exception:  # noqa: BLE001 - unknown protocol or options: kept, fails when read
+            out.append(url)
+            continue
         prefix = _protocol_prefix(fs)
         full = lambda p: p if (not prefix or p.startswith(prefix)) else prefix + p  # noqa: E731
         if any(ch in path for ch in "*?["):
-            found = sorted(fs.glob(path))
+            try:
+                found = sorted(fs.glob(path))
+            except FileNotFoundError:
+                found = []
             if not found:
                 raise InputError(url, "matches no files")
-        elif fs.isdir(path):
-            found = sorted(p for p in fs.find(path) if p.lower().endswith(_FITS_EXT + (".parquet",))
-                           and not posixpath.basename(p).startswith((".", "_")))
-            if not found:
-                raise InputError(url, "holds no tile files (*.fits, *.parquet)")
         else:
-            found = [path]
+            try:
+                is_dir = fs.isdir(path)
+            except Exception:  # noqa: BLE001 - an unreachable store: kept, fails when read
+                is_dir = False
+            if is_dir:
+                found = sorted(p for p in fs.find(path) if p.lower().endswith(_FITS_EXT + (".parquet",))
+                               and not posixpath.basename(p).startswith((".", "_")))
+                if not found:
+                    raise InputError(url, "holds no tile files (*.fits, *.parquet)")
+            else:
+                found = [path]
         for p in found:
-            if p.lower().endswith(".parquet") and fs.exists(p):
-                with fs.open(p, "rb") as fh:
-                    n = pq.ParquetFile(fh).metadata.num_rows
+            n = _parquet_rows(fs, p) if p.lower().endswith(".parquet") else None
+            if n is not None:
                 out += [f"{full(p)}#row={i}" for i in range(n)]
             else:
                 out.append(url if p == path else full(p))
     return sorted(dict.fromkeys(out))
+
+
+def _url_error(source: str, exc: BaseException) -> InputError:
+    """The InputError for a URL that cannot be opened: missing, unknown protocol, network, permissions."""
+    if isinstance(exc, FileNotFoundError):
+        # A local ENOENT names the path again; an object store says what is missing (key or bucket).
+        detail = "" if getattr(exc, "filename", None) else f": {exc}"
+        return InputError(source, f"no such file (unreadable URL){detail}")
+    protocol = source.split("://", 1)[0] if "://" in source else None
+    if protocol and protocol not in fsspec.available_protocols():
+        return InputError(source, f"unreadable URL: unknown protocol {protocol!r} (not an fsspec filesystem)")
+    return InputError(source, f"unreadable URL: {type(exc).__name__}: {exc}")
+
+
+def read_url_bytes(url: str, *, storage_options: Mapping | None = None) -> bytes:
+    """The whole file at a local path or fsspec URL.
+
+    Raises
+    ------
+    InputError
+        Naming ``url``: no such file (or bucket), an unknown protocol, or any error opening it.
+    """
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as fh:
+            return fh.read()
+    except Exception as exc:  # noqa: BLE001 - network, permissions, bad protocol
+        raise _url_error(url, exc) from None
+
+
+def _read_parquet_row(source: str, storage_options: Mapping | None) -> Tile:
+    import pyarrow.parquet as pq
+
+    url, row = source.rsplit("#row=", 1) if "#row=" in source else (source, None)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fh = fs.open(path, "rb")
+    except Exception as exc:  # noqa: BLE001
+        raise _url_error(source, exc) from None
+    with fh:
+        try:
+            pf = pq.ParquetFile(fh)
+            n = pf.metadata.num_rows
+        except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError, ...
+            raise InputError(source, f"not a readable Parquet file (truncated or corrupt?): "
+                                     f"{type(exc).__name__}: {exc}") from None
+        if row is None:
+            raise InputError(source, f"a Parquet file of {n} tile row(s); name one row as URL#row=i "
+                                     f"(list_tile_sources does)")
+        try:
+            i = int(row)
+        except ValueError:
+            raise InputError(source, f"row {row!r} is not an integer") from None
+        if not 0 <= i < n:
+            raise InputError(source, f"row {i} does not exist: the file has {n} row(s)")
+        try:  # only the row group that holds row i
+            first = 0
+            for k in range(pf.metadata.num_row_groups):
+                n_k = pf.metadata.row_group(k).num_rows
+                if i < first + n_k:
+                    break
+                first += n_k
+            data = pf.read_row_group(k, columns=["tile"]).column("tile")[i - first].as_py()
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(source, f"not a readable Parquet file of tiles (truncated or corrupt?): "
+                                     f"{type(exc).__name__}: {exc}") from None
+    try:
+        tile, _, _ = unpack_tile(data)
+    except Exception as exc:  # noqa: BLE001 - not pack_tile bytes
+        raise InputError(source, f"the tile column does not hold a packed tile: "
+                                 f"{type(exc).__name__}: {exc}") from None
+    tile.source = source
+    return _validate_tile(tile)
 
 
 def read_tile_source(source: str, *, storage_options: Mapping | None = None) -> Tile:
@@ -525,29 +681,13 @@ def read_tile_source(source: str, *, storage_options: Mapping | None = None) -> 
     Raises
     ------
     InputError
-        Naming ``source``: unreadable URL, or any problem :func:`read_tile` finds.
+        Naming ``source``: an unreadable URL (no such file or bucket, unknown protocol), a truncated
+        or corrupt Parquet file, or any problem :func:`read_tile` finds (Parquet rows are checked
+        the same way).
     """
-    if "#row=" in source:
-        import pyarrow.parquet as pq
-
-        url, row = source.rsplit("#row=", 1)
-        try:
-            with fsspec.open(url, "rb", **(storage_options or {})) as fh:
-                table = pq.read_table(fh, columns=["tile"])
-            data = table.column("tile")[int(row)].as_py()
-            tile, _, _ = unpack_tile(data)
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(source, f"cannot read the tile row: {type(exc).__name__}: {exc}") from None
-        tile.source = source
-        return tile
-    try:
-        with fsspec.open(source, "rb", **(storage_options or {})) as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise InputError(source, "no such file (unreadable URL)") from None
-    except Exception as exc:  # noqa: BLE001 - network, permissions, bad protocol
-        raise InputError(source, f"cannot read the URL: {type(exc).__name__}: {exc}") from None
-    return read_tile(data, source=source)
+    if "#row=" in source or source.lower().endswith(".parquet"):
+        return _read_parquet_row(source, storage_options)
+    return read_tile(read_url_bytes(source, storage_options=storage_options), source=source)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ def test_input_errors_name_the_source(enhancer):
     with pytest.raises(InputError, match="nan.fits: has no finite pixels"):
         enhance_image(np.full((30, 30), np.nan), wcs, enhancer=enhancer, source="nan.fits")
     with pytest.raises(InputError, match="noiseless"):
-        enhance_image(np.zeros((30, 30)), wcs, enhancer=enhancer)
+        enhance_image(np.ones((30, 30)), wcs, enhancer=enhancer)  # all zeros is refused earlier (tests/test_bad_input.py)
     with pytest.raises(InputError, match="overlap_px"):
         enhance_image(np.ones((30, 30)), wcs, enhancer=enhancer, sigma=1.0, overlap_px=0)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import warnings
 from typing import Any
@@ -48,6 +49,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------------------------
 # I/O
 # ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _strict_fits():
+    """A context in which astropy's warning about a truncated file is an error (otherwise it only
+    warns, and the half-read array fails later with an unrelated message)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*truncated.*")
+        yield
+
+
 def _parse_indices(text: str | None, source: str) -> list[int] | None:
     if text is None:
         return None
@@ -101,7 +111,7 @@ def read_image(path: str, *, hdu: int | None = None, band_index: list[int] | Non
     from astropy.wcs import WCS, FITSFixedWarning
 
     try:
-        with fits.open(path) as hdul:
+        with _strict_fits(), fits.open(path) as hdul:
             if hdu is None:
                 idx = next((i for i, h in enumerate(hdul) if getattr(h, "data", None) is not None
                             and getattr(h, "is_image", False)), None)
@@ -116,8 +126,13 @@ def read_image(path: str, *, hdu: int | None = None, band_index: list[int] | Non
                 raise InputError(path, f"HDU {idx} holds no image")
             data = np.asarray(h.data, dtype=np.float64)
             header = h.header.copy()
-    except OSError as exc:
-        raise InputError(path, f"cannot read FITS: {exc}") from exc
+    except InputError:
+        raise
+    except FileNotFoundError as exc:
+        raise InputError(path, f"cannot read FITS: no such file ({exc.strerror})") from None
+    except Exception as exc:  # noqa: BLE001 - astropy raises OSError, TypeError, VerifyWarning... on bad files
+        raise InputError(path, f"cannot read FITS: not a readable FITS file (corrupt or truncated?): "
+                               f"{type(exc).__name__}: {exc}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)  # harmless fixes (DATE-OBS, MJD-OBS, ...)
@@ -151,14 +166,18 @@ def read_psf_planes(path: str, *, planes: list[int] | None, n_bands: int) -> np.
     from astropy.io import fits
 
     try:
-        with fits.open(path) as hdul:
-            data = next((h.data for h in hdul if getattr(h, "data", None) is not None
+        with _strict_fits(), fits.open(path) as hdul:
+            data = next((np.asarray(h.data, dtype=np.float64) for h in hdul if getattr(h, "data", None) is not None
                          and getattr(h, "is_image", False)), None)
-    except OSError as exc:
-        raise InputError(path, f"cannot read FITS: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise InputError(path, f"cannot read FITS: no such file ({exc.strerror})") from None
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(path, f"cannot read FITS: not a readable FITS file (corrupt or truncated?): "
+                               f"{type(exc).__name__}: {exc}") from None
     if data is None:
         raise InputError(path, "holds no PSF image")
-    data = np.asarray(data, dtype=np.float64)
+    if not np.all(np.isfinite(data)):
+        raise InputError(path, f"PSF has {int((~np.isfinite(data)).sum())} non-finite (NaN/inf) pixel(s)")
     if data.ndim == 2:
         return np.broadcast_to(data, (n_bands, *data.shape)).copy()
     if data.ndim == 3:

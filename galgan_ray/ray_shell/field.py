@@ -121,7 +121,8 @@ class FieldComputeConfig:
     Attributes
     ----------
     ray_address : str or None
-        Cluster to join; None: ``RAY_ADDRESS`` when set (``ray job submit``), else a local instance.
+        Cluster to join (``"auto"``, ``"HOST:PORT"``, ``"ray://..."``); None: ``RAY_ADDRESS`` when set
+        (``ray job submit``), else (or ``"local"``) a new local instance of ``num_cpus`` CPUs.
     num_cpus : int
         CPUs of a local instance.
     object_store_mb : int
@@ -303,19 +304,13 @@ def _peek_tile_id(data: bytes) -> int:
 
 
 def _read_one(source: str, storage: StorageConfig) -> dict[str, Any]:
-    from ..tiles import pack_tile, read_tile, read_tile_source
+    from ..tiles import pack_tile, read_tile, read_tile_source, read_url_bytes
 
     try:
-        if "#row=" in source:
+        if "#row=" in source or source.lower().endswith(".parquet"):  # a Parquet row, or an unlistable file
             tile = read_tile_source(source, storage_options=storage.options_for(source))
         else:
-            try:
-                with fsspec.open(source, "rb", **storage.options_for(source)) as fh:
-                    data = fh.read()
-            except FileNotFoundError:
-                raise InputError(source, "no such file (unreadable URL)") from None
-            except Exception as exc:  # noqa: BLE001 - network, permissions, protocol
-                raise InputError(source, f"cannot read the URL: {type(exc).__name__}: {exc}") from None
+            data = read_url_bytes(source, storage_options=storage.options_for(source))
             try:
                 tile = read_tile(data, source=source)
             except InputError as exc:
@@ -671,11 +666,14 @@ def init_ray(compute: FieldComputeConfig) -> bool:
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = compute.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         ray.init(address=address if compute.ray_address else "auto", log_to_driver=True)
     else:
-        ray.init(num_cpus=compute.num_cpus, object_store_memory=int(compute.object_store_mb) * 1024 * 1024,
-                 include_dashboard=False, log_to_driver=True)
+        # address="local": a new instance even where `ray start` left its address in /tmp/ray (a bare
+        # ray.init() would join that cluster, then refuse num_cpus).
+        ray.init(address="local", num_cpus=compute.num_cpus,
+                 object_store_memory=int(compute.object_store_mb) * 1024 * 1024, include_dashboard=False,
+                 log_to_driver=True)
     return True
 
 
