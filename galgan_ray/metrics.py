@@ -192,7 +192,8 @@ def false_positive_rate(n_peaks, *, n_truth=1, confidence: float = ONE_SIGMA,
     return detection_fraction(p > t, confidence=confidence, interval=interval)
 
 
-def enhancement_false_positive_rate(*, n_peaks_hr, n_peaks_lr, n_peaks_enhanced, confidence: float = ONE_SIGMA,
+def enhancement_false_positive_rate(*, n_peaks_hr, n_peaks_lr, n_peaks_enhanced, n_matched_enhanced=None,
+                                    confidence: float = ONE_SIGMA,
                                     interval: Literal["wilson", "clopper-pearson"] = "wilson") -> dict[str, float]:
     """Share of blends where HR and LR both see one peak but the enhanced image shows more.
 
@@ -203,6 +204,11 @@ def enhancement_false_positive_rate(*, n_peaks_hr, n_peaks_lr, n_peaks_enhanced,
     ----------
     n_peaks_hr, n_peaks_lr, n_peaks_enhanced : array_like
         ``(N,)`` peaks found per blend at each resolution.
+    n_matched_enhanced : array_like, optional
+        ``(N,)`` enhanced peaks matched one-to-one to a true galaxy. When given, the event is stricter:
+        more than one enhanced peak AND at least one of them matched to no galaxy (an invented peak).
+        Without it (the paper's definition) a blend whose two real galaxies are both found by the
+        enhanced image, but not by the HR image, also counts as a false positive.
     confidence, interval
         As in :func:`detection_fraction`.
 
@@ -218,7 +224,13 @@ def enhancement_false_positive_rate(*, n_peaks_hr, n_peaks_lr, n_peaks_enhanced,
     if not (len(hr) == len(lr) == len(en)):
         raise InputError("enhancement_false_positive_rate", "count arrays differ in length")
     sel = (hr == 1) & (lr == 1)
-    return detection_fraction(en[sel] > 1, confidence=confidence, interval=interval)
+    event = en > 1
+    if n_matched_enhanced is not None:
+        nm = _counts(n_matched_enhanced, "n_matched_enhanced")
+        if len(nm) != len(en):
+            raise InputError("enhancement_false_positive_rate", "count arrays differ in length")
+        event &= en > nm
+    return detection_fraction(event[sel], confidence=confidence, interval=interval)
 
 
 def detection_scores(*, n_truth, n_peaks, n_matched) -> dict[str, float]:

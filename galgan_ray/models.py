@@ -303,6 +303,23 @@ class _ResBlock(nn.Module):
         return x + self.conv2(self.act(self.conv1(x)))
 
 
+def _icnr_(conv: nn.Conv2d, factor: int) -> None:
+    """ICNR initialisation of the convolution before a ``PixelShuffle(factor)`` (Aitken et al. 2017).
+
+    The ``factor**2`` sub-pixel outputs of each feature start with identical weights, so the shuffled
+    map starts as a nearest-neighbour upsampling of one convolution: no checkerboard at
+    initialisation, which otherwise survives training as a 3-pixel pattern (and as spurious peaks).
+    """
+    out_c = conv.out_channels // (factor * factor)
+    base = torch.empty(out_c, conv.in_channels, *conv.kernel_size)
+    nn.init.kaiming_uniform_(base, a=5 ** 0.5)  # nn.Conv2d's own default
+    with torch.no_grad():
+        conv.weight.copy_(base.repeat_interleave(factor * factor, dim=0))
+        if conv.bias is not None:
+            b = torch.empty(out_c).uniform_(-1e-3, 1e-3)
+            conv.bias.copy_(b.repeat_interleave(factor * factor))
+
+
 class _SkipMixin:
     cfg: SRGANConfig
 
@@ -343,6 +360,7 @@ class UNetSRGenerator(_SkipMixin, nn.Module):
         f = cfg.factor
         if cfg.upsample == "pixelshuffle":
             self.upsampler = nn.Sequential(nn.Conv2d(w, (w // 2) * f * f, 3, padding=1), nn.PixelShuffle(f), act())
+            _icnr_(self.upsampler[0], f)
         else:
             self.upsampler = nn.Sequential(nn.ConvTranspose2d(w, w // 2, f, stride=f), act())
         self.hr = nn.Sequential(nn.Conv2d(w // 2, w // 2, 3, padding=1), act())

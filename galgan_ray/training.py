@@ -39,7 +39,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Union
 
 import numpy as np
 import torch
@@ -96,6 +96,15 @@ class TrainConfig:
         Weight of the generator's adversarial loss (SR only; 0 switches the discriminator off).
     flux_weight : float
         Weight of the flux-consistency loss (SR only; 0 = off; needs a degrader).
+    total_flux_weight : float
+        Weight of the supervised total-flux loss (SR only; 0 = off): ``|sum(output) - sum(target)|`` in nJy
+        over the noise of the input's sum (``sigma_lr * lr_size``), so a one-sigma error costs about 1.
+        The L1 content loss is dominated by background pixels and pins the total flux only loosely.
+    label_smoothing : float
+        One-sided label smoothing of the discriminator's real targets (``1 - label_smoothing``;
+        Salimans et al. 2016): keeps the discriminator from saturating.
+    lr_schedule : {"constant", "cosine"}
+        Learning rates per epoch: constant, or cosine-annealed from ``lr`` to ``lr / 20`` over ``epochs``.
     pretrain_epochs : int
         SR epochs with the content (+ flux) loss only before the adversary starts.
     augment : bool
@@ -127,6 +136,9 @@ class TrainConfig:
     content_weight: float = 1.0
     adversarial_weight: float = 3e-3
     flux_weight: float = 0.0
+    total_flux_weight: float = 0.0
+    label_smoothing: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     pretrain_epochs: int = 0
     augment: bool = True
     validation_fraction: float = 0.1
@@ -143,8 +155,12 @@ class TrainConfig:
             raise ConfigError("TrainConfig", "epochs >= 0, batch_size >= 1 and eval_batch_size >= 1 required")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError("TrainConfig.validation_fraction", f"must be in [0, 1), got {self.validation_fraction}")
-        if min(self.content_weight, self.adversarial_weight, self.flux_weight) < 0:
+        if min(self.content_weight, self.adversarial_weight, self.flux_weight, self.total_flux_weight) < 0:
             raise ConfigError("TrainConfig", "loss weights must be >= 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError("TrainConfig.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError("TrainConfig.lr_schedule", f"'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.log_every < 1 or self.eval_every < 1:
             raise ConfigError("TrainConfig", "log_every and eval_every must be >= 1")
 
@@ -399,9 +415,43 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return getattr(m, "module", m)
 
 
-def _bce(logits: torch.Tensor, real: bool) -> torch.Tensor:
-    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+def _bce(logits: torch.Tensor, real: bool, smoothing: float = 0.0) -> torch.Tensor:
+    target = torch.full_like(logits, 1.0 - smoothing) if real else torch.zeros_like(logits)
     return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def _discriminator_step(state: "TrainState", d_run: nn.Module, real: tuple, fake: tuple, smoothing: float
+                        ) -> dict[str, torch.Tensor]:
+    """One discriminator update on a real and a fake batch.
+
+    Real and fake go through the discriminator in *separate* calls, each with its own backward (the
+    DCGAN recipe): with BatchNorm, a mixed real+fake batch lets the discriminator read the batch
+    statistics, and its verdict in the generator's fake-only call then means something else --
+    the discriminator "wins" while the generator's loss says it is fooled, and no useful gradient
+    flows. One backward per forward also keeps DistributedDataParallel happy.
+    """
+    state.optimizer_d.zero_grad(set_to_none=True)
+    l_real = d_run(*real)
+    loss_real = _bce(l_real, True, smoothing)
+    loss_real.backward()
+    l_fake = d_run(*fake)
+    loss_fake = _bce(l_fake, False)
+    loss_fake.backward()
+    state.optimizer_d.step()
+    return {"loss_d": 0.5 * (loss_real.detach() + loss_fake.detach()),
+            "d_real": torch.sigmoid(l_real.detach()).mean(), "d_fake": torch.sigmoid(l_fake.detach()).mean()}
+
+
+def _set_learning_rates(state: "TrainState", epoch: int) -> None:
+    """Per-epoch learning rates from ``train_cfg.lr_schedule`` (a function of the epoch: resumes agree)."""
+    cfg = state.train_cfg
+    if cfg.lr_schedule == "constant":
+        f = 1.0
+    else:
+        f = 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * epoch / max(cfg.epochs, 1)))
+    for opt, lr in ((state.optimizer_g, cfg.lr_g), (state.optimizer_d, cfg.lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = lr * f
 
 
 def _setup(model_cfg, train_cfg: TrainConfig, start_state: Mapping[str, Any] | None, wrap_model, rank: int,
@@ -453,6 +503,7 @@ def _run(kind: str, state: TrainState, g_run: nn.Module, d_run: nn.Module, devic
     history: list[dict] = []
     start_epoch = state.epoch
     for epoch in range(state.epoch, cfg.epochs):
+        _set_learning_rates(state, epoch)
         state.generator.train()
         state.discriminator.train()
         aug_rng = np.random.default_rng([cfg.seed, rank, epoch])
@@ -650,14 +701,7 @@ def train_srgan(train_data: DataSource, val_data: DataSource | None = None, *,
         fake = g_run(x)
         out: dict[str, torch.Tensor] = {}
         if adv:
-            # One discriminator call on real + fake: DDP allows one forward per backward.
-            logits = d_run(torch.cat([y, fake.detach()]), torch.cat([x, x]))
-            l_real, l_fake = logits.split(x.shape[0])
-            loss_d = 0.5 * (_bce(l_real, True) + _bce(l_fake, False))
-            state.optimizer_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            state.optimizer_d.step()
-            out.update(loss_d=loss_d, d_real=torch.sigmoid(l_real).mean(), d_fake=torch.sigmoid(l_fake).mean())
+            out.update(_discriminator_step(state, d_run, (y, x), (fake.detach(), x), train_cfg.label_smoothing))
         loss_content = (fake - y).abs().mean()
         loss = train_cfg.content_weight * loss_content
         out["loss_content"] = loss_content
@@ -670,6 +714,14 @@ def train_srgan(train_data: DataSource, val_data: DataSource | None = None, *,
             loss_flux = (scaling.forward(lr_pred / sigma[:, :, None, None]) - x).abs().mean()
             loss = loss + train_cfg.flux_weight * loss_flux
             out["loss_flux"] = loss_flux
+        if train_cfg.total_flux_weight > 0:
+            # The sums are invariant under the rot90/flip augmentation: the raw HR batch serves.
+            hr = torch.as_tensor(np.asarray(batch["image_hr"], dtype=np.float32), device=device)
+            pred_sum = postprocess(fake, sigma, scaling).sum(dim=(-2, -1))
+            norm = sigma.reshape(pred_sum.shape) * float(model_cfg.lr_size)
+            loss_tot = ((pred_sum - hr.sum(dim=(-2, -1))) / norm).abs().mean()
+            loss = loss + train_cfg.total_flux_weight * loss_tot
+            out["loss_total_flux"] = loss_tot
         state.optimizer_g.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer_g.step()
@@ -744,18 +796,13 @@ def train_dcgan(train_data: DataSource, *, model_cfg: DCGANConfig | None = None,
         noise_gen.manual_seed(int(rng.integers(2**62)))
         z = torch.randn(real.shape[0], model_cfg.latent_dim, generator=noise_gen).to(device)
         fake = g_run(z)
-        logits = d_run(torch.cat([real, fake.detach()]))
-        l_real, l_fake = logits.split(real.shape[0])
-        loss_d = _bce(l_real, True) + _bce(l_fake, False)
-        state.optimizer_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        state.optimizer_d.step()
+        out = _discriminator_step(state, d_run, (real,), (fake.detach(),), train_cfg.label_smoothing)
         loss_g = _bce(d_run(fake), True)
         state.optimizer_g.zero_grad(set_to_none=True)
         loss_g.backward()
         state.optimizer_g.step()
-        return {"loss_d": loss_d, "loss_g": loss_g, "d_real": torch.sigmoid(l_real).mean(),
-                "d_fake": torch.sigmoid(l_fake).mean()}, real.shape[0]
+        out["loss_g"] = loss_g
+        return out, real.shape[0]
 
     return _run("dcgan", state, g_run, d_run, device, train_data=train_data, val_data=None, step_fn=step_fn,
                 eval_fn=None, on_epoch_end=on_epoch_end, data_is_sharded=data_is_sharded)

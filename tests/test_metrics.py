@@ -66,6 +66,14 @@ def test_false_positive_rates():
     enh = enhancement_false_positive_rate(n_peaks_hr=[1, 1, 1, 2, 1], n_peaks_lr=[1, 1, 0, 1, 1],
                                           n_peaks_enhanced=[2, 1, 3, 2, 1])
     assert enh["n"] == 3 and enh["k"] == 1
+    # Stricter: only an enhanced peak that matches no galaxy is invented. In the HR = LR = 1 subset
+    # (blends 0, 1, 4) the enhanced image finds both real galaxies of blend 0 (2 peaks, 2 matched):
+    # a false positive by the paper's definition, not an invented peak; blend 4 has an unmatched one.
+    strict = enhancement_false_positive_rate(n_peaks_hr=[1, 1, 1, 2, 1], n_peaks_lr=[1, 1, 0, 1, 1],
+                                             n_peaks_enhanced=[2, 1, 3, 2, 2], n_matched_enhanced=[2, 1, 1, 2, 1])
+    paper = enhancement_false_positive_rate(n_peaks_hr=[1, 1, 1, 2, 1], n_peaks_lr=[1, 1, 0, 1, 1],
+                                            n_peaks_enhanced=[2, 1, 3, 2, 2])
+    assert (strict["n"], strict["k"]) == (3, 1) and (paper["n"], paper["k"]) == (3, 2)
 
 
 def test_btk_scores_and_efficiency_matrix():
