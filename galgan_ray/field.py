@@ -38,8 +38,10 @@ order data flows:
 6. **Measure** (:func:`measure_children`): :func:`galgan_ray.photometry.fit_fluxes` on the LR image
    at the enhanced positions (centres fixed by default: forced photometry), all children of a
    footprint fitted simultaneously in a box around the footprint, with pixels of other footprints
-   given zero weight; the PSF is a Gaussian mixture fitted to the tile's PSF image. Extra bands are
-   fitted in ``forced`` mode with the reference band's shapes.
+   given zero weight; the PSF is a Gaussian mixture fitted to the tile's PSF image (once per PSF
+   and process). The boxes of a tile are padded with zero-weight pixels to a few common sizes and
+   fitted in one batched call per size. Extra bands are fitted in ``forced`` mode with the
+   reference band's shapes.
 7. **Catalog** (:func:`build_catalog`): ``objectId = (tileId << 24) | n`` with n the running
    number of the child in the tile (children ordered by footprint, then by decreasing
    significance); ``parentObjectId = (tileId << 24) | 2^23 | footprint``. A source belongs to the
@@ -855,6 +857,13 @@ def find_children(enhanced: np.ndarray, products: Mapping[str, np.ndarray], *, t
 # ------------------------------------------------------------------------------------------------
 _BOX_SIZES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
+#: What one more Levenberg-Marquardt loop (one more :func:`~galgan_ray.photometry.fit_fluxes` call)
+#: costs, in source-pixels evaluated per iteration: about 1.3 ms of fixed work per iteration (some
+#: hundred small torch operations) against 60-70 ns per source and pixel, on one CPU thread. It
+#: decides which box sizes of a tile share one padded fit; on the default field's tiles 1.5e4-3e4
+#: are equally fast, no merging is 15% slower, one class for all 25-40% slower (bench/bench_tile.py).
+_LOOP_COST_PX = 20000.0
+
 
 @lru_cache(maxsize=64)
 def _psf_mixture_cached(key: bytes, shape: tuple[int, int], scale: float, n_gauss: int):
@@ -870,10 +879,45 @@ def _psf_mixture(psf: np.ndarray, scale: float, n_gauss: int):
     return _psf_mixture_cached(psf.tobytes(), psf.shape, float(scale), int(n_gauss))
 
 
+def _size_classes(sizes: Sequence[int], n_sources: Sequence[int], *, loop_cost_px: float) -> dict[int, int]:
+    """The box size each size is padded to, so that a tile's fits run in few batched calls.
+
+    Each call costs ``loop_cost_px`` plus its sources times the pixels of its (largest) box; the
+    sorted sizes are split into the contiguous classes of least total cost (dynamic programming
+    over at most a dozen sizes).
+    """
+    weight: dict[int, int] = {}
+    for sz, n in zip(sizes, n_sources):
+        weight[int(sz)] = weight.get(int(sz), 0) + int(n)
+    u = sorted(weight)
+    best = [0.0] + [math.inf] * len(u)
+    cut = [0] * (len(u) + 1)
+    for j in range(1, len(u) + 1):
+        n = 0
+        for i in range(j, 0, -1):  # class u[i-1] .. u[j-1], padded to u[j-1]
+            n += weight[u[i - 1]]
+            cost = best[i - 1] + loop_cost_px + n * float(u[j - 1]) ** 2
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    out: dict[int, int] = {}
+    j = len(u)
+    while j > 0:
+        for sz in u[cut[j]:j]:
+            out[sz] = u[j - 1]
+        j = cut[j]
+    return out
+
+
 def measure_children(image_sub: np.ndarray, variance: np.ndarray, products: Mapping[str, np.ndarray], *,
                      psf: np.ndarray, pixel_scale_arcsec: float, config: FieldConfig,
                      compute: PhotometryComputeConfig = PhotometryComputeConfig()) -> dict[str, np.ndarray]:
     """Gaussian-mixture photometry of all children on the LR image, footprint by footprint (step 6).
+
+    Every footprint is fitted in its own box (its bounding box and children plus
+    ``photometry_margin_px``, rounded up to a size of ``_BOX_SIZES``); boxes are then padded with
+    zero-weight pixels to a few common sizes (:func:`_size_classes`) so that a tile takes one or
+    two batched :func:`~galgan_ray.photometry.fit_fluxes` calls instead of one per box size. Padding
+    changes no fit: the pixels added carry no weight.
 
     Returns
     -------
@@ -899,7 +943,8 @@ def measure_children(image_sub: np.ndarray, variance: np.ndarray, products: Mapp
         return {"phot.flux": flux, "phot.flux_err": err, "phot.flags": flags, "phot.hlr_arcsec": hlr}
     mixes = [_psf_mixture(psf[ci], pixel_scale_arcsec, config.psf_n_gauss) for ci in range(c)]
     margin = config.footprints.photometry_margin_px
-    boxes: dict[int, list] = {}
+    # 1. One box per footprint.
+    items = []
     for k in np.unique(cfp):
         rows = np.flatnonzero(cfp == k)
         x0 = min(int(bbox[k, 0]), int(np.floor(cx[rows].min()))) - margin
@@ -910,32 +955,43 @@ def measure_children(image_sub: np.ndarray, variance: np.ndarray, products: Mapp
         size = next((s for s in _BOX_SIZES if s >= need), need)
         ox = int(np.floor((x0 + x1) / 2.0 - (size - 1) / 2.0 + 0.5))
         oy = int(np.floor((y0 + y1) / 2.0 - (size - 1) / 2.0 + 0.5))
-        many = len(rows) > config.footprints.max_fit_children
-        boxes.setdefault((size, many), []).append((k, rows, ox, oy))
-    for (size, many), items in boxes.items():
+        items.append((int(k), rows, ox, oy, size, len(rows) > config.footprints.max_fit_children))
+    # 2. Group the boxes: by fit mode, then by padded size.
+    groups: dict[tuple[int, bool], list] = {}
+    for many in (False, True):
+        sel = [it for it in items if it[5] == many]
+        if not sel:
+            continue
+        # Forced fits (many children) are linear: one evaluation, so a loop costs little.
+        loop = _LOOP_COST_PX / (config.photometry.max_iter if many or config.photometry.mode == "forced" else 1)
+        pad_to = _size_classes([it[4] for it in sel], [len(it[1]) for it in sel], loop_cost_px=loop)
+        for it in sel:
+            groups.setdefault((pad_to[it[4]], many), []).append(it)
+    # 3. One fit per group: each box in the corner of a zero-weight array of the group's size.
+    for (size, many), group in groups.items():
         ref_cfg = replace(config.photometry, mode="forced") if many else config.photometry
-        imgs = np.zeros((len(items), c, size, size), dtype=np.float64)
-        var = np.full((len(items), c, size, size), np.inf)
+        imgs = np.zeros((len(group), c, size, size), dtype=np.float64)
+        var = np.full((len(group), c, size, size), np.inf)
         centres = []
-        for i, (k, rows, ox, oy) in enumerate(items):
-            s = _extract(seg, ox, oy, size, -1)
+        for i, (k, rows, ox, oy, bs, _) in enumerate(group):
+            s = _extract(seg, ox, oy, bs, -1)
             other = (s != 0) & (s != labels[k])  # other footprints, and off-tile pixels (-1)
-            v = _extract(variance, ox, oy, size, np.inf).astype(np.float64)
-            var[i] = np.where(other[None], np.inf, v)
-            imgs[i] = np.where(np.isfinite(var[i]), _extract(image_sub, ox, oy, size, 0.0), 0.0)
+            v = np.where(other[None], np.inf, _extract(variance, ox, oy, bs, np.inf).astype(np.float64))
+            var[i, :, :bs, :bs] = v
+            imgs[i, :, :bs, :bs] = np.where(np.isfinite(v), _extract(image_sub, ox, oy, bs, 0.0), 0.0)
             centres.append(np.c_[cx[rows] - ox, cy[rows] - oy])
         ref = fit_fluxes(imgs[:, 0], centres=centres, psf_mixture=mixes[0], variance=var[:, 0],
                          pixel_scale_arcsec=pixel_scale_arcsec, config=ref_cfg, compute=compute)
         per_band = [ref]
         if c > 1:
             shapes = {"hlr_arcsec": ref["hlr_arcsec"], "e1": ref["e1"], "e2": ref["e2"]}
-            fit_c = [np.c_[ref["x"][i, :len(r[1])], ref["y"][i, :len(r[1])]] for i, r in enumerate(items)]
+            fit_c = [np.c_[ref["x"][i, :len(it[1])], ref["y"][i, :len(it[1])]] for i, it in enumerate(group)]
             forced = replace(ref_cfg, mode="forced")
             for ci in range(1, c):
                 per_band.append(fit_fluxes(imgs[:, ci], centres=fit_c, psf_mixture=mixes[ci], variance=var[:, ci],
                                            pixel_scale_arcsec=pixel_scale_arcsec, shapes=shapes, config=forced,
                                            compute=compute))
-        for i, (k, rows, ox, oy) in enumerate(items):
+        for i, (k, rows, *_) in enumerate(group):
             s = len(rows)
             for ci, res in enumerate(per_band):
                 flux[rows, ci] = res["flux"][i, :s]

@@ -31,7 +31,10 @@ border), ``NONFINITE`` (non-finite pixels were masked in the cutout).
 
 Speed: about 0.6-1.3 ms per source on one contended CPU core for two-source 22x22 blends
 (``bench/bench_photometry.py``); the full-size work is one exp and one small matrix product per
-(source, component, pixel), all else is per-source.
+(real source, component, pixel) -- padding slots and fixed parameters cost nothing there -- all
+else is per-source. Each Levenberg-Marquardt iteration also has a fixed cost of about 1 ms (some
+hundred small torch operations), so few cutouts per call, or a long tail of slow fits, cost more per
+source (a field tile: ``bench/bench_tile.py``).
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ from .gmm import GaussianMixture, T_to_hlr, hlr_to_T, profile_coefficients
 __all__ = ["PhotometryConfig", "PhotometryComputeConfig", "fit_fluxes", "measure_input_fluxes"]
 
 _NPAR = 6  # per source: flux, x, y, ln T, e1, e2
+_LOG_FLOOR = -300.0  # smallest log of a Gaussian component evaluated (see _Problem.templates)
+_CHUNK_ELEMENTS = 1 << 19  # sources x components x pixels evaluated at once (see _Problem._source_terms)
 _EDGE = flag_bit("EDGE")
 _FAILED = flag_bit("FIT_FAILED")
 _SHIFTED = flag_bit("FIT_SHIFTED")
@@ -246,6 +251,14 @@ class _Problem:
             if cfg.mode == "full":
                 free[..., 4] = free[..., 5] = mask
         self.free = torch.as_tensor(free.reshape(b, s * _NPAR), device=device)
+        # The parameter types (0 flux, 1-2 centre, 3 ln T, 4-5 e) fitted for every real source: the
+        # Jacobian and the Hessian are built for these only (fixed ones would be zero rows).
+        types = [0]
+        if cfg.mode != "forced":
+            types += [1, 2] if cfg.fit_centre and self.shift > 0 else []
+            types += [3, 4, 5] if cfg.mode == "full" else [3]
+        self.free_types = types
+        self.centre_free = 1 in types
 
     # parameter maps u -> physical ------------------------------------------------------------
     def physical(self, u, idx):
@@ -291,8 +304,9 @@ class _Problem:
         return torch.stack([t(flux), ux, uy, v, w1, w2], -1)
 
     # model images ----------------------------------------------------------------------------
-    def templates(self, idx, x, y, lnT, e1, e2, jac: bool):
-        """Unit-flux PSF-convolved profiles g (B, S, HW) and, with ``jac``, dg/d(x, y, lnT, e1, e2).
+    def templates(self, idx, x, y, lnT, e1, e2, jac: bool, centre: bool = True):
+        """Unit-flux PSF-convolved profiles g (B, S, HW) and, with ``jac``, dg/d(x, y, lnT, e1, e2)
+        (dg/d(lnT, e1, e2) without ``centre``: fixed centres need no centre derivatives).
 
         Component c = (PSF Gaussian j, profile Gaussian k) of source s has covariance
         ``C = t_k M(e) + Sigma_j`` (``t_k = T f_k / 2``, ``M`` the unit-determinant shape matrix)
@@ -340,9 +354,13 @@ class _Problem:
         cr = -pxy[..., None] * dy[:, :, :, None, :]  # (B,S,ng,nk,H)
         gc = ay[..., :, None] + ax[..., None, :]
         gc.addcmul_(cr[..., :, None], dx[:, :, :, None, None, :])
-        gc = gc.exp_().reshape(b, s, ng, nk, h * w)
+        # Far from a component log G runs to -1e4 and exp underflows to subnormals or 0, which x86
+        # computes (and multiplies downstream) 10-80 times slower than normal numbers; a floor of
+        # exp(_LOG_FLOOR) ~ 5e-131 per component changes no sum (it is 1e-100 of any relevant value).
+        gc = gc.clamp_(min=_LOG_FLOOR).exp_().reshape(b, s, ng, nk, h * w)
         if not jac:
-            return gc.sum(3).sum(2), None
+            g = gc.sum(3)
+            return (g[:, :, 0] if ng == 1 else g.sum(2)), None
         # Shape-matrix derivatives D (xx, xy, yy) for ln T (M itself), e1, e2: (B, S, 3, 3).
         q2 = q * q
         dm = torch.stack([
@@ -355,60 +373,137 @@ class _Problem:
         a_, b_, c_ = pxx[:, :, :, None, :], pxy[:, :, :, None, :], pyy[:, :, :, None, :]
         one = torch.ones_like(pxx)
         # Coefficient rows: 0 g; 1-3 pxx, pxy, pyy; per shape parameter the dx^2, dx dy, dy^2
-        # coefficients of u^T D u, then the traces tr(P D).
+        # coefficients of u^T D u, then the traces tr(P D), all halved (exact: a power of two).
+        t_c = 0.5 * t_c
         quad_xx = t_c * (dxx * a_ * a_ + 2.0 * dxy * a_ * b_ + dyy * b_ * b_)
         quad_xy = t_c * 2.0 * (dxx * a_ * b_ + dxy * (a_ * c_ + b_ * b_) + dyy * b_ * c_)
         quad_yy = t_c * (dxx * b_ * b_ + 2.0 * dxy * b_ * c_ + dyy * c_ * c_)
         trace = t_c * (a_ * dxx + 2.0 * b_ * dxy + c_ * dyy)
-        coef = torch.cat([torch.stack([one, pxx, pxy, pyy], 3),
+        first = [one, pxx, pxy, pyy] if centre else [one]
+        nc = len(first)
+        coef = torch.cat([torch.stack(first, 3),
                           torch.stack([quad_xx, quad_xy, quad_yy], 4).reshape(b, s, ng, 9, nk), trace], 3)
-        mom = torch.matmul(coef, gc)  # (B, S, ng, 16, HW)
-        mom = mom.reshape(b, s, ng, 16, h, w)
+        mom = torch.matmul(coef, gc)  # (B, S, ng, nc + 12, HW)
+        mom = mom.reshape(b, s, ng, nc + 12, h, w)
         ddx, ddy = dx[..., None, None, :], dy[..., None, :, None]  # (B,S,ng,1,1,W), (B,S,ng,1,H,1)
         g = mom[:, :, :, 0]
-        gxx = ddx[:, :, :, 0] * mom[:, :, :, 1] + ddy[:, :, :, 0] * mom[:, :, :, 2]
-        gyy = ddx[:, :, :, 0] * mom[:, :, :, 2] + ddy[:, :, :, 0] * mom[:, :, :, 3]
-        qd = mom[:, :, :, 4:13].reshape(b, s, ng, 3, 3, h, w)
-        dshape = 0.5 * (qd[:, :, :, :, 0] * (ddx * ddx) + qd[:, :, :, :, 1] * (ddx * ddy)
-                        + qd[:, :, :, :, 2] * (ddy * ddy) - mom[:, :, :, 13:16])
-        dg = torch.cat([gxx[:, :, :, None], gyy[:, :, :, None], dshape], 3).sum(2)  # (B, S, 5, H, W)
-        return g.sum(2).reshape(b, s, h * w), dg.reshape(b, s, 5, h * w)
+        qd = mom[:, :, :, nc:nc + 9].reshape(b, s, ng, 3, 3, h, w)
+        # (u^T D u - tr(P D)) / 2 (the coefficients carry the 1/2).
+        dshape = (qd[:, :, :, :, 0] * (ddx * ddx) + qd[:, :, :, :, 1] * (ddx * ddy)
+                  + qd[:, :, :, :, 2] * (ddy * ddy) - mom[:, :, :, nc + 9:nc + 12])
+        if centre:
+            gxx = ddx[:, :, :, 0] * mom[:, :, :, 1] + ddy[:, :, :, 0] * mom[:, :, :, 2]
+            gyy = ddx[:, :, :, 0] * mom[:, :, :, 2] + ddy[:, :, :, 0] * mom[:, :, :, 3]
+            dshape = torch.cat([gxx[:, :, :, None], gyy[:, :, :, None], dshape], 3)
+        dg = dshape[:, :, 0] if ng == 1 else dshape.sum(2)  # (B, S, 5 or 3, H, W)
+        g = g[:, :, 0] if ng == 1 else g.sum(2)
+        return g.reshape(b, s, h * w), dg.reshape(b, s, dg.shape[2], h * w)
+
+    def _source_terms(self, src, x, y, lnT, e1, e2, amat, sqw, bi, want_jac: bool):
+        """Templates g (R, HW) of R sources (cutout ``src``, parameters (R,)) and, with ``amat``,
+        the whitened Jacobian rows ``amat @ [g, dg] * sqrt(weight)`` (R, F, HW).
+
+        On CPU, sources are taken in chunks of about ``_CHUNK_ELEMENTS`` component-pixels: the
+        largest temporaries (one Gaussian per component and pixel) then stay in the caches; one big
+        batch runs up to three times slower per pixel. A GPU takes them all at once.
+        """
+        r, hw = len(src), self.shape[1] * self.shape[2]
+        ncomp = self.prof_p.shape[0] * self.psf_amp.shape[1]
+        step = max(1, _CHUNK_ELEMENTS // (ncomp * hw)) if torch.device(self.device).type == "cpu" else max(r, 1)
+        gs, jus = [], []
+        for a in range(0, max(r, 1), step):
+            sl = slice(a, a + step)
+            g, dg = self.templates(src[sl], x[sl, None], y[sl, None], lnT[sl, None], e1[sl, None], e2[sl, None],
+                                   want_jac, centre=self.centre_free)
+            g = g[:, 0]
+            gs.append(g)
+            if amat is not None:
+                nf = amat.shape[1]
+                # dg holds the derivatives in type order ((x, y,) ln T, e1, e2); the fitted ones are a prefix.
+                base = torch.cat([g[:, None], dg[:, 0, :nf - 1]], 1) if want_jac else g[:, None]
+                jus.append(torch.matmul(amat[sl], base * sqw.index_select(0, bi[sl])[:, None, :]))
+        g = gs[0] if len(gs) == 1 else torch.cat(gs)
+        ju = None if amat is None else (jus[0] if len(jus) == 1 else torch.cat(jus))
+        return g, ju
+
+    def source_templates(self, idx, ph):
+        """Unit-flux templates of the real sources of cutouts ``idx`` only (padding slots are skipped):
+        flat rows ``(cutout, slot)`` = ``(bi, si)`` and g ``(R, HW)``."""
+        bi, si = torch.nonzero(self.mask[idx], as_tuple=True)
+        pick = lambda k: ph[k][bi, si]  # noqa: E731
+        g, _ = self._source_terms(idx[bi], pick("x"), pick("y"), pick("lnT"), pick("e1"), pick("e2"), None, None,
+                                  bi, False)
+        return bi, si, g
 
     def evaluate(self, idx, u, jac: bool = True):
-        """chi^2 (with priors), gradient and Gauss-Newton Hessian in u, for cutouts ``idx``."""
+        """chi^2 (with priors), gradient and Gauss-Newton Hessian in u, for cutouts ``idx``.
+
+        The full-size work (templates, their derivatives, the Jacobian and its products) is done for
+        the real sources of the cutouts only, as one flat batch (:meth:`_source_terms`), and for the
+        parameter types that are fitted: source slots of padding, and fixed centres, cost nothing.
+        """
         ph = self.physical(u, idx)
         mask = self.mask[idx]
-        g, dg = self.templates(idx, ph["x"], ph["y"], ph["lnT"], ph["e1"], ph["e2"], jac)
-        flux = torch.where(mask, ph["flux"], torch.zeros_like(ph["flux"]))
+        b, s = mask.shape
+        dt, f64, dev = self.dtype, torch.float64, self.device
+        types = self.free_types
+        want_jac = jac and len(types) > 1  # fluxes only (forced): the templates are the Jacobian
+        # 1. Templates of the real sources (flat rows r = (cutout bi, slot si)), and with ``jac`` their
+        #    derivatives d(model)/du for the fitted types: A (R, F, F) @ [g, dg/d(type)], A holding the
+        #    flux and the chain rule u -> physical (block diagonal by type).
+        bi, si = torch.nonzero(mask, as_tuple=True)
+        pick = lambda k: ph[k][bi, si]  # noqa: E731
+        flux = pick("flux")
         data, sqw = self.data[idx].flatten(1), self.sqrt_weight[idx].flatten(1)
-        resid = (data - (flux.to(self.dtype)[..., None] * g).sum(1)) * sqw  # whitened residuals
+        r, nf = len(bi), len(types)
+        amat = None
+        if jac:
+            amat = torch.zeros(r, _NPAR, _NPAR, dtype=f64, device=dev)
+            amat[:, 0, 0] = 1.0
+            amat[:, 1, 1] = flux * pick("dx")
+            amat[:, 2, 2] = flux * pick("dy")
+            amat[:, 3, 3] = flux * pick("dlnT")
+            amat[:, 4:, 4:] = flux[:, None, None] * ph["de"][bi, si].transpose(-1, -2)
+            tt = torch.as_tensor(types, device=dev)
+            amat = amat[:, tt][:, :, tt].to(dt)
+        g, ju = self._source_terms(idx[bi], pick("x"), pick("y"), pick("lnT"), pick("e1"), pick("e2"),
+                                   amat, sqw, bi, want_jac)
+        model = torch.zeros_like(data).index_add_(0, bi, flux.to(dt)[:, None] * g)
+        resid = (data - model) * sqw  # whitened residuals
         chi2 = (resid * resid).sum(1).double()
         prior_r, prior_j = self._priors(ph, idx)
         chi2 = chi2 + (prior_r * prior_r).sum((1, 2))
         if not jac:
-            return {"chi2": chi2, "g": g}
-        b, s = mask.shape
+            return {"chi2": chi2}
         free = self.free[idx]
-        # d(model)/du = A @ [g, dg/dx, dg/dy, dg/dlnT, dg/de1, dg/de2] with A (B, S, 6, 6) holding
-        # the flux and the chain rule u -> physical; fixed parameters get zero rows.
-        amat = torch.zeros(b, s, _NPAR, _NPAR, dtype=torch.float64, device=self.device)
-        amat[..., 0, 0] = 1.0
-        amat[..., 1, 1] = flux * ph["dx"]
-        amat[..., 2, 2] = flux * ph["dy"]
-        amat[..., 3, 3] = flux * ph["dlnT"]
-        amat[..., 4:, 4:] = flux[..., None, None] * ph["de"].transpose(-1, -2)
-        amat = amat * free.reshape(b, s, _NPAR, 1)
-        base = torch.cat([g[:, :, None], dg], 2)  # (B, S, 6, HW)
-        ju = torch.matmul(amat.to(self.dtype), base * sqw[:, None, None, :]).reshape(b, s * _NPAR, -1)
-        hess = torch.bmm(ju, ju.transpose(1, 2)).double()
-        grad = torch.bmm(ju, resid[..., None])[..., 0].double()  # = -d(chi2/2)/du
+        # 2. Gradient and Hessian blocks cutout by cutout, batched over the cutouts holding the same
+        #    number k of real sources (their rows are contiguous in ju: (k F, HW) per cutout).
+        hw = ju.shape[-1]
+        counts = mask.sum(1)
+        hs = torch.zeros(b, s, s, nf, nf, dtype=f64, device=dev)
+        gs = torch.zeros(b, s, nf, dtype=f64, device=dev)
+        for k in torch.unique(counts[counts > 0]).tolist():
+            cb = torch.nonzero(counts == k).flatten()
+            rows = None if len(cb) * k == r else torch.nonzero(counts[bi] == k).flatten()
+            juk = (ju if rows is None else ju.index_select(0, rows)).reshape(len(cb), k * nf, hw)
+            sl = (si if rows is None else si[rows]).reshape(len(cb), k)
+            blk = torch.bmm(juk, juk.transpose(1, 2)).double()
+            hs[cb[:, None, None], sl[:, :, None], sl[:, None, :]] = blk.reshape(len(cb), k, nf, k, nf).transpose(2, 3)
+            grad_k = torch.bmm(juk, resid.index_select(0, cb)[..., None])[..., 0].double()  # = -d(chi2/2)/du
+            gs[cb[:, None], sl] = grad_k.reshape(len(cb), k, nf)
+        full = torch.zeros(b, s, s, _NPAR, _NPAR, dtype=f64, device=dev)
+        full[..., tt[:, None], tt[None, :]] = hs
+        hess = full.permute(0, 1, 3, 2, 4).reshape(b, s * _NPAR, s * _NPAR)
+        gfull = torch.zeros(b, s, _NPAR, dtype=f64, device=dev)
+        gfull[..., tt] = gs
+        grad = gfull.reshape(b, s * _NPAR)
         if prior_j.shape[1]:
             hess = hess + torch.einsum("bkp,bkq->bpq", prior_j, prior_j)
             grad = grad - torch.einsum("bkp,bk->bp", prior_j, prior_r.reshape(b, -1))
         # Fixed parameters: identity rows so every system stays solvable.
         hess = hess * (free[:, :, None] & free[:, None, :]) + torch.diag_embed((~free).double())
         grad = grad * free
-        return {"chi2": chi2, "hess": hess, "grad": grad, "g": g}
+        return {"chi2": chi2, "hess": hess, "grad": grad}
 
     def _priors(self, ph, idx):
         """Residuals (B, S*2+?) of the Gaussian priors and their Jacobian rows in u."""
@@ -670,8 +765,9 @@ def _fit_one_batch(prob: _Problem, cen, lnT0, e10, e20, cfg: PhotometryConfig) -
     # 1. Exact linear fluxes at the initial shapes: (S x S) normal equations per cutout.
     u = prob.to_u(cen[..., 0], cen[..., 1], lnT0, e10, e20, np.zeros((b, s)))
     ph = prob.physical(u, idx)
-    g, _ = prob.templates(idx, ph["x"], ph["y"], ph["lnT"], ph["e1"], ph["e2"], jac=False)
-    g = g.double() * mask[..., None]
+    bi, si, g_r = prob.source_templates(idx, ph)
+    g = torch.zeros(b, s, g_r.shape[1], dtype=torch.float64, device=dev)
+    g[bi, si] = g_r.double()
     wgt, dat = prob.weight.flatten(1).double(), prob.data.flatten(1).double()
     a = torch.bmm(g * wgt[:, None, :], g.transpose(1, 2)) + torch.diag_embed((~mask).double())
     rhs = torch.bmm(g * wgt[:, None, :], dat[..., None])[..., 0]

@@ -99,10 +99,14 @@ class TrainConfig:
     total_flux_weight : float
         Weight of the supervised total-flux loss (SR only; 0 = off): ``|sum(output) - sum(target)|`` in nJy
         over the noise of the input's sum (``sigma_lr * lr_size``), so a one-sigma error costs about 1.
-        The L1 content loss is dominated by background pixels and pins the total flux only loosely.
+        The L1 content loss is dominated by background pixels and pins the total flux only loosely; the
+        flux term's gradient is coherent over the whole image, so keep its weight small (~1e-4 or less:
+        at 2e-4 the content loss stopped improving in 100-step trials).
     label_smoothing : float
         One-sided label smoothing of the discriminator's real targets (``1 - label_smoothing``;
         Salimans et al. 2016): keeps the discriminator from saturating.
+    grad_clip : float or None
+        Clip the generator's gradient norm to this value (None: no clipping).
     lr_schedule : {"constant", "cosine"}
         Learning rates per epoch: constant, or cosine-annealed from ``lr`` to ``lr / 20`` over ``epochs``.
     pretrain_epochs : int
@@ -139,6 +143,7 @@ class TrainConfig:
     total_flux_weight: float = 0.0
     label_smoothing: float = 0.0
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float | None = None
     pretrain_epochs: int = 0
     augment: bool = True
     validation_fraction: float = 0.1
@@ -724,6 +729,8 @@ def train_srgan(train_data: DataSource, val_data: DataSource | None = None, *,
             out["loss_total_flux"] = loss_tot
         state.optimizer_g.zero_grad(set_to_none=True)
         loss.backward()
+        if train_cfg.grad_clip:
+            out["grad_norm_g"] = torch.nn.utils.clip_grad_norm_(state.generator.parameters(), train_cfg.grad_clip)
         state.optimizer_g.step()
         out["loss_g"] = loss
         return out, x.shape[0]

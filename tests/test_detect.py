@@ -122,6 +122,26 @@ def test_min_prominence_merges_a_bump_on_a_wing_but_not_separate_sources():
     assert len(out["x"]) == 2 and not np.any(out["flags"] & flag_bit("PEAK_MERGED"))
 
 
+def test_sparse_saddle_pass_changes_no_peak(monkeypatch):
+    """The prominence test reads most paths sparsely (an upper bound of their minimum) and only the
+    doubtful ones in full: the peaks are exactly those of reading every path in full."""
+    import galgan_ray.detect as detect
+
+    psf = draw_psf(GAUSS_HR, pixel_scale_arcsec=0.06)
+    rng = np.random.default_rng(11)
+    # Clumpy extended light plus isolated sources: many peaks, many close to the prominence limit.
+    src = [(x, y, f) for x, y, f in zip(rng.uniform(4, 92, 60), rng.uniform(4, 92, 60), rng.uniform(40, 600, 60))]
+    imgs = np.stack([draw_points(GAUSS_HR, 0.06, 96, src, sigma=1.0, seed=s) for s in range(3)])
+    cfg = DetectConfig(background="zero", min_prominence=3.0, max_peaks=10**6)
+    fast = find_peaks_batch(imgs, psf=psf, noise_sigma=1.0, config=cfg)
+    full_saddle = detect._saddle
+    monkeypatch.setattr(detect, "_saddle", lambda *a, every=1, **k: full_saddle(*a, **k))
+    full = find_peaks_batch(imgs, psf=psf, noise_sigma=1.0, config=cfg)
+    assert len(full["x"]) > 60
+    for key in full:
+        np.testing.assert_array_equal(fast[key], full[key], err_msg=key)
+
+
 def test_pure_noise_at_5_sigma():
     psf = draw_psf(HR.psf, pixel_scale_arcsec=HR.pixel_scale_arcsec)
     noise = np.random.default_rng(3).normal(0.0, 2.0, (300, 64, 64)).astype(np.float32)

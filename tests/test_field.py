@@ -143,6 +143,44 @@ def test_footprints_cutouts_and_large_footprints():
     assert few["fp.n_cutouts"][k_big] == 0  # too large: not enhanced, flagged downstream
 
 
+def test_size_classes_trade_padding_against_calls():
+    from galgan_ray.field import _size_classes
+
+    sizes, n_src = [16, 16, 24, 48, 96], [1, 1, 2, 5, 12]
+    assert _size_classes(sizes, n_src, loop_cost_px=0.0) == {16: 16, 24: 24, 48: 48, 96: 96}
+    assert _size_classes(sizes, n_src, loop_cost_px=1e12) == {16: 96, 24: 96, 48: 96, 96: 96}
+    # 4 sources padded 16/24 -> 48 cost 4 * 48^2 - (2 * 16^2 + 2 * 24^2) = 7552 px: cheaper than one more loop.
+    assert _size_classes(sizes, n_src, loop_cost_px=8000.0) == {16: 48, 24: 48, 48: 48, 96: 96}
+
+
+def test_measure_children_padding_changes_no_flux(monkeypatch):
+    """Boxes fitted in one padded call per size class, or each size on its own: the same catalog."""
+    import galgan_ray.field as field
+
+    pos = [(20.3, 30.7), (23.0, 31.5), (60.0, 62.4), (80.6, 20.2), (40.0, 80.0), (44.0, 78.0), (41.5, 83.0)]
+    t = point_tile(pos, [3000.0, 900.0, 1500.0, 800.0, 2500.0, 1200.0, 700.0], n=100)
+    yy, xx = np.indices((100, 100))  # an extended source: a large footprint
+    blob = 3000.0 * np.exp(-0.5 * ((xx - 70) ** 2 + (yy - 85) ** 2) / 5.0**2) / (2 * np.pi * 25)
+    t.image[0] += blob.astype(np.float32)
+    cfg = FieldConfig()
+    p = find_footprints(t, config=cfg)
+    # Children at the true positions (and the blob's centre), each in the footprint holding it.
+    xy = np.array(pos + [(70.0, 85.0)])
+    row_of_label = {int(lab): i for i, lab in enumerate(p["fp.label"])}
+    fp = np.array([row_of_label[int(p["seg"][int(round(y)), int(round(x))])] for x, y in xy])
+    order = np.argsort(fp, kind="stable")
+    p.update({"child.fp": fp[order].astype(np.int32), "child.x": xy[order, 0], "child.y": xy[order, 1]})
+    kw = dict(psf=t.psf, pixel_scale_arcsec=t.pixel_scale_arcsec, config=cfg)
+    monkeypatch.setattr(field, "_LOOP_COST_PX", 0.0)
+    alone = field.measure_children(p["image_sub"], t.variance, p, **kw)
+    monkeypatch.setattr(field, "_LOOP_COST_PX", 1e12)
+    pooled = field.measure_children(p["image_sub"], t.variance, p, **kw)
+    assert len(set(fp.tolist())) >= 4 and np.all(np.isfinite(alone["phot.flux"]))
+    np.testing.assert_allclose(pooled["phot.flux"], alone["phot.flux"], rtol=1e-8)
+    np.testing.assert_allclose(pooled["phot.flux_err"], alone["phot.flux_err"], rtol=1e-6)
+    np.testing.assert_array_equal(pooled["phot.flags"], alone["phot.flags"])
+
+
 @pytest.fixture(scope="module")
 def enhancer(tmp_path_factory):
     return bicubic_enhancer(tmp_path_factory.mktemp("ckpt"))

@@ -193,6 +193,27 @@ def test_padded_centres_variance_maps_and_nonfinite_pixels(lr_psf):
     assert res["dof"][0] == ref["dof"][0] - 1
 
 
+def test_zero_weight_padding_changes_no_fit(lr_psf):
+    """Cutouts embedded in larger zero-weight arrays (as the field pads a tile's boxes to a few
+    sizes), with extra source slots, fit exactly as on their own."""
+    rng = np.random.default_rng(12)
+    gals = [(900.0, 0.3, 0.1, 0.0, -0.4, 0.0), (400.0, 0.5, -0.2, 0.1, 0.6, 0.3)]
+    img = _draw(gals) + rng.normal(size=(N_LR, N_LR))
+    cen = np.array([_px(g[4], g[5]) for g in gals])
+    cfg = PhotometryConfig(fit_centre=False)
+    ref = fit_fluxes(img, centres=[cen], psf_mixture=lr_psf, noise_sigma=1.0, config=cfg)
+    big = np.zeros((2, 40, 40))
+    var = np.full((2, 40, 40), np.inf)
+    big[:, :N_LR, :N_LR], var[:, :N_LR, :N_LR] = img, 1.0
+    pad = np.full((2, 4, 2), np.nan)
+    pad[:, :2] = cen
+    res = fit_fluxes(big, centres=pad, psf_mixture=lr_psf, variance=var, config=cfg)
+    for key in ("flux", "flux_err", "hlr_arcsec", "e1", "e2"):
+        assert_allclose(res[key][:, :2], np.repeat(ref[key], 2, 0), rtol=1e-9, err_msg=key)
+    assert np.all(res["n_iter"] == ref["n_iter"][0]) and np.all(res["dof"] == ref["dof"][0])
+    assert_allclose(res["chi2"], ref["chi2"][0], rtol=1e-10)
+
+
 def test_per_cutout_and_non_concentric_psf_mixtures(lr_psf):
     """One PSF mixture per cutout, and the general path for PSF Gaussians on different centres."""
     img = _draw([(900.0, 0.3, 0.1, 0.0, -0.4, 0.0), (700.0, 0.3, 0.0, 0.1, 0.5, 0.1)])
