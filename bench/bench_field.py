@@ -17,7 +17,7 @@ Every figure is measured in this one run, side by side:
   process is pinned to ``k`` cores (``sched_setaffinity``; Ray's processes inherit it, and the
   report prints the CPUs every process of the tree was allowed) with ``compute.num_cpus = k`` and
   ``k`` actors per stage (``stage_actors = enhance_actors = k``, 1 torch thread each, fractional CPUs
-  so the five actor pools and the read/commit tasks fit): base and 4x at 2 cores, base and 4x at 1 core.
+  so the stage pools and the commit actor fit): base and 4x at 2 cores, base and 4x at 1 core.
   The parent samples the resident memory of the process tree every ``--interval`` s from ``/proc``.
   "Steady state" is the 4x run minus the base run on the same cores (extra sources over extra wall
   time), so the fixed start-up costs cancel.
@@ -70,7 +70,7 @@ def job_config(inputs: str, output: str, *, workers: int, quick: bool):
     from galgan_ray.config import load_config
     from galgan_ray.ray_shell.field import FieldJobConfig
 
-    # Five actor pools of `workers` actors at 0.15 CPU plus read/commit tasks at 0.1 stay below `workers`.
+    # Three stage pools of `workers` actors at 0.15 CPU plus the commit actor at 0.1 stay below `workers`.
     overrides = [f"inputs=[{inputs!r}]", f"output={output!r}", f"compute.num_cpus={workers}",
                  f"compute.stage_actors={workers}", f"compute.enhance_actors={workers}",
                  "compute.stage_num_cpus=0.15", "compute.io_num_cpus=0.1", "compute.torch_threads=1"]
@@ -489,7 +489,7 @@ def report(runs: dict, ref: dict, args, *, load: tuple[float, float], total_s: f
             print(f"    {k[:-2]:<11} {st[k]:7.1f} core-s {st[k] / core_s:6.1%}{note}")
     rest = core_s - sum(st.values())
     print(f"    {'the rest':<11} {rest:7.1f} core-s {rest / core_s:6.1%}  (Ray: actor start-up, model load and noise "
-          f"calibration per enhancement actor, (de)serialisation, read and commit tasks, idle cores)")
+          f"calibration per enhancement actor, (de)serialisation, read and commit, idle cores)")
 
     # [3] ------------------------------------------------------------------------------------------
     ratio3 = big2["sps"] / big1["sps"]

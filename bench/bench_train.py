@@ -82,7 +82,8 @@ def main(argv=None) -> None:
         from galgan_ray.ray_shell.train import RayTrainConfig, build_trainer
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
+                 log_to_driver=False)
         with tempfile.TemporaryDirectory() as tmp:
             for workers in (1, 2):
                 rc = RayTrainConfig(num_workers=workers, threads_per_worker=1, storage_path=tmp,

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ray
 
-        ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else None, ignore_reinit_error=True)
+        ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else "local", ignore_reinit_error=True)
         cfg = load_config(TrainJobConfig, path, ["use_ray=true", *args.overrides])
         summary = run_training(cfg, out=args.out, work_dir=args.work_dir)
     except InputError as exc:

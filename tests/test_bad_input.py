@@ -499,7 +499,8 @@ def field_run(tmp_path_factory, s3_endpoint, ckpt):
     out = root / "out"
     config = FieldJobConfig(inputs=inputs, output=str(out), checkpoint=ckpt,
                             field=FieldConfig(noise_realizations=8), storage=StorageConfig(endpoint_url=s3_endpoint))
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
+             log_to_driver=False)
     try:
         summary = run_field(config, verbose=False)
     finally:

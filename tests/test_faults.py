@@ -5,7 +5,8 @@ What makes a field run survive them (nothing here is configured by the pipeline;
 - Ray Data 2.60 creates every actor-pool stage with ``max_restarts=-1`` and ``max_task_retries=-1``
   (``ActorPoolMapOperator._apply_default_remote_args``): a dead stage actor is restarted, its
   ``__init__`` runs again (the Enhance stage reloads its checkpoint) and the tasks it held are
-  retried. A read or commit task whose worker died is retried like any Ray task.
+  retried. Reads run in the PrepareStage actors and commits in the CommitStage actor, so they are
+  retried the same way.
 - A tile is committed once: its files go under deterministic names by atomic moves and the
   ``_COMMITTED`` marker last, so a retried commit, or a rerun after the driver died, rewrites the
   same files; the reader takes committed tiles only, each once.
@@ -47,7 +48,7 @@ SIM = FieldSimConfig(seed=5, n_tiles_x=3, n_tiles_y=2, tile_inner_arcsec=14.4, b
                      galaxy_density_arcmin2=150.0)
 N_TILES = SIM.n_tiles_x * SIM.n_tiles_y
 ENHANCE = "MapWorker(MapBatches(EnhanceStage))"  # Ray Data's actor class name of a stage
-PHOTOMETER = "MapWorker(MapBatches(PhotometerStage))"
+PHOTOMETER = "MapWorker(MapBatches(MeasureStage))"  # DetectStage + PhotometerStage in one actor
 
 
 # ------------------------------------------------------------------------------------------------

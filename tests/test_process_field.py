@@ -19,8 +19,9 @@ from galgan_ray.config import load_config  # noqa: E402
 from galgan_ray.errors import ConfigError  # noqa: E402
 from galgan_ray.field import FieldConfig, ModelGrid  # noqa: E402
 from galgan_ray.instrument import get_band  # noqa: E402
-from galgan_ray.ray_shell.field import (DegradeStage, DetectStage, FieldJobConfig, FootprintStage,  # noqa: E402
-                                        PhotometerStage, StorageConfig, read_catalog, run_field)
+from galgan_ray.ray_shell.field import (CommitStage, DegradeStage, DetectStage, FieldJobConfig,  # noqa: E402
+                                        FootprintStage, MeasureStage, PhotometerStage, PrepareStage, StorageConfig,
+                                        read_catalog, run_field)
 from galgan_ray.schema import failure_schema, object_schema, validate_table  # noqa: E402
 from galgan_ray.tiles import FieldSimConfig, make_simulated_field, tile_to_fits_bytes, read_tile_source  # noqa: E402
 
@@ -32,7 +33,8 @@ SIM = FieldSimConfig(seed=3, n_tiles_x=2, n_tiles_y=2, tile_inner_arcsec=14.4, b
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, object_store_memory=250 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=250 * 1024 * 1024, include_dashboard=False,
+             log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -83,6 +85,12 @@ def test_stages_and_configs_pickle():
     for cls in (DegradeStage, FootprintStage, DetectStage, PhotometerStage):
         stage = pickle.loads(pickle.dumps(cls(model, FieldConfig())))
         assert stage.model == model
+    for cls, names in ((PrepareStage, ["degrade", "footprints"]), (MeasureStage, ["detect", "photometry"])):
+        pool = pickle.loads(pickle.dumps(cls(model, FieldConfig())))
+        assert [s.stage for s in pool.stages] == names and all(s.model == model for s in pool.stages)
+    commit = pickle.loads(pickle.dumps(CommitStage(output="memory://x", storage=StorageConfig(), metadata_json="{}",
+                                                   fingerprint="f")))
+    assert commit.kwargs["output"] == "memory://x"
 
 
 @pytest.fixture(scope="module")

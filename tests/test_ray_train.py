@@ -31,7 +31,8 @@ _ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.
 def ray_local():
     old = {k: os.environ.get(k) for k in _ENV}
     os.environ.update(_ENV)  # read by the driver and propagated to the Train controller and workers
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
+             log_to_driver=False)
     yield
     ray.shutdown()
     for k, v in old.items():

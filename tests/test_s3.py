@@ -43,7 +43,8 @@ def endpoint():
                        "FSSPEC_S3_ENDPOINT_URL": url})
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, object_store_memory=250 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, object_store_memory=250 * 1024 * 1024, include_dashboard=False,
+                 log_to_driver=False)
     yield url
     if started:
         ray.shutdown()

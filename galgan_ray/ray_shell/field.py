@@ -10,12 +10,26 @@ need one shape per block)::
       -> EnhanceStage     (the GAN, checkpoint loaded once per actor; GPU when the cluster has one)
       -> DetectStage      (peaks on the enhanced cutouts -> children on the tile grid, RA/Dec)
       -> PhotometerStage  (Gaussian-mixture photometry on the LR image; catalog, truth scores)
-      -> commit task      (per-tile files under deterministic names, then the _COMMITTED marker)
+      -> CommitStage      (per-tile files under deterministic names, then the _COMMITTED marker)
 
 Each ``<Verb>Stage`` is a thin callable class over :mod:`galgan_ray.field`. A stage that raises on a
 tile turns that row into a failure (stage and reason); later stages pass failures through and the
-commit task writes them to ``OUT/failures/``, so the rest of the field completes and nothing is
+commit stage writes them to ``OUT/failures/``, so the rest of the field completes and nothing is
 dropped silently.
+
+Ray Data runs them as four fixed-size actor pools, so each process starts (and imports numpy,
+torch, astropy: seconds of CPU and ~0.3 GB each) once per job, never once per tile::
+
+    ReadTile->MapBatches(PrepareStage)   read + DegradeStage + FootprintStage   stage_actors
+    MapBatches(EnhanceStage)                                                    enhance_actors (GPU)
+    MapBatches(MeasureStage)             DetectStage + PhotometerStage          stage_actors
+    MapBatches(CommitStage)                                                     commit_actors
+
+:class:`PrepareStage` and :class:`MeasureStage` run their stages one after the other in one actor:
+footprints and detection are too light to be worth a process of their own, and each stage keeps
+its own class, timer and failure name. The read tasks ask for the CPUs of a PrepareStage actor,
+which lets Ray Data fuse them into that pool, so no Ray task (and no short-lived worker process)
+is left in the pipeline.
 
 Outputs under ``OUT`` (any fsspec URL)::
 
@@ -62,9 +76,9 @@ from ..photometry import PhotometryComputeConfig
 from ..tiles import FieldSimConfig
 
 __all__ = ["figures_dir", "StorageConfig", "FieldComputeConfig", "FieldJobConfig", "TileDatasource", "DegradeStage",
-           "FootprintStage", "EnhanceStage", "DetectStage", "PhotometerStage", "commit_tiles", "build_pipeline",
-           "run_field", "resolve_model_grid", "format_summary", "init_ray", "read_catalog", "read_run_dataset",
-           "run_files", "ROW_COLUMNS"]
+           "FootprintStage", "EnhanceStage", "DetectStage", "PhotometerStage", "PrepareStage", "MeasureStage",
+           "CommitStage", "commit_tiles", "build_pipeline", "run_field", "resolve_model_grid", "format_summary",
+           "init_ray", "read_catalog", "read_run_dataset", "run_files", "ROW_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +142,11 @@ class FieldComputeConfig:
     object_store_mb : int
         Object store of a local instance (MB).
     stage_num_cpus : float
-        CPUs reserved per stage actor. Keep the sum over the stages (five pools) plus the read and
-        commit tasks below the cluster's CPUs, or the pipeline starves (STACK.md).
+        CPUs reserved per stage actor (the reads run in the PrepareStage actors). Keep the sum
+        over the actors (``2 stage_actors + enhance_actors`` of these and the commit actors)
+        below the cluster's CPUs, or the pipeline starves (STACK.md).
     stage_actors : int
-        Actors per CPU stage.
+        Actors of each CPU pool (:class:`PrepareStage`, :class:`MeasureStage`).
     enhance_actors : int
         Actors of the enhancement stage.
     enhance_num_gpus : float or None
@@ -141,7 +156,11 @@ class FieldComputeConfig:
     enhance_batch_size : int
         Cutouts per forward pass.
     io_num_cpus : float
-        CPUs reserved per read / commit task.
+        CPUs reserved per commit actor.
+    commit_actors : int
+        Actors of the commit stage. A commit writes a few small files (~10 ms per tile on local
+        disk, against a second or more of stage work per tile), so one keeps up with many cores;
+        raise it where many nodes commit to object storage (each file is a few round trips).
     torch_threads : int
         ``torch.set_num_threads`` in every stage actor.
     photometry : PhotometryComputeConfig
@@ -158,12 +177,14 @@ class FieldComputeConfig:
     enhance_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     enhance_batch_size: int = 256
     io_num_cpus: float = 0.25
+    commit_actors: int = 1
     torch_threads: int = 1
     photometry: PhotometryComputeConfig = dataclasses.field(default_factory=lambda: PhotometryComputeConfig(device="cpu"))
 
     def __post_init__(self):
-        if self.stage_actors < 1 or self.enhance_actors < 1 or self.enhance_batch_size < 1:
-            raise ConfigError("compute", "stage_actors, enhance_actors and enhance_batch_size must be >= 1")
+        if min(self.stage_actors, self.enhance_actors, self.commit_actors, self.enhance_batch_size) < 1:
+            raise ConfigError("compute", "stage_actors, enhance_actors, commit_actors and enhance_batch_size must "
+                                         "be >= 1")
         if self.stage_num_cpus < 0 or self.io_num_cpus < 0 or self.torch_threads < 1:
             raise ConfigError("compute", "CPUs must be >= 0 and torch_threads >= 1")
 
@@ -485,7 +506,9 @@ class EnhanceStage(_TileStage):
 
         storage.apply_defaults()
         if device is None:
-            device = "cuda" if (ray.get_gpu_ids() and torch.cuda.is_available()) else "cpu"
+            # ray.is_initialized() first: ray.get_gpu_ids() would start (or join) a Ray instance
+            # when the stage is built outside Ray (a notebook, a test).
+            device = "cuda" if (ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available()) else "cpu"
         self.device = device
         self.config = config
         self.enhancer = Enhancer(checkpoint, device=device, batch_size=batch_size)
@@ -559,6 +582,61 @@ class PhotometerStage(_TileStage):
         info["bands"] = list(tile.bands)
         info["simulated"] = tile.truth is not None
         return _row(tile.tile_id, row["source"], "ok", self.stage, "", pack_arrays(arrays, info))
+
+
+class _StageSequence:
+    """Consecutive stages run one after the other in one actor: one pool and one process for
+    stages too light to be worth their own. Each keeps its own class, timer and failure name (a
+    tile failed by the first passes through the next, as between pools).
+
+    Parameters
+    ----------
+    *specs : tuple of (class, tuple, dict)
+        The stages in order, as ``(cls, args, kwargs)``: they are built in the actor, not in the
+        driver (a stage's ``__init__`` sets torch's threads in its process).
+    """
+
+    def __init__(self, *specs: tuple[type, tuple, dict]):
+        self.stages = [cls(*args, **kwargs) for cls, args, kwargs in specs]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
+
+
+class PrepareStage(_StageSequence):
+    """:class:`DegradeStage` then :class:`FootprintStage` in one actor (and, fused in by Ray Data,
+    the read before them): the low-resolution tile and the cutouts to enhance.
+
+    Parameters
+    ----------
+    model : ModelGrid
+    config : FieldConfig
+    torch_threads : int
+    """
+
+    def __init__(self, model: ModelGrid, config: FieldConfig, *, torch_threads: int = 1):
+        kw = dict(torch_threads=torch_threads)
+        super().__init__((DegradeStage, (model, config), kw), (FootprintStage, (model, config), kw))
+
+
+class MeasureStage(_StageSequence):
+    """:class:`DetectStage` then :class:`PhotometerStage` in one actor: the children found on the
+    enhanced cutouts, then their fluxes on the low-resolution image.
+
+    Parameters
+    ----------
+    model : ModelGrid
+    config : FieldConfig
+    compute : PhotometryComputeConfig
+    torch_threads : int
+    """
+
+    def __init__(self, model: ModelGrid, config: FieldConfig, *,
+                 compute: PhotometryComputeConfig = PhotometryComputeConfig(device="cpu"), torch_threads: int = 1):
+        super().__init__((DetectStage, (model, config), dict(torch_threads=torch_threads)),
+                         (PhotometerStage, (model, config), dict(compute=compute, torch_threads=torch_threads)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -644,6 +722,38 @@ def commit_tiles(batch: dict[str, np.ndarray], *, output: str, storage: StorageC
             out[k].append(v)
     return {"tileId": np.asarray(out["tileId"], dtype=np.int64),
             **{k: np.asarray(out[k], dtype=object) for k in ("source", "status", "stage", "reason", "stats")}}
+
+
+class CommitStage:
+    """The commit step as a warm actor: :func:`commit_tiles` on each batch.
+
+    A commit is light (a few small Parquet files and a marker per tile), but the process that runs
+    it imports the catalog writers (and with them numpy, torch, pyarrow and fsspec): as Ray tasks,
+    commits started worker processes that each paid that import, several at once on a small node.
+    One actor, started with the other stages, pays it once. Atomicity does not depend on the
+    process: files are moved into place and the marker is written last, so a commit retried after
+    the actor died rewrites the same names.
+
+    Parameters
+    ----------
+    output : str
+        Output URL.
+    storage : StorageConfig
+    metadata_json : str
+        Provenance stored in every Parquet file's metadata.
+    fingerprint : str
+        Science config and model fingerprint stored in each marker.
+    """
+
+    stage = "commit"
+
+    def __init__(self, *, output: str, storage: StorageConfig, metadata_json: str, fingerprint: str):
+        from .. import field as _core  # noqa: F401 - import the writers now, not on the first tile
+
+        self.kwargs = dict(output=output, storage=storage, metadata_json=metadata_json, fingerprint=fingerprint)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return commit_tiles(batch, **self.kwargs)
 
 
 def _truth_counts(truth: Mapping[str, np.ndarray], blends: Mapping[str, np.ndarray]) -> dict[str, int]:
@@ -732,32 +842,37 @@ def _simulate_inputs(config: FieldJobConfig) -> tuple[list[str], dict]:
 
 def build_pipeline(sources: Sequence[str], *, config: FieldJobConfig, checkpoint: str, model: ModelGrid,
                    metadata_json: str, fingerprint: str) -> ray.data.Dataset:
-    """The lazy Ray dataset of the run: read -> stages -> commit (one summary row per tile)."""
+    """The lazy Ray dataset of the run: read -> stages -> commit (one summary row per tile), as the
+    four actor pools of the module docstring."""
     c = config.compute
     gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
     enhance_gpus = (1.0 if gpus >= 1 else 0.0) if c.enhance_num_gpus is None else float(c.enhance_num_gpus)
     common = dict(batch_size=1, num_cpus=c.stage_num_cpus, zero_copy_batch=False)
-    pool = ray.data.ActorPoolStrategy(size=c.stage_actors)
     kw = dict(torch_threads=c.torch_threads)
+    # 1. Reads with the CPUs of a PrepareStage actor, and PrepareStage with batch_size=None (a batch
+    #    is one block, i.e. one tile: a read task yields one 1-row block): Ray Data then fuses the
+    #    reads into that pool (it fuses a task-pool map into a following actor pool when their remote
+    #    args match and the actor pool asks for no batch size), so tiles are read in warm actors.
     ds = ray.data.read_datasource(TileDatasource(sources, storage=config.storage), override_num_blocks=len(sources),
-                                  num_cpus=c.io_num_cpus)
-    ds = ds.map_batches(DegradeStage, fn_constructor_args=(model, config.field), fn_constructor_kwargs=kw,
-                        compute=pool, **common)
-    ds = ds.map_batches(FootprintStage, fn_constructor_args=(model, config.field), fn_constructor_kwargs=kw,
-                        compute=pool, **common)
+                                  num_cpus=c.stage_num_cpus)
+    ds = ds.map_batches(PrepareStage, fn_constructor_args=(model, config.field), fn_constructor_kwargs=kw,
+                        compute=ray.data.ActorPoolStrategy(size=c.stage_actors), **{**common, "batch_size": None})
+    # 2. The model, on a GPU where the cluster has one.
     enh_args = dict(batch_size=1, zero_copy_batch=False, num_cpus=c.stage_num_cpus, num_gpus=enhance_gpus)
     if c.enhance_resources:
         enh_args["resources"] = dict(c.enhance_resources)
     ds = ds.map_batches(EnhanceStage, fn_constructor_args=(checkpoint, config.field),
                         fn_constructor_kwargs=dict(batch_size=c.enhance_batch_size, storage=config.storage, **kw),
                         compute=ray.data.ActorPoolStrategy(size=c.enhance_actors), **enh_args)
-    ds = ds.map_batches(DetectStage, fn_constructor_args=(model, config.field), fn_constructor_kwargs=kw,
-                        compute=pool, **common)
-    ds = ds.map_batches(PhotometerStage, fn_constructor_args=(model, config.field),
-                        fn_constructor_kwargs=dict(compute=c.photometry, **kw), compute=pool, **common)
-    ds = ds.map_batches(commit_tiles, fn_kwargs=dict(output=config.output, storage=config.storage,
-                                                     metadata_json=metadata_json, fingerprint=fingerprint),
-                        batch_size=1, num_cpus=c.io_num_cpus, zero_copy_batch=False)
+    # 3. Children and photometry.
+    ds = ds.map_batches(MeasureStage, fn_constructor_args=(model, config.field),
+                        fn_constructor_kwargs=dict(compute=c.photometry, **kw),
+                        compute=ray.data.ActorPoolStrategy(size=c.stage_actors), **common)
+    # 4. The commit, in warm actors too (as Ray tasks, each commit started a worker that imported the stack).
+    ds = ds.map_batches(CommitStage, fn_constructor_kwargs=dict(output=config.output, storage=config.storage,
+                                                                metadata_json=metadata_json, fingerprint=fingerprint),
+                        compute=ray.data.ActorPoolStrategy(size=c.commit_actors), batch_size=1,
+                        num_cpus=c.io_num_cpus, zero_copy_batch=False)
     return ds
 
 
