@@ -135,6 +135,10 @@ class SRGANConfig:
         (depth 3 on 64x64 gives an 8x8 map of patch logits).
     disc_norm : {"batch", "instance", "none"}
         Normalisation in the discriminator (BatchNorm as in DCGAN/pix2pix).
+    icnr : bool
+        ICNR-initialise the convolution before the PixelShuffle (no checkerboard at the start; the
+        shipped ``sr_1band.pt`` predates it and was trained with ``icnr: false``). Initialisation only:
+        it does not change how a checkpoint's weights are used.
     condition_upsample : {"bicubic", "nearest"}
         How the LR input is brought to 64x64 for the conditional discriminator and the ``paper``
         generator.
@@ -157,6 +161,7 @@ class SRGANConfig:
     disc_depth: int = 3
     disc_norm: Literal["batch", "instance", "none"] = "batch"
     condition_upsample: Literal["bicubic", "nearest"] = "bicubic"
+    icnr: bool = True
     lr_size: int = 22
     hr_size: int = 64
     factor: int = 3
@@ -360,7 +365,8 @@ class UNetSRGenerator(_SkipMixin, nn.Module):
         f = cfg.factor
         if cfg.upsample == "pixelshuffle":
             self.upsampler = nn.Sequential(nn.Conv2d(w, (w // 2) * f * f, 3, padding=1), nn.PixelShuffle(f), act())
-            _icnr_(self.upsampler[0], f)
+            if cfg.icnr:
+                _icnr_(self.upsampler[0], f)
         else:
             self.upsampler = nn.Sequential(nn.ConvTranspose2d(w, w // 2, f, stride=f), act())
         self.hr = nn.Sequential(nn.Conv2d(w // 2, w // 2, 3, padding=1), act())

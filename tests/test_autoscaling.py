@@ -159,9 +159,12 @@ def test_field_on_an_autoscaling_cluster_starting_from_zero_workers(cluster, ckp
                             compute=FieldComputeConfig(ray_address=cluster, enhance_num_gpus=1.0))
     summary = run_field(config, verbose=False)  # joins the cluster by its address (init_ray)
 
-    # The autoscaler added a CPU worker for the CPU stages and a GPU worker for the Enhance actor.
+    # The autoscaler added workers on demand: a GPU worker for the Enhance actor (it asks for a GPU), and
+    # a CPU worker only if the CPU stages' fractional requests (0.25 CPU per actor) did not fit beside it
+    # on the GPU worker's CPU -- with four actor pools they usually do, so that one is not asserted.
     workers = _worker_nodes()
-    assert sorted(workers, key=lambda w: w["GPU"]) == [{"CPU": 2.0, "GPU": 0.0}, {"CPU": 1.0, "GPU": 1.0}], workers
+    assert {"CPU": 1.0, "GPU": 1.0} in workers, workers
+    assert all(w in ({"CPU": 1.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 0.0}) for w in workers), workers
     n = SIM.n_tiles_x * SIM.n_tiles_y
     assert summary["tiles"] == {"total": n, "done": n, "failed": 0, "skipped": 0}
     assert len(list((out / "catalog").glob("tile=*/_COMMITTED"))) == n

@@ -31,6 +31,9 @@ def test_report_has_the_keys_other_tools_read(tiny_run):
         d = rep["detection_fraction"][row]
         assert 0.0 <= d["fraction"] <= 1.0 and d["n"] == 16 and d["lower"] <= d["fraction"] <= d["upper"]
     assert rep["n_blends"] == 16 and "enhanced" in rep["false_positive_rate"]
+    # The invented-peak rate is the paper's rate restricted further: never larger, same subset.
+    strict, paper = rep["false_positive_rate_spurious"]["enhanced"], rep["false_positive_rate"]["enhanced"]
+    assert strict["n"] == paper["n"] and strict["k"] <= paper["k"]
     assert rep["spec"]["n_blends"] == 16 and rep["provenance"]["version"]
     assert np.isfinite(rep["som"]["quantization_error"])
     assert "headline_factor" in rep["photometry"]
@@ -43,3 +46,12 @@ def test_outcomes_agree_with_the_fractions(tiny_run):
     rep = out["report"]
     for row, oc in out["outcomes"].items():
         assert rep["detection_fraction"][row]["k"] == int((oc == 2).sum())
+
+
+def test_the_seven_band_spec_loads_with_matching_bands():
+    from importlib import resources
+
+    spec = load_config(EvalSpec, str(resources.files("galgan_ray").joinpath("data/benchmark_7band.yaml")))
+    assert len(spec.bands.high) == len(spec.bands.low) == 7 and spec.baselines == ()
+    assert spec.seed == load_config(EvalSpec, str(resources.files("galgan_ray").joinpath(
+        "data/benchmark_default.yaml"))).seed

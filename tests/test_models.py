@@ -113,3 +113,14 @@ def test_invalid_configs():
         DCGANConfig(image_size=32)
     with pytest.raises(ConfigError):
         build_generator(object())
+
+
+def test_icnr_starts_the_pixelshuffle_as_nearest_neighbour_upsampling():
+    """ICNR: the 3x3 sub-pixels of every output pixel start equal (no checkerboard); off, they differ."""
+    h = torch.randn(2, 32, 22, 22)
+    for icnr in (True, False):
+        torch.manual_seed(0)
+        up = build_generator(SRGANConfig(icnr=icnr)).upsampler(h)
+        blocks = up.reshape(2, 16, 22, 3, 22, 3)
+        spread = (blocks - blocks[:, :, :, :1, :, :1]).abs().amax().item()
+        assert (spread == 0.0) if icnr else (spread > 1e-3)
