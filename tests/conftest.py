@@ -23,3 +23,20 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    """An untrained HSC i -> HST F775W SR generator (its additive skip makes it bicubic upsampling):
+    the field, fault and bad-input tests check plumbing, not a trained model."""
+    import torch
+
+    from galgan_ray.checkpoint import save_checkpoint
+    from galgan_ray.instrument import get_band
+    from galgan_ray.models import SRGANConfig, build_generator
+
+    torch.manual_seed(0)
+    cfg = SRGANConfig()
+    return save_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "untrained.pt"),
+                           generator_state=build_generator(cfg).state_dict(), model_cfg=cfg,
+                           bands={"high": [get_band("hst", "F775W")], "low": [get_band("hsc", "i")]})

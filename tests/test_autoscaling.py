@@ -31,12 +31,10 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray")
 
-from galgan_ray.instrument import get_band  # noqa: E402
 from galgan_ray.ray_shell.field import FieldComputeConfig, FieldJobConfig, read_catalog, run_field  # noqa: E402
 from galgan_ray.tiles import FieldSimConfig, make_simulated_field  # noqa: E402
 
 pytestmark = pytest.mark.ray
-HST, HSC = get_band("hst", "F775W"), get_band("hsc", "i")
 SIM = FieldSimConfig(seed=3, n_tiles_x=2, n_tiles_y=2, tile_inner_arcsec=14.4, border_arcsec=3.96,
                      galaxy_density_arcmin2=150.0)
 MB = 1024 * 1024
@@ -128,16 +126,6 @@ def cluster(tmp_path_factory) -> str:
                 pass
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
-    """An untrained SR generator: the test does not depend on a trained model."""
-    from galgan_ray.checkpoint import save_checkpoint
-    from galgan_ray.models import SRGANConfig, build_generator
-
-    cfg = SRGANConfig()
-    return save_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "untrained.pt"),
-                           generator_state=build_generator(cfg).state_dict(), model_cfg=cfg,
-                           bands={"high": [HST], "low": [HSC]})
 
 
 def _worker_nodes() -> list[dict]:

@@ -43,14 +43,13 @@ import pytest
 import torch
 from astropy.io import fits
 
-from galgan_ray.checkpoint import load_checkpoint, save_checkpoint
+from galgan_ray.checkpoint import load_checkpoint
 from galgan_ray.cli import main
 from galgan_ray.config import apply_overrides, load_config
 from galgan_ray.errors import CheckpointError, ConfigError, InputError
 from galgan_ray.field import FieldConfig, ModelGrid, check_tile
 from galgan_ray.geometry import make_tan_wcs
 from galgan_ray.instrument import get_band
-from galgan_ray.models import SRGANConfig, build_generator
 from galgan_ray.psf import draw_psf
 from galgan_ray.shards import read_shards, write_shards
 from galgan_ray.tiles import Tile, list_tile_sources, read_tile_source, tile_to_fits_bytes, write_tiles_parquet
@@ -257,14 +256,6 @@ def s3_endpoint():
             os.environ[k] = v
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
-    """An untrained 1-band SR generator (bicubic skip: the checks need no trained model)."""
-    torch.manual_seed(0)
-    cfg = SRGANConfig(base_width=8)
-    return save_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "untrained.pt"),
-                           generator_state=build_generator(cfg).state_dict(), model_cfg=cfg,
-                           bands={"high": [HST], "low": [HSC]})
 
 
 def _storage_options(url: str, endpoint: str | None) -> dict:

@@ -35,14 +35,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray")
 
 from galgan_ray.field import FieldConfig, enhanced_noise_scale, process_tile  # noqa: E402
-from galgan_ray.instrument import get_band  # noqa: E402
 from galgan_ray.ray_shell.field import (FieldComputeConfig, FieldJobConfig, read_catalog,  # noqa: E402
                                         resolve_model_grid, run_field)
 from galgan_ray.tiles import FieldSimConfig, list_tile_sources, make_simulated_field, read_tile_source  # noqa: E402
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
-HST, HSC = get_band("hst", "F775W"), get_band("hsc", "i")
 # Six tiles: enough that a kill early in the run leaves work for the restarted actor or the rerun.
 SIM = FieldSimConfig(seed=5, n_tiles_x=3, n_tiles_y=2, tile_inner_arcsec=14.4, border_arcsec=3.96,
                      galaxy_density_arcmin2=150.0)
@@ -54,16 +52,6 @@ PHOTOMETER = "MapWorker(MapBatches(MeasureStage))"  # DetectStage + PhotometerSt
 # ------------------------------------------------------------------------------------------------
 # Fixtures and helpers
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
-    """An untrained SR generator: the tests do not depend on a trained model."""
-    from galgan_ray.checkpoint import save_checkpoint
-    from galgan_ray.models import SRGANConfig, build_generator
-
-    cfg = SRGANConfig()
-    return save_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "untrained.pt"),
-                           generator_state=build_generator(cfg).state_dict(), model_cfg=cfg,
-                           bands={"high": [HST], "low": [HSC]})
 
 
 @pytest.fixture(scope="module")

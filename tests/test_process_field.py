@@ -39,16 +39,6 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
-    """An untrained SR generator (skip=True: bicubic): the tests do not depend on a trained model."""
-    from galgan_ray.checkpoint import save_checkpoint
-    from galgan_ray.models import SRGANConfig, build_generator
-
-    cfg = SRGANConfig()
-    return save_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "bicubic.pt"),
-                           generator_state=build_generator(cfg).state_dict(), model_cfg=cfg,
-                           bands={"high": [HST], "low": [HSC]})
 
 
 @pytest.fixture(scope="module")

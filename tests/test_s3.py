@@ -13,7 +13,6 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("moto")
 s3fs = pytest.importorskip("s3fs")
 
-from galgan_ray.instrument import get_band  # noqa: E402
 from galgan_ray.ray_shell.field import FieldJobConfig, StorageConfig, read_catalog, run_field  # noqa: E402
 from galgan_ray.schema import object_schema, validate_table  # noqa: E402
 from galgan_ray.tiles import FieldSimConfig, make_simulated_field  # noqa: E402
@@ -56,15 +55,6 @@ def endpoint():
             os.environ[k] = v
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
-    from galgan_ray.checkpoint import save_checkpoint
-    from galgan_ray.models import SRGANConfig, build_generator
-
-    cfg = SRGANConfig()
-    return save_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "bicubic.pt"),
-                           generator_state=build_generator(cfg).state_dict(), model_cfg=cfg,
-                           bands={"high": [get_band("hst", "F775W")], "low": [get_band("hsc", "i")]})
 
 
 def test_field_job_reads_and_writes_s3(endpoint, ckpt):
