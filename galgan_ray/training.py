@@ -112,8 +112,6 @@ class TrainConfig:
     label_smoothing : float
         One-sided label smoothing of the discriminator's real targets (``1 - label_smoothing``;
         Salimans et al. 2016): keeps the discriminator from saturating.
-    grad_clip : float or None
-        Clip the generator's gradient norm to this value (None: no clipping).
     lr_schedule : {"constant", "cosine"}
         Learning rates per epoch: constant, or cosine-annealed from ``lr`` to ``lr / 20`` over ``epochs``.
     pretrain_epochs : int
@@ -151,7 +149,6 @@ class TrainConfig:
     discriminator_batches: Literal["separate", "joint"] = "separate"
     label_smoothing: float = 0.0
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    grad_clip: float | None = None
     pretrain_epochs: int = 0
     augment: bool = True
     validation_fraction: float = 0.1
@@ -746,8 +743,6 @@ def train_srgan(train_data: DataSource, val_data: DataSource | None = None, *,
             out["loss_total_flux"] = loss_tot
         state.optimizer_g.zero_grad(set_to_none=True)
         loss.backward()
-        if train_cfg.grad_clip:
-            out["grad_norm_g"] = torch.nn.utils.clip_grad_norm_(state.generator.parameters(), train_cfg.grad_clip)
         state.optimizer_g.step()
         out["loss_g"] = loss
         return out, x.shape[0]

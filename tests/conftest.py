@@ -1,4 +1,7 @@
 """Shared test fixtures (keep minimal)."""
+import contextlib
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,30 @@ def ckpt(tmp_path_factory) -> str:
     return save_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "untrained.pt"),
                            generator_state=build_generator(cfg).state_dict(), model_cfg=cfg,
                            bands={"high": [get_band("hst", "F775W")], "low": [get_band("hsc", "i")]})
+
+
+@contextlib.contextmanager
+def moto_s3(**env: str):
+    """An S3-compatible moto server on a free loopback port, yielding its URL; test credentials (and
+    ``env``) are set in the environment for its lifetime -- start it before Ray, so workers inherit them."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    values = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+              **{k: v.format(url=url) for k, v in env.items()}}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield url
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -33,7 +33,6 @@ import dataclasses
 import io
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,6 +42,7 @@ import pytest
 import torch
 from astropy.io import fits
 
+from conftest import moto_s3
 from galgan_ray.checkpoint import load_checkpoint
 from galgan_ray.cli import main
 from galgan_ray.config import apply_overrides, load_config
@@ -226,36 +226,18 @@ TILE_KINDS: dict[str, Callable[[Ctx], Bad]] = {
 # ------------------------------------------------------------------------------------------------
 # Fixtures
 # ------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """An S3 server (moto) on loopback with credentials in the environment (before Ray starts, so
     its workers inherit them); None when moto or s3fs is missing."""
     try:
+        import moto.server  # noqa: F401
         import s3fs  # noqa: F401
-        from moto.server import ThreadedMotoServer
     except ImportError:
         yield None
         return
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
+    with moto_s3() as url:
+        yield url
 
 
 def _storage_options(url: str, endpoint: str | None) -> dict:

@@ -238,6 +238,15 @@ def assert_restarted_and_retried(killed: dict, actor_class: str, *, address: str
              timeout_s=60, what=f"the retried task of {actor_class} in the task events")
 
 
+def assert_recovered(killer, summary, out, reference, stage: str, *, address: str) -> None:
+    """The kill landed mid-run, every tile was committed, the catalog equals the reference and the
+    killed stage's actor was restarted with its task retried."""
+    assert killer.killed["committed"] < N_TILES
+    assert summary["tiles"] == {"total": N_TILES, "done": N_TILES, "failed": 0, "skipped": 0}
+    assert_complete_catalog(out, reference)
+    assert_restarted_and_retried(killer.killed, stage, address=address)
+
+
 @pytest.mark.timeout(600)
 def test_killed_enhance_actor_is_restarted_and_the_catalog_is_complete(ray_with_state_api, ckpt, sim, reference,
                                                                       tmp_path):
@@ -250,11 +259,8 @@ def test_killed_enhance_actor_is_restarted_and_the_catalog_is_complete(ray_with_
         ray.kill(handle, no_restart=False)
 
     killer = StageKiller(ENHANCE, kill, address=ray_with_state_api, out=out)
-    summary = run_with_a_kill(killer, job(ckpt, sim, out))
-    assert killer.killed["committed"] < N_TILES
-    assert summary["tiles"] == {"total": N_TILES, "done": N_TILES, "failed": 0, "skipped": 0}
-    assert_complete_catalog(out, reference)
-    assert_restarted_and_retried(killer.killed, ENHANCE, address=ray_with_state_api)
+    assert_recovered(killer, run_with_a_kill(killer, job(ckpt, sim, out)), out, reference, ENHANCE,
+                     address=ray_with_state_api)
 
 
 @pytest.mark.timeout(600)
@@ -264,11 +270,8 @@ def test_killed_worker_process_is_replaced_and_the_catalog_is_complete(ray_with_
     out = tmp_path / "out"
     killer = StageKiller(PHOTOMETER, lambda actor: os.kill(actor.pid, signal.SIGKILL), address=ray_with_state_api,
                          out=out)
-    summary = run_with_a_kill(killer, job(ckpt, sim, out))
-    assert killer.killed["committed"] < N_TILES
-    assert summary["tiles"] == {"total": N_TILES, "done": N_TILES, "failed": 0, "skipped": 0}
-    assert_complete_catalog(out, reference)
-    assert_restarted_and_retried(killer.killed, PHOTOMETER, address=ray_with_state_api)
+    assert_recovered(killer, run_with_a_kill(killer, job(ckpt, sim, out)), out, reference, PHOTOMETER,
+                     address=ray_with_state_api)
 
 
 # ------------------------------------------------------------------------------------------------

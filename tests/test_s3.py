@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pyarrow.parquet as pq
 import pytest
@@ -13,6 +12,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("moto")
 s3fs = pytest.importorskip("s3fs")
 
+from conftest import moto_s3  # noqa: E402
 from galgan_ray.ray_shell.field import FieldJobConfig, StorageConfig, read_catalog, run_field  # noqa: E402
 from galgan_ray.schema import object_schema, validate_table  # noqa: E402
 from galgan_ray.tiles import FieldSimConfig, make_simulated_field  # noqa: E402
@@ -22,39 +22,17 @@ BUCKET = "galgan-field"
 SECRET = "s3cr3t-never-stored"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def endpoint():
     """moto on loopback, credentials in the environment *before* Ray starts (workers inherit them)."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FSSPEC_S3_ENDPOINT_URL")}
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": SECRET,
-                       "FSSPEC_S3_ENDPOINT_URL": url})
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, object_store_memory=250 * 1024 * 1024, include_dashboard=False,
-                 log_to_driver=False)
-    yield url
-    if started:
-        ray.shutdown()
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
+    with moto_s3(AWS_SECRET_ACCESS_KEY=SECRET, FSSPEC_S3_ENDPOINT_URL="{url}") as url:
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address="local", num_cpus=2, object_store_memory=250 * 1024 * 1024, include_dashboard=False,
+                     log_to_driver=False)
+        yield url
+        if started:
+            ray.shutdown()
 
 
 def test_field_job_reads_and_writes_s3(endpoint, ckpt):
