@@ -87,6 +87,11 @@ class DetectConfig:
         of the straight path to every stronger peak, or it is merged into that peak: noise bumps
         and faint substructure on a bright galaxy are not separate sources (a cheap stand-in for
         SExtractor's deblending contrast). 0 disables it.
+    min_contrast : float
+        When > 0, a peak must also rise ``min_contrast`` times the stronger peak's significance
+        above the saddle towards it (the larger of the two criteria applies): on a bright galaxy
+        the noise bumps grow with its surface brightness, so a fixed ``min_prominence`` in sigma
+        does not suppress them (SExtractor's ``DEBLEND_MINCONT`` plays this role). 0 disables it.
     max_peaks : int
         Most significant peaks kept per image after merging.
     psf_energy : float
@@ -102,6 +107,7 @@ class DetectConfig:
     border_px: int = 1
     edge_fwhm: float = 1.0
     min_prominence: float = 0.0
+    min_contrast: float = 0.0
     max_peaks: int = 20
     psf_energy: float = 0.999
 
@@ -118,6 +124,8 @@ class DetectConfig:
             raise ConfigError("detect.border_px", f"must be >= 1, got {self.border_px}")
         if self.min_prominence < 0:
             raise ConfigError("detect.min_prominence", f"must be >= 0, got {self.min_prominence}")
+        if not 0 <= self.min_contrast < 1:
+            raise ConfigError("detect.min_contrast", f"must be in [0, 1), got {self.min_contrast}")
         if self.max_peaks < 1:
             raise ConfigError("detect.max_peaks", f"must be >= 1, got {self.max_peaks}")
         if not 0 < self.psf_energy <= 1:
@@ -356,12 +364,13 @@ def _saddle(smap: np.ndarray, img: np.ndarray, x0, y0, x1, y1, *, ns: int | None
 
 def _greedy_merge(index: np.ndarray, x: np.ndarray, y: np.ndarray, sig: np.ndarray, min_sep: float,
                   max_peaks: int, smap: np.ndarray | None = None,
-                  min_prominence: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                  min_prominence: float = 0.0, min_contrast: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Greedy suppression within each image, vectorised over images (loop over peak rank).
 
     A peak is suppressed when a stronger kept peak lies within ``min_sep`` px, or (when
-    ``min_prominence > 0``) when it rises less than ``min_prominence`` above the lowest point of
-    the straight path to some stronger kept peak (``smap[index]`` is the significance map).
+    ``min_prominence > 0`` or ``min_contrast > 0``) when it rises less than
+    ``max(min_prominence, min_contrast * S_stronger)`` above the lowest point of the straight path
+    to some stronger kept peak (``smap[index]`` is the significance map).
     Returns the kept mask and a merged mask (kept peaks that absorbed at least one other).
     """
     m = len(index)
@@ -388,7 +397,7 @@ def _greedy_merge(index: np.ndarray, x: np.ndarray, y: np.ndarray, sig: np.ndarr
     absorbed = np.zeros((n_img, kmax), dtype=bool)
     nkept = np.zeros(n_img, dtype=np.int64)
     min_sep2 = min_sep**2
-    use_prom = smap is not None and min_prominence > 0
+    use_prom = smap is not None and (min_prominence > 0 or min_contrast > 0)
     for k in range(kmax):
         if k == 0:
             ok = valid[:, 0]
@@ -403,12 +412,13 @@ def _greedy_merge(index: np.ndarray, x: np.ndarray, y: np.ndarray, sig: np.ndarr
                     seg = (gx[rows, k: k + 1], gy[rows, k: k + 1], gx[rows, :k], gy[rows, :k])
                     ns = _saddle_samples(*seg)
                     sad = _saddle(smap, img_row[rows][:, None], *seg, ns=ns, every=8)
-                    low = kept[rows, :k] & (gs[rows, k: k + 1] - sad < min_prominence)
+                    need = np.maximum(min_prominence, min_contrast * gs[rows, :k])
+                    low = kept[rows, :k] & (gs[rows, k: k + 1] - sad < need)
                     r2, c2 = np.nonzero(low)
                     if len(r2):
                         full = _saddle(smap, img_row[rows][r2], gx[rows[r2], k], gy[rows[r2], k], gx[rows[r2], c2],
                                        gy[rows[r2], c2], ns=ns)
-                        low[r2, c2] = gs[rows[r2], k] - full < min_prominence
+                        low[r2, c2] = gs[rows[r2], k] - full < need[r2, c2]
                     close[rows] |= low
             suppressed = close.any(axis=1)
             # The strongest kept neighbour absorbs the suppressed peak.
@@ -444,6 +454,7 @@ def find_peaks_batch(
     wcs: Sequence | None = None,
     pixel_scale_arcsec: float | None = None,
     chunk_size: int = 1024,
+    noise_scale_map: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Find peaks in a stack of single-band images of one resolution (one flat table).
 
@@ -465,6 +476,12 @@ def find_peaks_batch(
         Needed only when ``config.min_separation_arcsec > 0`` and no WCS is given.
     chunk_size : int
         Images filtered at once (memory knob, no effect on the result).
+    noise_scale_map : numpy.ndarray, optional
+        ``(N, H, W)`` or ``(H, W)`` positive factors: the noise of the *filtered* image at each
+        pixel is ``noise_sigma * sqrt(w2) * noise_scale_map`` instead of white-noise
+        ``noise_sigma * sqrt(w2)``. For images whose noise is not white and not uniform, e.g.
+        enhanced images, whose noise grows on the galaxies (see
+        :func:`galgan_ray.evaluation.enhanced_noise_model`).
 
     Returns
     -------
@@ -497,6 +514,10 @@ def find_peaks_batch(
             raise InputError("find_peaks", "min_separation_arcsec needs pixel_scale_arcsec or a WCS")
         min_sep = max(min_sep, config.min_separation_arcsec / scale)
 
+    if noise_scale_map is not None:
+        noise_scale_map = np.broadcast_to(np.asarray(noise_scale_map, dtype=np.float32), (n, h, w))
+        if not np.all(np.isfinite(noise_scale_map) & (noise_scale_map > 0)):
+            raise InputError("find_peaks.noise_scale_map", "must be finite and > 0 everywhere")
     b = config.border_px
     edge_px = config.edge_fwhm * fwhm_px
     parts: list[tuple[np.ndarray, ...]] = []
@@ -510,6 +531,8 @@ def find_peaks_batch(
         sigma = np.where(bad_sigma, np.inf, sigma)  # an image without a usable RMS finds nothing
         filt = torch.from_numpy(_correlate(sub, kernel))
         sig = filt / (torch.from_numpy(sigma.astype(np.float32))[:, None, None] * torch.from_numpy(sqrt_w2))
+        if noise_scale_map is not None:
+            sig = sig / torch.from_numpy(np.array(noise_scale_map[start: start + len(sub)], dtype=np.float32))
         is_peak = (sig == _max3x3(sig)) & (sig > config.nsigma)
         is_peak[:, :b] = False
         is_peak[:, h - b:] = False
@@ -525,7 +548,7 @@ def find_peaks_batch(
         px, py, ps = ix + dx, iy + dy, v0 * gain
         # Images never straddle chunks, so peaks are merged chunk by chunk (with the map at hand).
         keep, merged = _greedy_merge(ii, px, py, ps, min_sep, config.max_peaks, smap=s,
-                                     min_prominence=config.min_prominence)
+                                     min_prominence=config.min_prominence, min_contrast=config.min_contrast)
         parts.append((ii[keep] + start, px[keep], py[keep], ps[keep], fl[keep], ~finite[ii[keep]], merged[keep]))
 
     if parts:

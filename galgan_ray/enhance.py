@@ -96,11 +96,11 @@ def default_checkpoint(n_bands: int = 1) -> str:
 
 
 #: Other shipped checkpoints, by alias (the evaluation's baselines).
-NAMED_MODELS: dict[str, str] = {"default-noflux": "sr_1band_noflux.pt"}
+NAMED_MODELS: dict[str, str] = {"default-fluxcons": "sr_1band_fluxcons.pt"}
 
 
 def model_available(spec: str) -> bool:
-    """Whether a shipped model alias (``default``, ``default-7band``, ``default-noflux``) is installed."""
+    """Whether a shipped model alias (``default``, ``default-7band``, ``default-fluxcons``) is installed."""
     try:
         resolve_model(spec)
     except InputError:
@@ -110,7 +110,7 @@ def model_available(spec: str) -> bool:
 
 def resolve_model(spec: str | os.PathLike = "default") -> str:
     """Checkpoint path/URL of a model spec: ``"default"`` (1 band), ``"default-7band"``,
-    ``"default-noflux"`` (1 band trained without flux consistency), or a path/URL.
+    ``"default-fluxcons"`` (the default recipe plus the flux-consistency term), or a path/URL.
 
     Returns
     -------

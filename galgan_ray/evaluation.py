@@ -21,6 +21,7 @@ from .config import to_dict
 from .dataset import (BandsConfig, DatasetConfig, clean_neighbours, concat_batches, real_galaxy_set,
                       simulated_galaxy_sets)
 from .detect import DetectConfig, find_peaks_batch
+from .errors import InputError
 from .figures import truth_positions
 from .matching import match_peaks_batch
 from .metrics import (blend_outcomes, detection_fraction, detection_scores, efficiency_matrix,
@@ -28,7 +29,8 @@ from .metrics import (blend_outcomes, detection_fraction, detection_scores, effi
 from .provenance import provenance
 from .psf import draw_psf
 
-__all__ = ["EvalSpec", "evaluate", "benchmark_galaxies", "peaks_at_resolution", "score_blends",
+__all__ = ["EvalSpec", "evaluate", "benchmark_galaxies", "peaks_at_resolution", "score_blends", "detection_images",
+           "central_significance", "select_detectable",
            "write_report", "BLEND_PARAMETERS"]
 
 log = logging.getLogger(__name__)
@@ -62,13 +64,24 @@ class EvalSpec:
     noise_calibration_galaxies : int
         Isolated galaxies used to calibrate that noise (see :func:`enhanced_noise_scale`).
     noise_percentile : float
-        Percentile of the per-pixel noise map of the filtered enhanced images taken as its noise.
+        The noise of the filtered enhanced image at a pixel is this percentile of the per-pixel noise
+        of the calibration draws whose filtered signal is at the same level (see
+        :func:`enhanced_noise_model`).
+    noise_levels : int
+        Signal-level bins of that noise model (equal numbers of calibration pixels).
     baselines : tuple of str
         Any of ``sep``, ``richardson_lucy``, ``bicubic``.
     batch_size : int
         Enhancement batch size.
     photometry_blends : int
         Blends (the first ones) measured in the Fig. 7 photometry experiment (0: none).
+    min_high_significance : float
+        Only galaxies that the high-resolution image detects on their own enter the benchmark: the
+        matched-filter significance of the HR cutout (the same filter as ``detect``) must reach this
+        within ``match_radius_arcsec`` of the galaxy's centre. As in the paper, whose galaxies come
+        from an HST-selected catalogue, the benchmark then measures resolution, not depth: a faint
+        extended galaxy that the HST filter misses but a smoothed image shows would otherwise count
+        as a false positive of every method that smooths. 0 keeps every galaxy.
     """
 
     seed: int = 5000
@@ -86,9 +99,11 @@ class EvalSpec:
     noise_realizations: int = 8
     noise_calibration_galaxies: int = 48
     noise_percentile: float = 90.0
+    noise_levels: int = 24
     baselines: tuple[str, ...] = ("sep", "richardson_lucy", "bicubic")
     batch_size: int = 256
     photometry_blends: int = 1500
+    min_high_significance: float = 0.0
 
 
 def benchmark_galaxies(spec: EvalSpec, *, work_dir: str | Path, real_galaxies: str | None = None,
@@ -134,19 +149,74 @@ def _degrade_config_with_real_psf(spec: EvalSpec, band_configs) -> Any:
     return dc
 
 
-def peaks_at_resolution(images: np.ndarray, *, psf: np.ndarray, noise_sigma: np.ndarray,
-                        detect: DetectConfig) -> dict[str, np.ndarray]:
-    """``find_peaks_batch`` on the detection band (band 0, or the noise-weighted sum of bands)."""
+def detection_images(images: np.ndarray, noise_sigma) -> tuple[np.ndarray, np.ndarray]:
+    """The single detection image of each stack entry and its noise: the band itself, or for several
+    bands the chi-like sum of their S/N images (noise ``sqrt(C)``)."""
     images = np.asarray(images)
     if images.ndim == 4:
         sig = np.asarray(noise_sigma).reshape(len(images), -1)
         if images.shape[1] == 1:
-            images, noise_sigma = images[:, 0], sig[:, 0]
-        else:  # chi-like detection image: sum of S/N images, noise sqrt(C)
-            w = 1.0 / sig[:, :, None, None]
-            images = (images * w).sum(axis=1)
-            noise_sigma = np.full(len(images), np.sqrt(sig.shape[1]))
-    return find_peaks_batch(images, psf=psf, config=detect, noise_sigma=noise_sigma)
+            return images[:, 0], sig[:, 0]
+        w = 1.0 / sig[:, :, None, None]
+        return (images * w).sum(axis=1), np.full(len(images), np.sqrt(sig.shape[1]))
+    return images, np.broadcast_to(np.asarray(noise_sigma, dtype=np.float64).reshape(-1), (len(images),))
+
+
+def peaks_at_resolution(images: np.ndarray, *, psf: np.ndarray, noise_sigma: np.ndarray,
+                        detect: DetectConfig, noise_model: "EnhancedNoiseModel | None" = None) -> dict[str, np.ndarray]:
+    """``find_peaks_batch`` on the detection band (band 0, or the noise-weighted sum of bands).
+
+    With ``noise_model`` (enhanced images) the filtered image's noise is not white: it is
+    ``noise_model.scale_map`` of the image times the nominal ``noise_sigma``.
+    """
+    images, noise_sigma = detection_images(images, noise_sigma)
+    scale_map = None if noise_model is None else noise_model.scale_map(images, noise_sigma, psf=psf,
+                                                                        psf_energy=detect.psf_energy)
+    return find_peaks_batch(images, psf=psf, config=detect, noise_sigma=noise_sigma, noise_scale_map=scale_map)
+
+
+def central_significance(images_hr: np.ndarray, sigma_hr, *, psf: np.ndarray, radius_px: float,
+                         psf_energy: float = 0.999) -> np.ndarray:
+    """Highest matched-filter significance within ``radius_px`` of each cutout's centre, ``(N,)``.
+
+    How well the high-resolution image detects a galaxy on its own (the filter of
+    :func:`galgan_ray.detect.find_peaks_batch`; several bands are combined as in
+    :func:`peaks_at_resolution`).
+    """
+    from .detect import matched_filter
+
+    img, noise = detection_images(images_hr, sigma_hr)
+    n, h, w = img.shape
+    yy, xx = np.mgrid[:h, :w]
+    disk = (xx - (w - 1) / 2.0) ** 2 + (yy - (h - 1) / 2.0) ** 2 <= max(radius_px, 1.0) ** 2
+    out = np.empty(n, dtype=np.float64)
+    for start in range(0, n, 1024):
+        sig = np.asarray(matched_filter(img[start: start + 1024], psf=psf, noise_sigma=noise[start: start + 1024],
+                                        psf_energy=psf_energy)["significance"])
+        out[start: start + len(sig)] = sig[:, disk].max(axis=1)
+    return out
+
+
+def select_detectable(galaxies: Mapping[str, np.ndarray], *, psf_hr: np.ndarray, radius_px: float,
+                      min_significance: float, psf_energy: float = 0.999
+                      ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Keep the galaxies whose :func:`central_significance` at high resolution is ``>= min_significance``.
+
+    Returns the reduced galaxy set and counts (``input``, ``kept``, ``removed_high_significance``,
+    ``min_high_significance``) for the report.
+    """
+    n = len(galaxies["image_hr"])
+    sig = central_significance(galaxies["image_hr"], galaxies["sigma_hr"], psf=psf_hr, radius_px=radius_px,
+                               psf_energy=psf_energy)
+    keep = sig >= min_significance
+    if not keep.any():
+        raise InputError("min_high_significance", f"no galaxy reaches {min_significance} sigma at high "
+                                                  f"resolution (highest: {sig.max():.1f}); lower the cut")
+    kept = {k: (np.asarray(v)[keep] if np.ndim(v) and len(v) == n else v) for k, v in galaxies.items()}
+    info = {"input": int(n), "kept": int(keep.sum()), "removed_high_significance": int(n - keep.sum()),
+            "min_high_significance": float(min_significance),
+            "significance_percentiles_10_50_90": [float(v) for v in np.percentile(sig, [10, 50, 90])]}
+    return kept, info
 
 
 def score_blends(peaks: Mapping[str, np.ndarray], truth_xy: np.ndarray, *, n_items: int, radius_px: float,
@@ -175,7 +245,7 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
     ----------
     spec : EvalSpec
     models : mapping name -> checkpoint
-        Enhancers to score, e.g. ``{"enhanced": "default", "enhanced_noflux": "runs/noflux.pt"}``;
+        Enhancers to score, e.g. ``{"enhanced": "default", "enhanced_fluxcons": "default-fluxcons"}``;
         the first one is the headline ``enhanced`` row.
     real_galaxies : str, optional
         A GalSim ``RealGalaxyCatalog`` file: blends are made from those stamps instead of the sky.
@@ -195,6 +265,14 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
     galaxies, ginfo, spec = benchmark_galaxies(spec, work_dir=work_dir, real_galaxies=real_galaxies, real_band=real_band)
     timing["galaxies_s"] = time.perf_counter() - t_start
     dc = _degrade_config_with_real_psf(spec, ginfo.get("band_configs")) if real_galaxies else spec.bands.degrade_config()
+    scale_hr, scale_lr = dc.scale_high_arcsec, dc.scale_low_arcsec
+    psf_hr = draw_psf(dc.high[0].psf, pixel_scale_arcsec=scale_hr)
+    psf_lr = draw_psf(dc.low[0].psf, pixel_scale_arcsec=scale_lr)
+    if spec.min_high_significance > 0:
+        galaxies, ginfo["high_significance_cut"] = select_detectable(
+            galaxies, psf_hr=psf_hr, radius_px=spec.match_radius_arcsec / scale_hr,
+            min_significance=spec.min_high_significance, psf_energy=spec.detect.psf_energy)
+        ginfo["n_galaxies"] = int(len(galaxies["image_hr"]))
     t0 = time.perf_counter()
     from .blends import simulate_blends, simulate_isolated
 
@@ -203,9 +281,6 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
     ib, iso, iso_sources = simulate_isolated(galaxies, config=spec.blends, degrade_config=dc, n=spec.n_isolated,
                                              seed=spec.seed, first_id=10**7)
     timing["blends_s"] = time.perf_counter() - t0
-    scale_hr, scale_lr = dc.scale_high_arcsec, dc.scale_low_arcsec
-    psf_hr = draw_psf(dc.high[0].psf, pixel_scale_arcsec=scale_hr)
-    psf_lr = draw_psf(dc.low[0].psf, pixel_scale_arcsec=scale_lr)
     n_b, n_i = len(bb["image_hr"]), len(ib["image_hr"])
     truth_hr = truth_positions(sources, bb["blendId"], grid="hr")
     truth_lr = truth_positions(sources, bb["blendId"], grid="lr")
@@ -239,15 +314,16 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
         enh = Enhancer(ckpt, batch_size=spec.batch_size)
         sr_b = enh.enhance_cutouts(bb["image_lr"], bb["sigma_lr"])
         sr_i = enh.enhance_cutouts(ib["image_lr"], ib["sigma_lr"])
-        rho = enhanced_noise_scale(enh, ib["image_hr"][: spec.noise_calibration_galaxies], ib["sigma_lr"],
-                                   degrade_config=dc, psf=psf_hr, n_draws=spec.noise_realizations,
-                                   percentile=spec.noise_percentile, seed=spec.seed, det=det)
+        noise = enhanced_noise_model(enh, ib["image_hr"][: spec.noise_calibration_galaxies], ib["sigma_lr"],
+                                     degrade_config=dc, psf=psf_hr, n_draws=spec.noise_realizations,
+                                     percentile=spec.noise_percentile, n_levels=spec.noise_levels, seed=spec.seed,
+                                     det=det)
         timing[f"{name}_enhance_s"] = time.perf_counter() - t0
-        add_row(name, peaks_at_resolution(sr_b, psf=psf_hr, noise_sigma=rho * bb["sigma_lr"], detect=det),
-                peaks_at_resolution(sr_i, psf=psf_hr, noise_sigma=rho * ib["sigma_lr"], detect=det), "hr")
+        add_row(name, peaks_at_resolution(sr_b, psf=psf_hr, noise_sigma=bb["sigma_lr"], detect=det, noise_model=noise),
+                peaks_at_resolution(sr_i, psf=psf_hr, noise_sigma=ib["sigma_lr"], detect=det, noise_model=noise), "hr")
         enhanced_images[name] = sr_b
         image_metrics = _image_metrics(enh, bb, ib)
-        model_info[name] = {"image_metrics": image_metrics,"checkpoint": str(ckpt), "noise_scale_rho": rho, "bands_low": list(enh.band_keys_low),
+        model_info[name] = {"image_metrics": image_metrics,"checkpoint": str(ckpt), "noise_model": noise.summary(), "bands_low": list(enh.band_keys_low),
                             "bands_high": list(enh.band_keys_high)}
 
     from .baselines import baseline_peaks
@@ -290,17 +366,43 @@ def _image_metrics(enh, *batches) -> dict[str, float]:
     return {k: float(v) for k, v in evaluate_srgan(enh.generator, data, scaling=enh.model_cfg.scaling).items()}
 
 
-def enhanced_noise_scale(enh, images_hr: np.ndarray, sigma_lr: np.ndarray, *, degrade_config, psf: np.ndarray,
-                         n_draws: int = 8, percentile: float = 90.0, seed: int = 0,
-                         det: DetectConfig = DetectConfig()) -> float:
-    """rho such that ``noise_sigma = rho * sigma_lr`` is the noise of the matched-filtered enhanced image.
+@dataclass(frozen=True)
+class EnhancedNoiseModel:
+    """The noise of a matched-filtered enhanced image as a function of its filtered signal level.
 
-    The enhancer is not linear and its output noise is not white: it depends on what is in the
-    image. So the noise is measured where it matters: isolated galaxies are degraded without noise,
-    ``n_draws`` noise realisations at their ``sigma_lr`` are added, each is enhanced and filtered with
-    the detection PSF, and the per-pixel standard deviation over the draws (in units of sigma_lr)
-    gives a noise map; its ``percentile`` over all pixels of all galaxies is rho. The enhancer
-    works on inputs divided by their own sigma, so rho carries over to any depth.
+    An enhancer is not linear: the noise in its output is not white and grows where there is a
+    galaxy (there a change of the input moves the predicted structure). ``levels`` are filtered
+    signal levels ``L`` (the significance the image would have with white noise at the nominal
+    ``sigma_lr``), ``rho`` the noise there in the same units; between levels it is interpolated,
+    beyond them held. A filtered enhanced image's significance is ``L / rho(L)``.
+    """
+
+    levels: tuple[float, ...]
+    rho: tuple[float, ...]
+
+    def scale_map(self, images: np.ndarray, noise_sigma, *, psf: np.ndarray, psf_energy: float = 0.999) -> np.ndarray:
+        """``(N, H, W)`` noise factors of detection images ``(N, H, W)`` with nominal noise ``noise_sigma``."""
+        from .detect import matched_filter
+
+        level = np.asarray(matched_filter(images, psf=psf, noise_sigma=noise_sigma, psf_energy=psf_energy)["significance"])
+        return np.interp(level, self.levels, self.rho).astype(np.float32)
+
+    def summary(self) -> dict[str, Any]:
+        return {"levels": [round(float(v), 4) for v in self.levels], "rho": [round(float(v), 4) for v in self.rho],
+                "rho_sky": float(np.interp(0.0, self.levels, self.rho)), "rho_max": float(max(self.rho))}
+
+
+def enhanced_noise_model(enh, images_hr: np.ndarray, sigma_lr: np.ndarray, *, degrade_config, psf: np.ndarray,
+                         n_draws: int = 8, percentile: float = 90.0, n_levels: int = 24, seed: int = 0,
+                         det: DetectConfig = DetectConfig()) -> EnhancedNoiseModel:
+    """Calibrate :class:`EnhancedNoiseModel` for an enhancer by Monte Carlo on isolated galaxies.
+
+    The galaxies are degraded without noise, ``n_draws`` noise realisations at their ``sigma_lr``
+    are added, each is enhanced and matched-filtered with the detection PSF. At every pixel the
+    standard deviation over the draws is the noise there (relative to the nominal white noise);
+    pixels are grouped by filtered signal level (the draws' mean, ``n_levels`` bins of equal
+    counts), and in each group the ``percentile`` of the noise is ``rho``. The enhancer works on
+    inputs divided by their own sigma, so the model carries over to any depth.
     """
     from .degrade import degrade
     from .detect import matched_filter
@@ -312,10 +414,22 @@ def enhanced_noise_scale(enh, images_hr: np.ndarray, sigma_lr: np.ndarray, *, de
     rng = np.random.default_rng([seed, 99])
     noisy = clean[:, None] + rng.normal(0.0, 1.0, (m, n_draws) + clean.shape[1:]).astype(np.float32) * s[:, None, :, None, None]
     sr = enh.enhance_cutouts(noisy.reshape((m * n_draws,) + clean.shape[1:]), np.repeat(s, n_draws, axis=0))
-    sig = matched_filter(sr[:, 0], psf=psf, noise_sigma=np.ones(m * n_draws), psf_energy=det.psf_energy)["significance"]
-    sig = np.asarray(sig).reshape((m, n_draws) + sig.shape[-2:])
-    std = sig.std(axis=1, ddof=1) / s[:, 0, None, None]
-    return float(np.percentile(std, percentile))
+    img, noise = detection_images(sr, np.repeat(s, n_draws, axis=0))
+    sig = np.asarray(matched_filter(img, psf=psf, noise_sigma=noise, psf_energy=det.psf_energy)["significance"])
+    sig = sig.reshape((m, n_draws) + sig.shape[-2:])
+    level = sig.mean(axis=1).reshape(-1)
+    std = sig.std(axis=1, ddof=1).reshape(-1)
+    edges = np.quantile(level, np.linspace(0.0, 1.0, n_levels + 1))
+    which = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, n_levels - 1)
+    levels, rho = [], []
+    for k in range(n_levels):
+        sel = which == k
+        if sel.any():
+            levels.append(float(np.median(level[sel])))
+            rho.append(float(np.percentile(std[sel], percentile)))
+    levels_a, rho_a = np.asarray(levels), np.asarray(rho)
+    order = np.argsort(levels_a, kind="stable")
+    return EnhancedNoiseModel(levels=tuple(levels_a[order].tolist()), rho=tuple(rho_a[order].tolist()))
 
 
 def _report(spec, rows, *, n_b, n_i, models, galaxies) -> dict[str, Any]:

@@ -18,7 +18,7 @@ PARAMETER_LABELS = {
     "sum_fwhm_arcsec": 'sum of FWHM ["]',
     "delta_z": "redshift difference",
 }
-_COLOURS = {"high": "tab:blue", "low": "tab:red", "enhanced": "tab:green", "enhanced_noflux": "tab:olive",
+_COLOURS = {"high": "tab:blue", "low": "tab:red", "enhanced": "tab:green", "enhanced_fluxcons": "tab:olive",
             "richardson_lucy": "tab:purple", "bicubic": "tab:gray", "sep": "tab:orange"}
 
 

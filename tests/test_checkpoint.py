@@ -161,3 +161,28 @@ def test_dcgan_checkpoint_roundtrip(tmp_path):
     with torch.no_grad():
         assert torch.equal(g(z), g2(z))
     assert meta["model"]["kind"] == "DCGANConfig" and meta["bands"] is None
+
+
+@pytest.mark.parametrize("model_file,config_file", [("sr_1band.pt", "train_default.yaml"),
+                                                    ("sr_1band_fluxcons.pt", "train_fluxcons.yaml"),
+                                                    ("sr_7band.pt", "train_7band.yaml")])
+def test_shipped_models_record_the_committed_recipe(model_file, config_file):
+    """What went in comes out: each shipped checkpoint records the data, model and training config of the YAML
+    that `galgan train --config` reproduces it from (a checkpoint older than a config key does not record
+    it; the YAML then pins the value that reproduces the old behaviour)."""
+    from importlib import resources
+
+    from galgan_ray.checkpoint import read_checkpoint
+    from galgan_ray.config import load_config, to_dict
+    from galgan_ray.training_job import TrainJobConfig
+
+    data = resources.files("galgan_ray").joinpath("data")
+    model = data.joinpath("models", model_file)
+    if not model.is_file():
+        pytest.skip(f"shipped model {model_file} is not installed")
+    cfg = to_dict(load_config(TrainJobConfig, str(data.joinpath(config_file))))
+    _, meta = read_checkpoint(str(model))
+    for have, want in ((meta["train"], cfg["train"]), (meta["model"]["config"], cfg["model"]),
+                       (meta["extra"]["data"], cfg["data"])):
+        assert set(have) <= set(want)
+        assert have == {k: want[k] for k in have}

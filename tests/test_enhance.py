@@ -260,9 +260,21 @@ def _windowed_positions(image, wcs, xy, sig_arcsec, scale):
 
 
 @pytest.mark.realdata
-def test_real_hsc_positions_match_hst(shared_data, enhancer):
-    """Enhance the HSC i plane of each real pair; its brightest sources sit where HST sees them (< 0.1")."""
+@pytest.mark.parametrize("model", ["untrained", "default"])
+def test_real_hsc_positions_match_hst(shared_data, ckpt, model):
+    """Enhance the HSC i plane of each real pair; its brightest sources sit where HST sees them (< 0.1").
+
+    With the untrained model (bicubic: the WCS machinery alone) the three brightest sources are checked, and
+    that enhancement moved none of them. The shipped model changes what it enhances: on these scenes it
+    splits or adds faint companions whose windowed centroids need not match the smoothed HST image, so
+    only the brightest galaxy of each scene is checked (measured offsets 0.05-0.08")."""
     import sep
+
+    from galgan_ray.enhance import model_available
+
+    if model == "default" and not model_available("default"):
+        pytest.skip("the shipped default model is not installed")
+    enhancer = Enhancer(ckpt if model == "untrained" else "default", device="cpu")
     from astropy.coordinates import SkyCoord
     from scipy import ndimage
 
@@ -286,7 +298,7 @@ def test_real_hsc_positions_match_hst(shared_data, enhancer):
         img = np.ascontiguousarray(hr, dtype=np.float64)
         bkg = sep.Background(img, bw=64, bh=64)
         objs = sep.extract(img - bkg.back(), 5.0, err=bkg.globalrms, minarea=25)
-        objs = objs[np.argsort(-objs["flux"])][:3]
+        objs = objs[np.argsort(-objs["flux"])][:3 if model == "untrained" else 1]
         assert len(objs) >= 1, name
         c_enh = _windowed_positions(img, w_hr, (objs["x"], objs["y"]), sig, 0.06)
         c_hst = _windowed_positions(hst, w_hst, w_hst.world_to_pixel(c_enh), sig, 0.03)
@@ -296,4 +308,5 @@ def test_real_hsc_positions_match_hst(shared_data, enhancer):
         off_hsc = c_enh.separation(c_hsc).arcsec
         print(f"{name}: enhanced - HST {np.round(off_hst, 3)}\", enhanced - HSC {np.round(off_hsc, 3)}\"")
         assert np.all(off_hst < 0.1), f"{name}: offsets to HST {off_hst}\""
-        assert np.all(off_hsc < 0.02), f"{name}: enhancement moved sources by {off_hsc}\""
+        if model == "untrained":
+            assert np.all(off_hsc < 0.02), f"{name}: enhancement moved sources by {off_hsc}\""

@@ -55,3 +55,69 @@ def test_the_seven_band_spec_loads_with_matching_bands():
     assert len(spec.bands.high) == len(spec.bands.low) == 7 and spec.baselines == ()
     assert spec.seed == load_config(EvalSpec, str(resources.files("galgan_ray").joinpath(
         "data/benchmark_default.yaml"))).seed
+
+
+def test_select_detectable_keeps_what_high_resolution_sees_and_drops_the_rest():
+    """A bright and a faint point source at the centre, and an empty stamp: the cut at 10 sigma keeps the
+    bright one only, with every column reduced alike."""
+    from galgan_ray.evaluation import central_significance, select_detectable
+    from galgan_ray.instrument import PSFConfig
+    from galgan_ray.psf import draw_psf
+
+    psf = draw_psf(PSFConfig(kind="moffat", fwhm_arcsec=0.12, beta=3.5), pixel_scale_arcsec=0.06)
+    h = 64
+    img = np.zeros((3, 1, h, h), np.float32)
+    k = psf.shape[0] // 2
+    c = (h - 1) // 2
+    for i, flux in enumerate((400.0, 12.0)):
+        img[i, 0, c - k: c + k + 1, c - k: c + k + 1] = flux * psf / psf.sum()
+    sigma = np.ones((3, 1), np.float32)
+    # Noise-free: the significance of a point source of flux F is F * sqrt(sum p^2) / sigma.
+    expect = np.array([400.0, 12.0]) * np.sqrt(((psf / psf.sum()) ** 2).sum())
+    sig = central_significance(img, sigma, psf=psf, radius_px=5, psf_energy=1.0)
+    np.testing.assert_allclose(sig[:2], expect, rtol=0.05)
+    assert sig[2] == 0.0
+    gal = {"image_hr": img, "sigma_hr": sigma, "objectId": np.array([7, 8, 9])}
+    kept, info = select_detectable(gal, psf_hr=psf, radius_px=5, min_significance=10.0, psf_energy=1.0)
+    assert kept["objectId"].tolist() == [7] and kept["image_hr"].shape == (1, 1, h, h)
+    assert info["input"] == 3 and info["kept"] == 1 and info["removed_high_significance"] == 2
+
+
+class _WhiteNoiseEnhancer:
+    """Stands in for an enhancer whose output is white noise of 0.5 sigma_lr per HR pixel, whatever comes in."""
+
+    def __init__(self):
+        self.rng = np.random.default_rng(3)
+
+    def enhance_cutouts(self, image_lr, sigma_lr):
+        n = len(image_lr)
+        s = np.asarray(sigma_lr, np.float32).reshape(n, -1)[:, :1, None, None]
+        return (0.5 * s * self.rng.normal(size=(n, 1, 64, 64))).astype(np.float32)
+
+
+def test_enhanced_noise_model_recovers_a_known_output_noise():
+    """White output noise at half the nominal level: rho = 0.5 at every signal level, and the significance map
+    of find_peaks_batch is divided by it."""
+    from galgan_ray.evaluation import EnhancedNoiseModel, enhanced_noise_model
+    from galgan_ray.psf import draw_psf
+    from galgan_ray.dataset import BandsConfig
+
+    dc = BandsConfig().degrade_config()
+    psf = draw_psf(dc.high[0].psf, pixel_scale_arcsec=dc.scale_high_arcsec)
+    hr = np.zeros((16, 1, 64, 64), np.float32)
+    model = enhanced_noise_model(_WhiteNoiseEnhancer(), hr, np.ones((16, 1)), degrade_config=dc, psf=psf,
+                                 n_draws=16, percentile=50.0, n_levels=4)
+    assert len(model.levels) == 4 and list(model.levels) == sorted(model.levels)
+    np.testing.assert_allclose(model.rho, 0.5, rtol=0.08)
+    flat = EnhancedNoiseModel(levels=(-1.0, 1.0), rho=(2.0, 2.0))
+    img = np.zeros((1, 41, 41), np.float32)
+    k = psf.shape[0] // 2
+    img[0, 20 - k: 21 + k, 20 - k: 21 + k] = 100.0 * psf / psf.sum()
+    from galgan_ray.evaluation import peaks_at_resolution
+    from galgan_ray.detect import DetectConfig
+
+    det = DetectConfig(background="zero")
+    white = peaks_at_resolution(img, psf=psf, noise_sigma=np.ones(1), detect=det)
+    scaled = peaks_at_resolution(img, psf=psf, noise_sigma=np.ones(1), detect=det, noise_model=flat)
+    assert len(white["x"]) == len(scaled["x"]) == 1
+    np.testing.assert_allclose(scaled["significance"], white["significance"] / 2.0, rtol=1e-5)

@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "OUT/table.md and Figs. 4-7.")
     p.add_argument("--model", default="default", help="SR checkpoint: 'default', 'default-7band' or a path/URL")
     p.add_argument("--compare", nargs="*", default=None, metavar="NAME=CHECKPOINT",
-                   help="more enhancers as extra rows (default: the shipped model without flux consistency, "
-                        "as enhanced_noflux)")
+                   help="more enhancers as extra rows (default: the shipped twin trained with the flux-consistency "
+                        "term, as enhanced_fluxcons)")
     p.add_argument("--spec", help="benchmark spec YAML (default: the committed benchmark_default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec value, e.g. --set n_blends=1000")
@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if args.compare is None:
         from ..enhance import model_available
 
-        if args.model == "default" and model_available("default-noflux"):
-            models["enhanced_noflux"] = "default-noflux"
+        if args.model == "default" and model_available("default-fluxcons"):
+            models["enhanced_fluxcons"] = "default-fluxcons"
     else:
         for item in args.compare:
             name, _, ckpt = item.partition("=")
