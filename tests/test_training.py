@@ -182,3 +182,13 @@ def test_train_config_roundtrip_and_validation():
         TrainConfig(validation_fraction=1.0)
     with pytest.raises(ConfigError):
         TrainConfig(adversarial_weight=-1)
+
+
+def test_usable_galaxies_drops_exactly_the_flagged_cutouts():
+    """The DCGAN's training set leaves out EDGE-flagged cutouts (zero-padded corners) and keeps the rest."""
+    from galgan_ray.flags import flag_bit
+    from galgan_ray.training_job import usable_galaxies
+
+    flags = np.array([0, flag_bit("EDGE"), flag_bit("PEAK_MERGED"), flag_bit("EDGE") | flag_bit("PEAK_MERGED")])
+    assert usable_galaxies({"flags": flags}, ("EDGE",)).tolist() == [True, False, True, False]
+    assert usable_galaxies({"flags": flags}, ()).all()
