@@ -31,7 +31,7 @@ import numpy as np
 
 from .degrade import DegradeConfig, get_degrader
 from .errors import ConfigError, InputError
-from .flags import flag_bit
+from .flags import flag_bit, without_flags
 from .geometry import hr_to_lr_pixels, make_tan_wcs
 
 __all__ = ["BlendConfig", "simulate_blends", "simulate_isolated"]
@@ -229,10 +229,7 @@ class _GalaxySet:
         self.dec = col("dec_center", lambda: np.zeros(n), np.float64)
         self.flags = col("flags", lambda: np.zeros(n), np.int32)
         self.sigma_hr = col("sigma_hr", lambda: np.full((n, c), np.nan), np.float64).reshape(n, -1)
-        bad = 0
-        for name in config.exclude_flags:
-            bad |= flag_bit(name)
-        self.eligible = np.flatnonzero((self.flags & bad) == 0) if bad else np.arange(n)
+        self.eligible = np.flatnonzero(without_flags(self.flags, config.exclude_flags))
         if len(self.eligible) < config.n_galaxies:
             raise InputError("galaxy_set", f"{len(self.eligible)} usable galaxies, {config.n_galaxies} needed per blend")
 

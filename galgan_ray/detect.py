@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -454,7 +454,7 @@ def find_peaks_batch(
     wcs: Sequence | None = None,
     pixel_scale_arcsec: float | None = None,
     chunk_size: int = 1024,
-    noise_scale_map: np.ndarray | None = None,
+    noise_scale: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Find peaks in a stack of single-band images of one resolution (one flat table).
 
@@ -476,12 +476,11 @@ def find_peaks_batch(
         Needed only when ``config.min_separation_arcsec > 0`` and no WCS is given.
     chunk_size : int
         Images filtered at once (memory knob, no effect on the result).
-    noise_scale_map : numpy.ndarray, optional
-        ``(N, H, W)`` or ``(H, W)`` positive factors: the noise of the *filtered* image at each
-        pixel is ``noise_sigma * sqrt(w2) * noise_scale_map`` instead of white-noise
-        ``noise_sigma * sqrt(w2)``. For images whose noise is not white and not uniform, e.g.
-        enhanced images, whose noise grows on the galaxies (see
-        :func:`galgan_ray.evaluation.enhanced_noise_model`).
+    noise_scale : callable, optional
+        For images whose noise is not white and not uniform, e.g. enhanced images, whose noise grows
+        on the galaxies (:class:`galgan_ray.evaluation.EnhancedNoiseModel`): maps the white-noise
+        significance map ``(n, H, W)`` to positive factors of the same shape, and the filtered
+        image's noise at each pixel is ``noise_sigma * sqrt(w2)`` times that factor.
 
     Returns
     -------
@@ -514,10 +513,6 @@ def find_peaks_batch(
             raise InputError("find_peaks", "min_separation_arcsec needs pixel_scale_arcsec or a WCS")
         min_sep = max(min_sep, config.min_separation_arcsec / scale)
 
-    if noise_scale_map is not None:
-        noise_scale_map = np.broadcast_to(np.asarray(noise_scale_map, dtype=np.float32), (n, h, w))
-        if not np.all(np.isfinite(noise_scale_map) & (noise_scale_map > 0)):
-            raise InputError("find_peaks.noise_scale_map", "must be finite and > 0 everywhere")
     b = config.border_px
     edge_px = config.edge_fwhm * fwhm_px
     parts: list[tuple[np.ndarray, ...]] = []
@@ -531,8 +526,11 @@ def find_peaks_batch(
         sigma = np.where(bad_sigma, np.inf, sigma)  # an image without a usable RMS finds nothing
         filt = torch.from_numpy(_correlate(sub, kernel))
         sig = filt / (torch.from_numpy(sigma.astype(np.float32))[:, None, None] * torch.from_numpy(sqrt_w2))
-        if noise_scale_map is not None:
-            sig = sig / torch.from_numpy(np.array(noise_scale_map[start: start + len(sub)], dtype=np.float32))
+        if noise_scale is not None:
+            factor = np.asarray(noise_scale(sig.numpy()), dtype=np.float32)
+            if factor.shape != tuple(sig.shape) or not np.all(np.isfinite(factor) & (factor > 0)):
+                raise InputError("find_peaks.noise_scale", f"must return finite factors > 0 of shape {tuple(sig.shape)}")
+            sig = sig / torch.from_numpy(factor)
         is_peak = (sig == _max3x3(sig)) & (sig > config.nsigma)
         is_peak[:, :b] = False
         is_peak[:, h - b:] = False

@@ -62,7 +62,7 @@ class EvalSpec:
     noise_realizations : int
         Noise draws per calibration galaxy for the noise of enhanced images.
     noise_calibration_galaxies : int
-        Isolated galaxies used to calibrate that noise (see :func:`enhanced_noise_scale`).
+        Isolated galaxies used to calibrate that noise (see :func:`enhanced_noise_model`).
     noise_percentile : float
         The noise of the filtered enhanced image at a pixel is this percentile of the per-pixel noise
         of the calibration draws whose filtered signal is at the same level (see
@@ -167,12 +167,10 @@ def peaks_at_resolution(images: np.ndarray, *, psf: np.ndarray, noise_sigma: np.
     """``find_peaks_batch`` on the detection band (band 0, or the noise-weighted sum of bands).
 
     With ``noise_model`` (enhanced images) the filtered image's noise is not white: it is
-    ``noise_model.scale_map`` of the image times the nominal ``noise_sigma``.
+    ``noise_model(level)`` times the nominal, ``level`` being the white-noise significance.
     """
     images, noise_sigma = detection_images(images, noise_sigma)
-    scale_map = None if noise_model is None else noise_model.scale_map(images, noise_sigma, psf=psf,
-                                                                        psf_energy=detect.psf_energy)
-    return find_peaks_batch(images, psf=psf, config=detect, noise_sigma=noise_sigma, noise_scale_map=scale_map)
+    return find_peaks_batch(images, psf=psf, config=detect, noise_sigma=noise_sigma, noise_scale=noise_model)
 
 
 def central_significance(images_hr: np.ndarray, sigma_hr, *, psf: np.ndarray, radius_px: float,
@@ -380,11 +378,9 @@ class EnhancedNoiseModel:
     levels: tuple[float, ...]
     rho: tuple[float, ...]
 
-    def scale_map(self, images: np.ndarray, noise_sigma, *, psf: np.ndarray, psf_energy: float = 0.999) -> np.ndarray:
-        """``(N, H, W)`` noise factors of detection images ``(N, H, W)`` with nominal noise ``noise_sigma``."""
-        from .detect import matched_filter
-
-        level = np.asarray(matched_filter(images, psf=psf, noise_sigma=noise_sigma, psf_energy=psf_energy)["significance"])
+    def __call__(self, level: np.ndarray) -> np.ndarray:
+        """Noise factors at white-noise significance ``level`` (any shape): the ``noise_scale`` of
+        :func:`galgan_ray.detect.find_peaks_batch`."""
         return np.interp(level, self.levels, self.rho).astype(np.float32)
 
     def summary(self) -> dict[str, Any]:
@@ -421,15 +417,9 @@ def enhanced_noise_model(enh, images_hr: np.ndarray, sigma_lr: np.ndarray, *, de
     std = sig.std(axis=1, ddof=1).reshape(-1)
     edges = np.quantile(level, np.linspace(0.0, 1.0, n_levels + 1))
     which = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, n_levels - 1)
-    levels, rho = [], []
-    for k in range(n_levels):
-        sel = which == k
-        if sel.any():
-            levels.append(float(np.median(level[sel])))
-            rho.append(float(np.percentile(std[sel], percentile)))
-    levels_a, rho_a = np.asarray(levels), np.asarray(rho)
-    order = np.argsort(levels_a, kind="stable")
-    return EnhancedNoiseModel(levels=tuple(levels_a[order].tolist()), rho=tuple(rho_a[order].tolist()))
+    bins = [which == k for k in range(n_levels) if (which == k).any()]  # ascending levels: quantile bins
+    return EnhancedNoiseModel(levels=tuple(float(np.median(level[b])) for b in bins),
+                              rho=tuple(float(np.percentile(std[b], percentile)) for b in bins))
 
 
 def _report(spec, rows, *, n_b, n_i, models, galaxies) -> dict[str, Any]:

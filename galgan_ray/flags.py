@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["FlagDefinition", "FLAGS", "flag_bit", "describe_flags"]
+__all__ = ["FlagDefinition", "FLAGS", "flag_bit", "describe_flags", "without_flags"]
 
 
 @dataclass(frozen=True)
@@ -53,3 +53,13 @@ def flag_bit(name: str) -> int:
 def describe_flags(value: int) -> list[str]:
     """Return the names of the flags set in ``value``."""
     return [f.name for f in FLAGS if int(value) & f.value]
+
+
+def without_flags(flags, names) -> "np.ndarray":
+    """Boolean mask of the rows whose ``flags`` carry none of the flags ``names`` (all rows when empty)."""
+    import numpy as np
+
+    bad = 0
+    for name in names:
+        bad |= flag_bit(name)
+    return (np.asarray(flags).astype(np.int64) & bad) == 0

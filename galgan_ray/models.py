@@ -137,8 +137,8 @@ class SRGANConfig:
         Normalisation in the discriminator (BatchNorm as in DCGAN/pix2pix).
     icnr : bool
         ICNR-initialise the convolution before the PixelShuffle (no checkerboard at the start; the
-        shipped ``sr_1band.pt`` predates it and was trained with ``icnr: false``). Initialisation only:
-        it does not change how a checkpoint's weights are used.
+        shipped 1-band models use it, the 7-band one predates it: ``icnr: false``). Initialisation
+        only: it does not change how a checkpoint's weights are used.
     condition_upsample : {"bicubic", "nearest"}
         How the LR input is brought to 64x64 for the conditional discriminator and the ``paper``
         generator.

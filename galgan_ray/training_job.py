@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -20,11 +20,12 @@ from .checkpoint import save_checkpoint
 from .config import to_dict
 from .dataset import BandsConfig, DatasetConfig, clean_neighbours, make_training_pairs, simulated_galaxy_sets
 from .errors import ConfigError
+from .flags import without_flags
 from .models import DCGANConfig, SRGANConfig
 from .provenance import provenance
 from .training import TrainConfig, train_dcgan, train_srgan
 
-__all__ = ["usable_galaxies", "TrainDataConfig", "TrainJobConfig", "make_training_data", "run_training"]
+__all__ = ["TrainDataConfig", "TrainJobConfig", "make_training_data", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +104,6 @@ class TrainJobConfig:
             raise ConfigError("dcgan.channels", f"the data has {c} band(s), the model {self.dcgan.channels}")
 
 
-def usable_galaxies(galaxies: Mapping[str, np.ndarray], exclude_flags: Sequence[str]) -> np.ndarray:
-    """Boolean mask of the galaxies carrying none of ``exclude_flags`` (names of :data:`flags.FLAGS`)."""
-    from .flags import flag_bit
-
-    bad = 0
-    for name in exclude_flags:
-        bad |= flag_bit(name)
-    return (np.asarray(galaxies["flags"]).astype(np.int64) & bad) == 0
-
-
 def make_training_data(cfg: TrainDataConfig, *, work_dir: str | Path) -> tuple[dict[str, np.ndarray], dict, dict]:
     """Simulated sky -> cleaned cutouts of the training galaxies -> (LR, HR) pairs.
 
@@ -146,14 +137,15 @@ def run_training(cfg: TrainJobConfig, *, out: str, work_dir: str | Path = "runs/
              info["n_train"], info["data_seconds"])
     degrade_cfg = cfg.data.bands.degrade_config()
     bands = {"high": list(degrade_cfg.high), "low": list(degrade_cfg.low)}
-    extra = {"data": to_dict(cfg.data), "data_info": {k: v for k, v in info.items() if k != "provenance"},
-             "job": to_dict(cfg)}
     if cfg.kind == "dcgan":
         # The DCGAN learns what a cutout looks like: the blends' excluded flags (EDGE: zero-padded
         # corners off the mosaic) are left out here too, or it learns to draw the padding.
-        keep = usable_galaxies(galaxies, cfg.data.blends.exclude_flags)
+        keep = without_flags(galaxies["flags"], cfg.data.blends.exclude_flags)
         info["dcgan_galaxies"] = {"input": int(len(keep)), "kept": int(keep.sum()),
                                   "excluded_flags": list(cfg.data.blends.exclude_flags)}
+    extra = {"data": to_dict(cfg.data), "data_info": {k: v for k, v in info.items() if k != "provenance"},
+             "job": to_dict(cfg)}
+    if cfg.kind == "dcgan":
         data = {"image_hr": galaxies["image_hr"][keep], "sigma_hr": galaxies["sigma_hr"][keep]}
         state, history = train_dcgan(data, model_cfg=cfg.dcgan, train_cfg=cfg.train)
         model_cfg = cfg.dcgan

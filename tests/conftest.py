@@ -1,6 +1,5 @@
 """Shared test fixtures (keep minimal)."""
 import contextlib
-import os
 import socket
 from pathlib import Path
 
@@ -59,14 +58,10 @@ def moto_s3(**env: str):
     url = f"http://127.0.0.1:{port}"
     values = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
               **{k: v.format(url=url) for k, v in env.items()}}
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
     try:
-        yield url
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in values.items():
+                mp.setenv(k, v)
+            yield url
     finally:
         server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -1,7 +1,6 @@
 """Data-parallel training with Ray Train (2 CPU workers, gloo): report, checkpoint, resume."""
 from __future__ import annotations
 
-import os
 import pickle
 
 import numpy as np
@@ -29,17 +28,13 @@ _ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.
 
 @pytest.fixture(scope="module")
 def ray_local():
-    old = {k: os.environ.get(k) for k in _ENV}
-    os.environ.update(_ENV)  # read by the driver and propagated to the Train controller and workers
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in _ENV.items():  # read by the driver and propagated to the Train controller and workers
+            mp.setenv(k, v)
+        ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
+                 log_to_driver=False)
+        yield
+        ray.shutdown()
 
 
 def _tiny_set(n: int = 24, seed: int = 0) -> dict:

@@ -184,11 +184,10 @@ def test_train_config_roundtrip_and_validation():
         TrainConfig(adversarial_weight=-1)
 
 
-def test_usable_galaxies_drops_exactly_the_flagged_cutouts():
+def test_without_flags_drops_exactly_the_flagged_rows():
     """The DCGAN's training set leaves out EDGE-flagged cutouts (zero-padded corners) and keeps the rest."""
-    from galgan_ray.flags import flag_bit
-    from galgan_ray.training_job import usable_galaxies
+    from galgan_ray.flags import flag_bit, without_flags
 
     flags = np.array([0, flag_bit("EDGE"), flag_bit("PEAK_MERGED"), flag_bit("EDGE") | flag_bit("PEAK_MERGED")])
-    assert usable_galaxies({"flags": flags}, ("EDGE",)).tolist() == [True, False, True, False]
-    assert usable_galaxies({"flags": flags}, ()).all()
+    assert without_flags(flags, ("EDGE",)).tolist() == [True, False, True, False]
+    assert without_flags(flags, ()).all()
