@@ -1,10 +1,10 @@
 """Where one field tile's time goes: per-stage ms/tile of the pure core, and photometry per source.
 
 Simulates the job's default field (``galgan_ray/data/field_default.yaml``: 2 x 2 tiles of ~40",
-HST-like, degraded to HSC-like 0.18"/px), then runs every step of
-:func:`galgan_ray.field.process_tile` on each tile in this one process (no Ray, ``--threads`` torch
-threads, default 1) with the shipped model on CPU, timing each step (CPU time of the process, and
-wall time; best of ``--repeats`` per tile, then the mean over tiles). The sky simulation, model
+HST-like, degraded to HSC-like 0.18"/px), then runs :func:`galgan_ray.field.process_tile` on each
+tile in this one process (no Ray, ``--threads`` torch threads, default 1) with the shipped model on
+CPU, and reads the per-step clock it keeps (CPU time of the process, and wall time; best of
+``--repeats`` per tile, then the mean over tiles). The sky simulation, model
 loading and the enhanced-noise calibration are timed apart.
 
 In the same run it fits ``--n-blends`` two-galaxy blends with the batched photometry exactly as
@@ -35,42 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 STAGES = ("high_peaks", "degrade", "footprints", "cutouts", "enhance", "detect", "photometry", "catalog+truth")
 
 
-def run_tile(tile, *, model, enhancer, rho, config, compute, psf_high):
-    """Every step of process_tile on one tile: ms per stage as (cpu, wall), the products, catalog rows."""
-    from galgan_ray import field as fld
+def run_tile(tile, *, model, enhancer, rho, config, compute):
+    """process_tile on one tile: ms per step as (cpu, wall), the products, catalog rows."""
+    from galgan_ray.field import process_tile
 
-    times: dict[str, tuple[float, float]] = {}
-    clock = lambda: (time.process_time(), time.perf_counter())  # noqa: E731
-    t0 = clock()
-
-    def mark(name):
-        nonlocal t0
-        t1 = clock()
-        times[name] = ((t1[0] - t0[0]) * 1e3, (t1[1] - t0[1]) * 1e3)
-        t0 = t1
-
-    hr = fld.find_high_peaks(tile, detect=config.detect, ratio=int(round(model.ratio)),
-                             block_px=3 * config.footprints.peak_block_px)
-    mark("high_peaks")
-    lr = fld.degrade_tile(tile, config=model.degrade_config(), seed=config.seed, add_noise=config.degrade_add_noise)
-    mark("degrade")
-    p = {f"hr.{k}": v for k, v in hr.items()}
-    p.update(fld.find_footprints(lr, config=config))
-    mark("footprints")
-    p.update(fld.cut_cutouts(p["image_sub"], lr.variance, p, config=config.footprints, side=model.lr_size))
-    mark("cutouts")
-    enhanced = enhancer.enhance_cutouts(p["cut.image"], p["cut.sigma"])
-    mark("enhance")
-    p.update(fld.find_children(enhanced, p, tile_shape=lr.shape, psf_hr=psf_high, rho=rho, detect=config.detect,
-                               ratio=model.ratio, edge_px=config.footprints.edge_px, lr_size=model.lr_size))
-    mark("detect")
-    p.update(fld.measure_children(p["image_sub"], lr.variance, p, psf=lr.psf, pixel_scale_arcsec=lr.pixel_scale_arcsec,
-                                  config=config, compute=compute))
-    mark("photometry")
-    cat = fld.build_catalog(lr, p, keep_not_primary=config.keep_not_primary)
-    fld.score_truth(lr, p, cat, config=config.truth)
-    mark("catalog+truth")
-    return times, p, len(cat["objectId"])
+    res = process_tile(tile, model=model, enhance_fn=enhancer.enhance_cutouts, rho=rho, config=config,
+                       compute=compute)
+    times = {s: (1e3 * res["steps"].get(s, (0.0, 0.0))[0], 1e3 * res["steps"].get(s, (0.0, 0.0))[1]) for s in STAGES}
+    return times, res["products"], len(res["catalog"]["objectId"])
 
 
 def batched_rate(n_blends: int, cfg, *, seed: int = 0) -> tuple[float, float]:
@@ -134,7 +106,7 @@ def main(argv=None) -> None:
                                seed=config.seed)
     print(f"model load + noise calibration: {time.perf_counter() - t0:.1f} s (once per worker; not timed below)")
     compute = PhotometryComputeConfig(device="cpu")
-    kw = dict(model=model, enhancer=enhancer, rho=rho, config=config, compute=compute, psf_high=psf_high)
+    kw = dict(model=model, enhancer=enhancer, rho=rho, config=config, compute=compute)
     t0 = time.process_time()
     run_tile(tiles[0], **kw)
     print(f"first pass over tile 0 (imports, torch and PSF-mixture warm-up): {(time.process_time() - t0) * 1e3:.0f} ms "

@@ -1267,44 +1267,57 @@ def process_tile(tile: Tile, *, model: ModelGrid, enhance_fn: Callable[[np.ndarr
     -------
     dict
         ``catalog`` (columns), ``truth`` and ``blends`` (simulations; else None), ``products``
-        (every intermediate array), ``stats`` (counts), ``timing`` (seconds per step), ``tile``
-        (the LR tile).
+        (every intermediate array), ``stats`` (counts), ``timing`` (wall seconds of the five stages
+        of the Ray pipeline: ``degrade_s`` ... ``photometry_s``), ``steps`` (finer steps ``high_peaks``
+        (simulations only), ``degrade``, ``footprints``, ``cutouts``, ``enhance``, ``detect``,
+        ``photometry``, ``catalog+truth`` -> ``(process CPU s, wall s)``; ``bench/bench_tile.py``
+        reads them), ``tile`` (the LR tile).
     """
-    timing: dict[str, float] = {}
-    t0 = time.perf_counter()
+    steps: dict[str, tuple[float, float]] = {}
+    clock = (time.process_time(), time.perf_counter())
+
+    def mark(step: str) -> None:
+        nonlocal clock
+        now = (time.process_time(), time.perf_counter())
+        steps[step] = (now[0] - clock[0], now[1] - clock[1])
+        clock = now
+
     mode = check_tile(tile, model=model)
     products: dict[str, np.ndarray] = {}
     if mode == "simulation":
         hr = find_high_peaks(tile, detect=config.detect, ratio=int(round(model.ratio)),
                              block_px=3 * config.footprints.peak_block_px)
         products.update({f"hr.{k}": v for k, v in hr.items()})
+        mark("high_peaks")
         tile = degrade_tile(tile, config=model.degrade_config(), seed=config.seed, add_noise=config.degrade_add_noise)
-    timing["degrade_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    mark("degrade")
     products.update(find_footprints(tile, config=config))
+    mark("footprints")
     products.update(cut_cutouts(products["image_sub"], tile.variance, products, config=config.footprints,
                                 side=model.lr_size))
-    timing["footprints_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    mark("cutouts")
     cut = products["cut.image"]
     enhanced = (np.asarray(enhance_fn(cut, products["cut.sigma"])) if len(cut)
                 else np.zeros((0, tile.n_bands, model.hr_size, model.hr_size), np.float32))
-    timing["enhance_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    mark("enhance")
     products.update(find_children(enhanced, products, tile_shape=tile.shape, psf_hr=model.psf_high(), rho=rho,
                                   detect=config.detect, ratio=model.ratio, edge_px=config.footprints.edge_px,
                                   lr_size=model.lr_size))
-    timing["detect_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    mark("detect")
     products.update(measure_children(products["image_sub"], tile.variance, products, psf=tile.psf,
                                      pixel_scale_arcsec=tile.pixel_scale_arcsec, config=config, compute=compute))
+    mark("photometry")
     catalog = build_catalog(tile, products, keep_not_primary=config.keep_not_primary)
     truth = blends = None
     if tile.truth is not None:
         truth, blends = score_truth(tile, products, catalog, config=config.truth)
-    timing["photometry_s"] = time.perf_counter() - t0
+    mark("catalog+truth")
+    wall = {k: v[1] for k, v in steps.items()}
+    timing = {"degrade_s": wall.get("high_peaks", 0.0) + wall["degrade"],
+              "footprints_s": wall["footprints"] + wall["cutouts"], "enhance_s": wall["enhance"],
+              "detect_s": wall["detect"], "photometry_s": wall["photometry"] + wall["catalog+truth"]}
     return {"catalog": catalog, "truth": truth, "blends": blends, "products": products, "tile": tile,
-            "stats": tile_stats(tile, products, catalog), "timing": timing}
+            "stats": tile_stats(tile, products, catalog), "timing": timing, "steps": steps}
 
 
 def tile_stats(tile: Tile, products: Mapping[str, np.ndarray], catalog: Mapping[str, np.ndarray]) -> dict[str, Any]:

@@ -216,6 +216,10 @@ def test_process_tile_finds_each_source_once_with_its_flux(enhancer, rho):
     far = np.hypot(kept["x"] - 95.0, kept["y"] - 50.0) < 0.5
     assert far.sum() == 1 and kept["flags"][far][0] & flag_bit("NOT_PRIMARY")
     assert set(cat["objectId"]) <= set(kept["objectId"])  # ids do not depend on the ownership cut
+    # The per-step clock (bench/bench_tile.py reads it) adds up to the five pipeline stages.
+    assert list(res["steps"]) == ["degrade", "footprints", "cutouts", "enhance", "detect", "photometry",
+                                  "catalog+truth"]  # an LR tile: no HR peaks
+    assert sum(res["timing"].values()) == pytest.approx(sum(w for _, w in res["steps"].values()))
 
 
 def test_score_truth_pairs_and_matches(enhancer, rho):
