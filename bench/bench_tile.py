@@ -41,7 +41,7 @@ def run_tile(tile, *, model, enhancer, rho, config, compute):
 
     res = process_tile(tile, model=model, enhance_fn=enhancer.enhance_cutouts, rho=rho, config=config,
                        compute=compute)
-    times = {s: (1e3 * res["steps"].get(s, (0.0, 0.0))[0], 1e3 * res["steps"].get(s, (0.0, 0.0))[1]) for s in STAGES}
+    times = {s: tuple(1e3 * t for t in res["steps"].get(s, (0.0, 0.0))) for s in STAGES}
     return times, res["products"], len(res["catalog"]["objectId"])
 
 

@@ -184,15 +184,11 @@ def central_significance(images_hr: np.ndarray, sigma_hr, *, psf: np.ndarray, ra
     from .detect import matched_filter
 
     img, noise = detection_images(images_hr, sigma_hr)
-    n, h, w = img.shape
+    h, w = img.shape[1:]
     yy, xx = np.mgrid[:h, :w]
     disk = (xx - (w - 1) / 2.0) ** 2 + (yy - (h - 1) / 2.0) ** 2 <= max(radius_px, 1.0) ** 2
-    out = np.empty(n, dtype=np.float64)
-    for start in range(0, n, 1024):
-        sig = np.asarray(matched_filter(img[start: start + 1024], psf=psf, noise_sigma=noise[start: start + 1024],
-                                        psf_energy=psf_energy)["significance"])
-        out[start: start + len(sig)] = sig[:, disk].max(axis=1)
-    return out
+    sig = matched_filter(img, psf=psf, noise_sigma=noise, psf_energy=psf_energy)["significance"]
+    return np.asarray(sig)[:, disk].max(axis=1).astype(np.float64)
 
 
 def select_detectable(galaxies: Mapping[str, np.ndarray], *, psf_hr: np.ndarray, radius_px: float,
@@ -321,8 +317,8 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
                 peaks_at_resolution(sr_i, psf=psf_hr, noise_sigma=ib["sigma_lr"], detect=det, noise_model=noise), "hr")
         enhanced_images[name] = sr_b
         image_metrics = _image_metrics(enh, bb, ib)
-        model_info[name] = {"image_metrics": image_metrics,"checkpoint": str(ckpt), "noise_model": noise.summary(), "bands_low": list(enh.band_keys_low),
-                            "bands_high": list(enh.band_keys_high)}
+        model_info[name] = {"image_metrics": image_metrics, "checkpoint": str(ckpt), "noise_model": noise.summary(),
+                            "bands_low": list(enh.band_keys_low), "bands_high": list(enh.band_keys_high)}
 
     from .baselines import baseline_peaks
 
@@ -417,7 +413,7 @@ def enhanced_noise_model(enh, images_hr: np.ndarray, sigma_lr: np.ndarray, *, de
     std = sig.std(axis=1, ddof=1).reshape(-1)
     edges = np.quantile(level, np.linspace(0.0, 1.0, n_levels + 1))
     which = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, n_levels - 1)
-    bins = [which == k for k in range(n_levels) if (which == k).any()]  # ascending levels: quantile bins
+    bins = [which == k for k in np.unique(which)]  # ascending levels: quantile bins
     return EnhancedNoiseModel(levels=tuple(float(np.median(level[b])) for b in bins),
                               rho=tuple(float(np.percentile(std[b], percentile)) for b in bins))
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 __all__ = ["FlagDefinition", "FLAGS", "flag_bit", "describe_flags", "without_flags"]
 
 
@@ -55,10 +57,8 @@ def describe_flags(value: int) -> list[str]:
     return [f.name for f in FLAGS if int(value) & f.value]
 
 
-def without_flags(flags, names) -> "np.ndarray":
+def without_flags(flags, names) -> np.ndarray:
     """Boolean mask of the rows whose ``flags`` carry none of the flags ``names`` (all rows when empty)."""
-    import numpy as np
-
     bad = 0
     for name in names:
         bad |= flag_bit(name)

@@ -98,9 +98,10 @@ class _WhiteNoiseEnhancer:
 def test_enhanced_noise_model_recovers_a_known_output_noise():
     """White output noise at half the nominal level: rho = 0.5 at every signal level, and the significance map
     of find_peaks_batch is divided by it."""
-    from galgan_ray.evaluation import EnhancedNoiseModel, enhanced_noise_model
-    from galgan_ray.psf import draw_psf
     from galgan_ray.dataset import BandsConfig
+    from galgan_ray.detect import DetectConfig
+    from galgan_ray.evaluation import EnhancedNoiseModel, enhanced_noise_model, peaks_at_resolution
+    from galgan_ray.psf import draw_psf
 
     dc = BandsConfig().degrade_config()
     psf = draw_psf(dc.high[0].psf, pixel_scale_arcsec=dc.scale_high_arcsec)
@@ -113,9 +114,6 @@ def test_enhanced_noise_model_recovers_a_known_output_noise():
     img = np.zeros((1, 41, 41), np.float32)
     k = psf.shape[0] // 2
     img[0, 20 - k: 21 + k, 20 - k: 21 + k] = 100.0 * psf / psf.sum()
-    from galgan_ray.evaluation import peaks_at_resolution
-    from galgan_ray.detect import DetectConfig
-
     det = DetectConfig(background="zero")
     white = peaks_at_resolution(img, psf=psf, noise_sigma=np.ones(1), detect=det)
     scaled = peaks_at_resolution(img, psf=psf, noise_sigma=np.ones(1), detect=det, noise_model=flat)
