@@ -35,6 +35,7 @@ sharded; in distributed runs all ranks stop at the shortest shard (a 1-element a
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -112,6 +113,12 @@ class TrainConfig:
     label_smoothing : float
         One-sided label smoothing of the discriminator's real targets (``1 - label_smoothing``;
         Salimans et al. 2016): keeps the discriminator from saturating.
+    ema_decay : float
+        Exponential moving average of the generator's weights (Polyak averaging, as in ESRGAN and
+        StyleGAN; 0 = off). With it, validation and the saved ``generator_state`` use the average,
+        updated after every step with ``min(ema_decay, (1 + step) / (10 + step))``. The raw weights
+        wander from step to step (the total flux of the SR output by several percent between epochs); the
+        average does not. A resumed run restarts both from the saved (averaged) weights.
     lr_schedule : {"constant", "cosine"}
         Learning rates per epoch: constant, or cosine-annealed from ``lr`` to ``lr / 20`` over ``epochs``.
     pretrain_epochs : int
@@ -148,6 +155,7 @@ class TrainConfig:
     total_flux_weight: float = 0.0
     discriminator_batches: Literal["separate", "joint"] = "separate"
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     pretrain_epochs: int = 0
     augment: bool = True
@@ -167,6 +175,8 @@ class TrainConfig:
             raise ConfigError("TrainConfig.validation_fraction", f"must be in [0, 1), got {self.validation_fraction}")
         if min(self.content_weight, self.adversarial_weight, self.flux_weight, self.total_flux_weight) < 0:
             raise ConfigError("TrainConfig", "loss weights must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("TrainConfig.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError("TrainConfig.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         if self.discriminator_batches not in ("separate", "joint"):
@@ -206,11 +216,28 @@ class TrainState:
     rank: int = 0
     world_size: int = 1
     history: list[dict] = field(default_factory=list)
+    generator_ema: nn.Module | None = None
+
+    @property
+    def inference_generator(self) -> nn.Module:
+        """The generator to validate and save: the weight average when ``ema_decay > 0``, else the raw one."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
+
+    def update_average(self) -> None:
+        """One step of the weight average (no-op without ``ema_decay``); buffers are copied."""
+        if self.generator_ema is None:
+            return
+        decay = min(self.train_cfg.ema_decay, (1.0 + self.step) / (10.0 + self.step))
+        with torch.no_grad():
+            for avg, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
+                avg.lerp_(p.detach(), 1.0 - decay)
+            for avg, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
+                avg.copy_(b)
 
     def state_dicts(self) -> dict[str, Any]:
         """Keyword arguments for :func:`galgan_ray.checkpoint.save_checkpoint` (weights, optimisers, counters)."""
         return {
-            "generator_state": self.generator.state_dict(),
+            "generator_state": self.inference_generator.state_dict(),
             "discriminator_state": self.discriminator.state_dict(),
             "optimizer_g_state": self.optimizer_g.state_dict(),
             "optimizer_d_state": self.optimizer_d.state_dict(),
@@ -485,6 +512,8 @@ def _setup(model_cfg, train_cfg: TrainConfig, start_state: Mapping[str, Any] | N
     state = TrainState(gen, disc, opt_g, opt_d, model_cfg, train_cfg, rank=rank, world_size=world_size)
     if start_state is not None:
         _restore(state, start_state)
+    if train_cfg.ema_decay > 0:
+        state.generator_ema = copy.deepcopy(gen).eval().requires_grad_(False)
     wrap = wrap_model or (lambda m: m)
     return state, wrap(gen), wrap(disc), device
 
@@ -536,6 +565,7 @@ def _run(kind: str, state: TrainState, g_run: nn.Module, d_run: nn.Module, devic
             n_steps += 1
             n_images += n
             state.step += 1
+            state.update_average()
             if rank == 0 and state.step % cfg.log_every == 0:
                 log.info("%s epoch %d step %d: %s", kind, epoch + 1, state.step,
                          ", ".join(f"{k}={float(v) / n_steps:.4g}" for k, v in sums.items()))
@@ -748,7 +778,7 @@ def train_srgan(train_data: DataSource, val_data: DataSource | None = None, *,
         return out, x.shape[0]
 
     def eval_fn(data):
-        return evaluate_srgan(state.generator, data, scaling=scaling, batch_size=train_cfg.eval_batch_size,
+        return evaluate_srgan(state.inference_generator, data, scaling=scaling, batch_size=train_cfg.eval_batch_size,
                               device=device, rank=rank, world_size=world_size, data_is_sharded=data_is_sharded)
 
     return _run("srgan", state, g_run, d_run, device, train_data=train_data, val_data=val_data, step_fn=step_fn,

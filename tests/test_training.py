@@ -148,6 +148,32 @@ def test_resume_equals_uninterrupted_run():
         assert_allclose(resumed.generator.state_dict()[k].numpy(), v.numpy(), atol=1e-6, err_msg=k)
 
 
+def test_weight_average_is_the_running_mean_of_the_steps_and_what_is_saved():
+    """ema_decay: after each step avg <- d * avg + (1 - d) * weights, d = min(decay, (1 + step) / (10 + step))."""
+    data = galaxy_set(8, seed=6)
+    mc = SRGANConfig(base_width=8)
+    tc = TrainConfig(epochs=3, batch_size=8, validation_fraction=0.0, device="cpu", seed=7, ema_decay=0.5,
+                     adversarial_weight=0.0, lr_g=1e-2)
+    torch.manual_seed(tc.seed)  # the loop's initial weights: the first module built after this seed
+    expected = {k: v.clone() for k, v in build_generator(mc).state_dict().items()}
+    seen = []
+
+    def grab(state, metrics):  # one step per epoch: the average after step s
+        d = min(tc.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+        for k, w in state.generator.state_dict().items():
+            expected[k] = d * expected[k] + (1 - d) * w if w.is_floating_point() else w.clone()
+        seen.append({k: v.clone() for k, v in state.state_dicts()["generator_state"].items()})
+
+    state, _ = train_srgan(data, model_cfg=mc, train_cfg=tc, on_epoch_end=grab)
+    assert state.step == 3 and len(seen) == 3
+    for k, v in expected.items():
+        assert_allclose(seen[-1][k].numpy(), v.numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+    raw = state.generator.state_dict()
+    assert any(not torch.allclose(raw[k], seen[-1][k]) for k in raw if raw[k].is_floating_point())
+    with pytest.raises(Exception, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
+
+
 def _clone(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
