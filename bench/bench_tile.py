@@ -30,15 +30,15 @@ import numpy as np
 import torch
 import yaml
 
+from galgan_ray.field import TILE_STEPS, process_tile
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-STAGES = ("high_peaks", "degrade", "footprints", "cutouts", "enhance", "detect", "photometry", "catalog+truth")
+STAGES = tuple(step for steps in TILE_STEPS.values() for step in steps)
 
 
 def run_tile(tile, *, model, enhancer, rho, config, compute):
     """process_tile on one tile: ms per step as (cpu, wall), the products, catalog rows."""
-    from galgan_ray.field import process_tile
-
     res = process_tile(tile, model=model, enhance_fn=enhancer.enhance_cutouts, rho=rho, config=config,
                        compute=compute)
     times = {s: tuple(1e3 * t for t in res["steps"].get(s, (0.0, 0.0))) for s in STAGES}

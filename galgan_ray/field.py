@@ -75,11 +75,21 @@ __all__ = ["FootprintConfig", "TruthConfig", "FieldConfig", "ModelGrid", "check_
            "find_high_peaks", "find_peaks_tiled", "find_footprints", "cut_cutouts", "find_children", "measure_children",
            "build_catalog", "score_truth", "enhanced_noise_scale", "process_tile", "catalog_table",
            "failure_table", "truth_table", "blends_table", "TRUTH_TABLE_COLUMNS", "BLEND_TABLE_COLUMNS",
-           "PARENT_BIT", "ID_SHIFT"]
+           "PARENT_BIT", "ID_SHIFT", "TILE_STEPS"]
 
 #: ``objectId = (tileId << ID_SHIFT) | n``; parents set :data:`PARENT_BIT` in ``n``.
 ID_SHIFT = 24
 PARENT_BIT = 1 << 23
+
+#: The steps of :func:`process_tile` under each of the five stages of the Ray pipeline (``timing`` keys).
+#: ``high_peaks`` runs on simulations only. ``bench/bench_tile.py`` reports the steps in this order.
+TILE_STEPS: dict[str, tuple[str, ...]] = {
+    "degrade_s": ("high_peaks", "degrade"),
+    "footprints_s": ("footprints", "cutouts"),
+    "enhance_s": ("enhance",),
+    "detect_s": ("detect",),
+    "photometry_s": ("photometry", "catalog+truth"),
+}
 
 _EDGE = flag_bit("EDGE")
 _NONFINITE = flag_bit("NONFINITE")
@@ -1268,10 +1278,9 @@ def process_tile(tile: Tile, *, model: ModelGrid, enhance_fn: Callable[[np.ndarr
     dict
         ``catalog`` (columns), ``truth`` and ``blends`` (simulations; else None), ``products``
         (every intermediate array), ``stats`` (counts), ``timing`` (wall seconds of the five stages
-        of the Ray pipeline: ``degrade_s`` ... ``photometry_s``), ``steps`` (finer steps ``high_peaks``
-        (simulations only), ``degrade``, ``footprints``, ``cutouts``, ``enhance``, ``detect``,
-        ``photometry``, ``catalog+truth`` -> ``(process CPU s, wall s)``; ``bench/bench_tile.py``
-        reads them), ``tile`` (the LR tile).
+        of the Ray pipeline: ``degrade_s`` ... ``photometry_s``), ``steps`` (the finer steps of
+        :data:`TILE_STEPS` -> ``(process CPU s, wall s)``; ``bench/bench_tile.py`` reads them),
+        ``tile`` (the LR tile).
     """
     steps: dict[str, tuple[float, float]] = {}
     clock = (time.process_time(), time.perf_counter())
@@ -1312,10 +1321,7 @@ def process_tile(tile: Tile, *, model: ModelGrid, enhance_fn: Callable[[np.ndarr
     if tile.truth is not None:
         truth, blends = score_truth(tile, products, catalog, config=config.truth)
     mark("catalog+truth")
-    wall = {k: v[1] for k, v in steps.items()}
-    timing = {"degrade_s": wall.get("high_peaks", 0.0) + wall["degrade"],
-              "footprints_s": wall["footprints"] + wall["cutouts"], "enhance_s": wall["enhance"],
-              "detect_s": wall["detect"], "photometry_s": wall["photometry"] + wall["catalog+truth"]}
+    timing = {stage: sum(steps[n][1] for n in names if n in steps) for stage, names in TILE_STEPS.items()}
     return {"catalog": catalog, "truth": truth, "blends": blends, "products": products, "tile": tile,
             "stats": tile_stats(tile, products, catalog), "timing": timing, "steps": steps}
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from numpy.testing import assert_allclose
 from torch import nn
 
+from galgan_ray.errors import ConfigError
 from galgan_ray.models import DCGANConfig, SRGANConfig, build_generator
 from galgan_ray.training import (
     TrainConfig,
@@ -170,7 +171,7 @@ def test_weight_average_is_the_running_mean_of_the_steps_and_what_is_saved():
         assert_allclose(seen[-1][k].numpy(), v.numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
     raw = state.generator.state_dict()
     assert any(not torch.allclose(raw[k], seen[-1][k]) for k in raw if raw[k].is_floating_point())
-    with pytest.raises(Exception, match="ema_decay"):
+    with pytest.raises(ConfigError, match="ema_decay"):
         TrainConfig(ema_decay=1.0)
 
 
