@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .flags import without_flags
 from .models import DCGANConfig, SRGANConfig
 from .provenance import provenance
+from .psf import draw_psf
 from .training import TrainConfig, train_dcgan, train_srgan
 
 __all__ = ["TrainDataConfig", "TrainJobConfig", "make_training_data", "run_training"]
@@ -51,6 +52,12 @@ class TrainDataConfig:
         (LR, HR) pairs made from the galaxies.
     blend_fraction : float
         Share of the pairs that are blends (the rest isolated galaxies).
+    min_high_significance : float
+        Train only on galaxies that the high-resolution image detects on their own: the benchmark's
+        cut (:func:`galgan_ray.evaluation.select_detectable`, matched-filter significance within
+        ``match_radius_arcsec`` of the centre). 0 keeps every galaxy that passes ``selection``.
+    match_radius_arcsec : float
+        The radius of that cut.
     """
 
     seed: int = 1000
@@ -64,6 +71,8 @@ class TrainDataConfig:
                                                                     max_sep_arcsec=1.5, exclude_flags=("EDGE",)))
     n_pairs: int = 12000
     blend_fraction: float = 0.6
+    min_high_significance: float = 0.0
+    match_radius_arcsec: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,14 @@ def make_training_data(cfg: TrainDataConfig, *, work_dir: str | Path) -> tuple[d
     if cfg.clean_neighbours:
         train, replaced = clean_neighbours(train, seed=cfg.seed)
         info["cleaned_pixels_median"] = float(np.median(replaced))
+    if cfg.min_high_significance > 0:
+        from .evaluation import select_detectable
+
+        hr = cfg.bands.degrade_config().high[0]
+        scale = cfg.bands.degrade_config().scale_high_arcsec
+        train, info["high_significance_cut"] = select_detectable(
+            train, psf_hr=draw_psf(hr.psf, pixel_scale_arcsec=scale), radius_px=cfg.match_radius_arcsec / scale,
+            min_significance=cfg.min_high_significance)
     pairs = make_training_pairs(train, bands=cfg.bands, blends=cfg.blends, n_pairs=cfg.n_pairs,
                                 blend_fraction=cfg.blend_fraction, seed=cfg.seed)
     info["data_seconds"] = time.perf_counter() - t0
@@ -134,7 +151,7 @@ def run_training(cfg: TrainJobConfig, *, out: str, work_dir: str | Path = "runs/
     t0 = time.perf_counter()
     pairs, galaxies, info = make_training_data(cfg.data, work_dir=work_dir)
     log.info("training data: %d pairs from %d galaxies in %.0f s", len(pairs["image_lr"]),
-             info["n_train"], info["data_seconds"])
+             len(galaxies["image_hr"]), info["data_seconds"])
     degrade_cfg = cfg.data.bands.degrade_config()
     bands = {"high": list(degrade_cfg.high), "low": list(degrade_cfg.low)}
     if cfg.kind == "dcgan":

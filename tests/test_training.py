@@ -1,6 +1,8 @@
 """Training loops, metrics and data plumbing of galgan_ray.training (tiny models, seconds)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -218,3 +220,23 @@ def test_without_flags_drops_exactly_the_flagged_rows():
     flags = np.array([0, flag_bit("EDGE"), flag_bit("PEAK_MERGED"), flag_bit("EDGE") | flag_bit("PEAK_MERGED")])
     assert without_flags(flags, ("EDGE",)).tolist() == [True, False, True, False]
     assert without_flags(flags, ()).all()
+
+
+def test_training_galaxies_pass_the_benchmarks_high_resolution_cut(tmp_path):
+    """data.min_high_significance trains on the galaxies the benchmark scores (HST detects them on their
+    own): the kept set is exactly the input galaxies at or above the cut, with every column reduced alike."""
+    from galgan_ray.evaluation import central_significance
+    from galgan_ray.psf import draw_psf
+    from galgan_ray.training_job import TrainDataConfig, make_training_data
+
+    base = TrainDataConfig(sky_size_arcsec=30.0, n_sky_tiles=1, n_pairs=8, test_fraction=0.05)
+    _, everything, _ = make_training_data(base, work_dir=tmp_path)
+    dc = base.bands.degrade_config()
+    psf = draw_psf(dc.high[0].psf, pixel_scale_arcsec=dc.scale_high_arcsec)
+    sig = central_significance(everything["image_hr"], everything["sigma_hr"], psf=psf,
+                               radius_px=base.match_radius_arcsec / dc.scale_high_arcsec)
+    cut = float(np.median(sig))  # a cut that certainly removes some galaxies and keeps others
+    _, kept, info = make_training_data(replace(base, min_high_significance=cut), work_dir=tmp_path)
+    assert info["high_significance_cut"]["kept"] == int((sig >= cut).sum()) == len(kept["image_hr"]) > 0
+    assert kept["objectId"].tolist() == everything["objectId"][sig >= cut].tolist()
+    assert {k for k, v in kept.items() if np.ndim(v)} == {k for k, v in everything.items() if np.ndim(v)}
