@@ -20,6 +20,7 @@ from .checkpoint import save_checkpoint
 from .config import to_dict
 from .dataset import BandsConfig, DatasetConfig, clean_neighbours, make_training_pairs, simulated_galaxy_sets
 from .errors import ConfigError
+from .evaluation import select_detectable
 from .flags import without_flags
 from .models import DCGANConfig, SRGANConfig
 from .provenance import provenance
@@ -133,13 +134,11 @@ def make_training_data(cfg: TrainDataConfig, *, work_dir: str | Path) -> tuple[d
         train, replaced = clean_neighbours(train, seed=cfg.seed)
         info["cleaned_pixels_median"] = float(np.median(replaced))
     if cfg.min_high_significance > 0:
-        from .evaluation import select_detectable
-
-        hr = cfg.bands.degrade_config().high[0]
-        scale = cfg.bands.degrade_config().scale_high_arcsec
+        dc = cfg.bands.degrade_config()
+        scale = dc.scale_high_arcsec
         train, info["high_significance_cut"] = select_detectable(
-            train, psf_hr=draw_psf(hr.psf, pixel_scale_arcsec=scale), radius_px=cfg.match_radius_arcsec / scale,
-            min_significance=cfg.min_high_significance)
+            train, psf_hr=draw_psf(dc.high[0].psf, pixel_scale_arcsec=scale),
+            radius_px=cfg.match_radius_arcsec / scale, min_significance=cfg.min_high_significance)
     pairs = make_training_pairs(train, bands=cfg.bands, blends=cfg.blends, n_pairs=cfg.n_pairs,
                                 blend_fraction=cfg.blend_fraction, seed=cfg.seed)
     info["data_seconds"] = time.perf_counter() - t0
