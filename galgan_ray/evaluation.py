@@ -174,7 +174,7 @@ def peaks_at_resolution(images: np.ndarray, *, psf: np.ndarray, noise_sigma: np.
 
 
 def central_significance(images_hr: np.ndarray, sigma_hr, *, psf: np.ndarray, radius_px: float,
-                         psf_energy: float = 0.999) -> np.ndarray:
+                         psf_energy: float = DetectConfig().psf_energy) -> np.ndarray:
     """Highest matched-filter significance within ``radius_px`` of each cutout's centre, ``(N,)``.
 
     How well the high-resolution image detects a galaxy on its own (the filter of
@@ -192,7 +192,7 @@ def central_significance(images_hr: np.ndarray, sigma_hr, *, psf: np.ndarray, ra
 
 
 def select_detectable(galaxies: Mapping[str, np.ndarray], *, psf_hr: np.ndarray, radius_px: float,
-                      min_significance: float, psf_energy: float = 0.999
+                      min_significance: float, psf_energy: float = DetectConfig().psf_energy
                       ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Keep the galaxies whose :func:`central_significance` at high resolution is ``>= min_significance``.
 

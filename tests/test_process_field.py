@@ -17,9 +17,9 @@ ray = pytest.importorskip("ray")
 
 from galgan_ray.config import load_config  # noqa: E402
 from galgan_ray.errors import ConfigError  # noqa: E402
-from galgan_ray.field import FieldConfig, ModelGrid  # noqa: E402
+from galgan_ray.field import TILE_STEPS, FieldConfig, ModelGrid  # noqa: E402
 from galgan_ray.instrument import get_band  # noqa: E402
-from galgan_ray.ray_shell.field import (CommitStage, DegradeStage, DetectStage, FieldJobConfig,  # noqa: E402
+from galgan_ray.ray_shell.field import (CommitStage, DegradeStage, DetectStage, EnhanceStage, FieldJobConfig,  # noqa: E402
                                         FootprintStage, MeasureStage, PhotometerStage, PrepareStage, StorageConfig,
                                         read_catalog, run_field)
 from galgan_ray.schema import failure_schema, object_schema, validate_table  # noqa: E402
@@ -88,6 +88,13 @@ def full_run(ray_local, ckpt, sim, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     summary = run_field(job(ckpt, [sim["dir"]], out), verbose=False)
     return out, summary
+
+
+def test_tile_steps_are_grouped_under_the_ray_stages_timing_keys():
+    """field.TILE_STEPS groups process_tile's steps under the timing keys that the five Ray stages write
+    (``<stage>_s``): a renamed or added stage must be mapped there too."""
+    stages = (DegradeStage, FootprintStage, EnhanceStage, DetectStage, PhotometerStage)
+    assert [f"{s.stage}_s" for s in stages] == list(TILE_STEPS)
 
 
 def test_end_to_end_catalog_schema_provenance(full_run):
