@@ -82,6 +82,10 @@ class DatasetConfig:
     clean_neighbours : bool
         Replace neighbouring objects in the cutouts by noise (:func:`clean_neighbours`), so blends
         hold only the galaxies their truth lists.
+    add_noise : bool
+        Draw the simulated sky with its sky noise (default). ``False`` draws the same galaxies
+        noise-free (``SKYSIGMA = 0``): what the HST-like image would show without noise
+        (``bench/check_false_positives.py``).
     blends : BlendConfig
     n_blends, n_isolated : int
         Blends and isolated galaxies made from the test galaxies.
@@ -96,6 +100,7 @@ class DatasetConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     test_fraction: float = 0.2
     clean_neighbours: bool = True
+    add_noise: bool = True
     blends: BlendConfig = field(default_factory=lambda: BlendConfig(exclude_flags=("EDGE",)))
     n_blends: int = 200
     n_isolated: int = 100
@@ -116,7 +121,8 @@ def make_sky_tiles(config: DatasetConfig, out_dir: str | Path) -> list[dict[str,
     for k in range(config.n_sky_tiles):
         sky = SkyConfig(seed=config.seed + k, size_arcsec=config.sky_size_arcsec,
                         ra_center_deg=config.ra_center_deg, dec_center_deg=config.dec_center_deg + k * step_deg,
-                        bands=config.bands.high_names, reference_band=config.bands.high_names[0])
+                        bands=config.bands.high_names, reference_band=config.bands.high_names[0],
+                        add_noise=config.add_noise)
         tiles.append(write_sky(sky, Path(out_dir) / f"tile_{k:03d}"))
     return tiles
 

@@ -1,6 +1,7 @@
 """End to end through the `galgan make-*` commands: sky -> cutouts -> blends, and real stamps from a
 GalSim RealGalaxyCatalog directory the package has never seen."""
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -73,6 +74,26 @@ def test_reproducible_under_a_seed(tmp_path):
     ma = make_blend_set(ga, bands=cfg.bands, blends=cfg.blends, n_blends=5, n_isolated=2, seed=4)
     mb = make_blend_set(gb, bands=cfg.bands, blends=cfg.blends, n_blends=5, n_isolated=2, seed=4)
     assert np.array_equal(ma["blend_batch"]["image_lr"], mb["blend_batch"]["image_lr"])
+
+
+def test_a_noise_free_sky_is_the_same_galaxies_without_the_noise(tmp_path):
+    """add_noise=False draws the same galaxies: noisy minus noise-free is the sky noise alone."""
+    from astropy.io import fits
+
+    cfg = DatasetConfig(sky_size_arcsec=24, seed=11)
+    noisy = make_sky_tiles(cfg, tmp_path / "noisy")[0]
+    clean = make_sky_tiles(replace(cfg, add_noise=False), tmp_path / "clean")[0]
+    band = cfg.bands.high_names[0]
+    with fits.open(noisy[band]) as hn, fits.open(clean[band]) as hc:
+        sigma = hn[0].header["SKYSIGMA"]
+        assert sigma > 0 and hc[0].header["SKYSIGMA"] == 0.0
+        resid = hn[0].data.astype(np.float64) - hc[0].data
+        flux = hc[0].data.sum()
+    assert abs(resid.mean()) < 5 * sigma / np.sqrt(resid.size)
+    assert_allclose(resid.std(), sigma, rtol=0.02)
+    assert flux > 100 * sigma  # the noise-free image holds the galaxies
+    with fits.open(noisy["catalog"]) as cn, fits.open(clean["catalog"]) as cc:
+        assert np.array_equal(cn[1].data["X_PIX"], cc[1].data["X_PIX"])
 
 
 def test_neighbours_are_replaced_by_noise():
