@@ -107,8 +107,12 @@ class EvalSpec:
 
 
 def benchmark_galaxies(spec: EvalSpec, *, work_dir: str | Path, real_galaxies: str | None = None,
-                       real_band: str = "hst/F814W") -> tuple[dict[str, np.ndarray], dict[str, Any], EvalSpec]:
+                       real_band: str = "hst/F814W", add_noise: bool = True
+                       ) -> tuple[dict[str, np.ndarray], dict[str, Any], EvalSpec]:
     """The galaxies the benchmark blends are built from: the evaluation sky, or real stamps.
+
+    ``add_noise=False`` draws the same evaluation sky without its noise (``DatasetConfig.add_noise``;
+    ``bench/check_false_positives.py``).
 
     Returns
     -------
@@ -126,7 +130,8 @@ def benchmark_galaxies(spec: EvalSpec, *, work_dir: str | Path, real_galaxies: s
                 "band_configs": meta.get("band_configs")}
     else:
         ds = DatasetConfig(seed=spec.seed, bands=spec.bands, sky_size_arcsec=spec.sky_size_arcsec,
-                           n_sky_tiles=spec.n_sky_tiles, selection=spec.selection, test_fraction=0.5)
+                           n_sky_tiles=spec.n_sky_tiles, selection=spec.selection, test_fraction=0.5,
+                           add_noise=add_noise)
         train, test, binfo = simulated_galaxy_sets(ds, work_dir=work_dir)
         galaxies = concat_batches([g for g in (train, test) if g])
         info = {"source": "simulated sky", "n_galaxies": int(len(galaxies["image_hr"])),

@@ -31,6 +31,7 @@ __all__ = [
     "detection_fraction",
     "false_positive_rate",
     "enhancement_false_positive_rate",
+    "enhancement_false_positives",
     "detection_scores",
     "efficiency_matrix",
     "binned_fraction",
@@ -192,10 +193,9 @@ def false_positive_rate(n_peaks, *, n_truth=1, confidence: float = ONE_SIGMA,
     return detection_fraction(p > t, confidence=confidence, interval=interval)
 
 
-def enhancement_false_positive_rate(*, n_peaks_hr, n_peaks_lr, n_peaks_enhanced, n_matched_enhanced=None,
-                                    confidence: float = ONE_SIGMA,
-                                    interval: Literal["wilson", "clopper-pearson"] = "wilson") -> dict[str, float]:
-    """Share of blends where HR and LR both see one peak but the enhanced image shows more.
+def enhancement_false_positives(*, n_peaks_hr, n_peaks_lr, n_peaks_enhanced, n_matched_enhanced=None
+                                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per blend: whether HR and LR both see one peak, and whether the enhanced image then shows more.
 
     The HR image is the truth of what is separable; a blend that is a single peak at both HR and
     LR but several after enhancement has peaks invented by the enhancer.
@@ -209,8 +209,33 @@ def enhancement_false_positive_rate(*, n_peaks_hr, n_peaks_lr, n_peaks_enhanced,
         more than one enhanced peak AND at least one of them matched to no galaxy (an invented peak).
         Without it (the paper's definition) a blend whose two real galaxies are both found by the
         enhanced image, but not by the HR image, also counts as a false positive.
-    confidence, interval
-        As in :func:`detection_fraction`.
+
+    Returns
+    -------
+    considered, false_positive : numpy.ndarray
+        ``(N,)`` booleans: one peak in HR and LR; and, among those, the event.
+    """
+    hr = _counts(n_peaks_hr, "n_peaks_hr")
+    lr = _counts(n_peaks_lr, "n_peaks_lr")
+    en = _counts(n_peaks_enhanced, "n_peaks_enhanced")
+    if not (len(hr) == len(lr) == len(en)):
+        raise InputError("enhancement_false_positive_rate", "count arrays differ in length")
+    considered = (hr == 1) & (lr == 1)
+    event = en > 1
+    if n_matched_enhanced is not None:
+        nm = _counts(n_matched_enhanced, "n_matched_enhanced")
+        if len(nm) != len(en):
+            raise InputError("enhancement_false_positive_rate", "count arrays differ in length")
+        event &= en > nm
+    return considered, considered & event
+
+
+def enhancement_false_positive_rate(*, n_peaks_hr, n_peaks_lr, n_peaks_enhanced, n_matched_enhanced=None,
+                                    confidence: float = ONE_SIGMA,
+                                    interval: Literal["wilson", "clopper-pearson"] = "wilson") -> dict[str, float]:
+    """Share of blends where HR and LR both see one peak but the enhanced image shows more
+    (:func:`enhancement_false_positives`; the same arguments, and ``confidence``, ``interval`` as in
+    :func:`detection_fraction`).
 
     Returns
     -------
@@ -218,19 +243,10 @@ def enhancement_false_positive_rate(*, n_peaks_hr, n_peaks_lr, n_peaks_enhanced,
         The keys of :func:`detection_fraction` over the blends with one peak in HR and LR
         (``n`` is their number), for the event ``n_peaks_enhanced > 1``.
     """
-    hr = _counts(n_peaks_hr, "n_peaks_hr")
-    lr = _counts(n_peaks_lr, "n_peaks_lr")
-    en = _counts(n_peaks_enhanced, "n_peaks_enhanced")
-    if not (len(hr) == len(lr) == len(en)):
-        raise InputError("enhancement_false_positive_rate", "count arrays differ in length")
-    sel = (hr == 1) & (lr == 1)
-    event = en > 1
-    if n_matched_enhanced is not None:
-        nm = _counts(n_matched_enhanced, "n_matched_enhanced")
-        if len(nm) != len(en):
-            raise InputError("enhancement_false_positive_rate", "count arrays differ in length")
-        event &= en > nm
-    return detection_fraction(event[sel], confidence=confidence, interval=interval)
+    considered, fp = enhancement_false_positives(n_peaks_hr=n_peaks_hr, n_peaks_lr=n_peaks_lr,
+                                                 n_peaks_enhanced=n_peaks_enhanced,
+                                                 n_matched_enhanced=n_matched_enhanced)
+    return detection_fraction(fp[considered], confidence=confidence, interval=interval)
 
 
 def detection_scores(*, n_truth, n_peaks, n_matched) -> dict[str, float]:

@@ -16,6 +16,7 @@ from galgan_ray.metrics import (
     detection_scores,
     efficiency_matrix,
     enhancement_false_positive_rate,
+    enhancement_false_positives,
     false_positive_rate,
 )
 
@@ -74,6 +75,10 @@ def test_false_positive_rates():
     paper = enhancement_false_positive_rate(n_peaks_hr=[1, 1, 1, 2, 1], n_peaks_lr=[1, 1, 0, 1, 1],
                                             n_peaks_enhanced=[2, 1, 3, 2, 2])
     assert (strict["n"], strict["k"]) == (3, 1) and (paper["n"], paper["k"]) == (3, 2)
+    # Per blend: which blends the rate is over, and which of them are false positives (blends 0 and 4).
+    considered, fp = enhancement_false_positives(n_peaks_hr=[1, 1, 1, 2, 1], n_peaks_lr=[1, 1, 0, 1, 1],
+                                                 n_peaks_enhanced=[2, 1, 3, 2, 2])
+    assert considered.tolist() == [True, True, False, False, True] and fp.tolist() == [True, False, False, False, True]
 
 
 def test_btk_scores_and_efficiency_matrix():
