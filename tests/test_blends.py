@@ -156,8 +156,11 @@ def test_reproducible_and_independent_of_batching(gset):
     c = simulate_blends(gset, n_blends=3, seed=9, first_id=5)
     d = simulate_blends(gset, n_blends=8, seed=10)
     for key in ("image_hr", "image_lr"):
-        assert_array_equal(a[0][key], b[0][key])
-        assert_array_equal(a[0][key][5:], c[0][key])
+        assert_array_equal(a[0][key], b[0][key])  # the same call twice: bit-identical
+        # Another batch size: the same blends up to float32 rounding of the batched degradation
+        # (BLAS kernels sum in another order for another batch shape, e.g. OPENBLAS_CORETYPE=Haswell).
+        scale = float(np.abs(a[0][key]).max())
+        assert_allclose(a[0][key][5:], c[0][key], rtol=0, atol=1e-6 * scale)
     assert_array_equal(a[2]["x_hr"], b[2]["x_hr"])
     assert_array_equal(a[2]["x_hr"][10:], c[2]["x_hr"])
     assert not np.array_equal(a[0]["image_hr"], d[0]["image_hr"])
