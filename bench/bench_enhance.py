@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from galgan_ray.enhance import Enhancer  # noqa: E402
 from galgan_ray.models import count_parameters, prepare_batch  # noqa: E402
@@ -102,8 +103,6 @@ def conv_macs_analytic(model: nn.Module, x: torch.Tensor) -> list[dict]:
 
 
 def flop_counter_total(model: nn.Module, x: torch.Tensor) -> tuple[int, dict]:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(x)
     per_op = {str(k): int(v) for k, v in fc.get_flop_counts().get("Global", {}).items()}
@@ -252,6 +251,7 @@ def main(argv=None) -> int:
         for cl, bf16 in ((False, False), (True, False), (True, True)):
             layout = "channels_last" if cl else "NCHW"
             try:
+                # Imported here: inductor takes ~1 s to import and only the torch.compile rows need it.
                 import torch._inductor.config as inductor_config
 
                 inductor_config.freezing = True  # constant weights: inductor pre-packs them for oneDNN

@@ -8,12 +8,12 @@ Usage::
 
 Every figure is measured in this one run, side by side:
 
-- Two simulated fields of HSC-like tiles (:func:`galgan_ray.tiles.make_simulated_field`, the job's
+- Two simulated fields of HSC-like tiles (:func:`galgan_ray.sky.make_simulated_field`, the job's
   ``simulate`` settings from ``galgan_ray/data/field_default.yaml``): the **base** field (2x2 tiles;
   ``--quick``: 1 tile of half the side) and a **4x** field (4x4 tiles; ``--quick``: 2x2). They are
   simulated before any timing and given to the job as ``inputs`` (so the sky simulation is in no figure).
 - Field runs, each in a fresh Python process that starts its own local Ray (``init_ray`` with the
-  job's compute config, timed apart) and calls :func:`galgan_ray.ray_shell.field.run_field`. The
+  job's compute config, timed apart) and calls :func:`galgan_ray.ray_shell.job.run_field`. The
   process is pinned to ``k`` cores (``sched_setaffinity``; Ray's processes inherit it, and the
   report prints the CPUs every process of the tree was allowed) with ``compute.num_cpus = k`` and
   ``k`` actors per stage (``stage_actors = enhance_actors = k``, 1 torch thread each, fractional CPUs
@@ -22,7 +22,7 @@ Every figure is measured in this one run, side by side:
   "Steady state" is the 4x run minus the base run on the same cores (extra sources over extra wall
   time), so the fixed start-up costs cancel.
 - A reference process (all cores): the same tiles degraded and cut exactly as the pipeline does
-  (:func:`galgan_ray.field.degrade_tile`, ``find_footprints``, ``cut_cutouts``), then
+  (:func:`galgan_ray.degrade.degrade_tile`, ``find_footprints``, ``cut_footprint_cutouts``), then
   (a) the shipped :class:`galgan_ray.enhance.Enhancer` alone on exactly those cutouts (batch 256,
   all cores, and 1 thread), (b) sep alone (``sep.Background`` + ``sep.extract`` with its default
   deblending) on the same low-resolution tiles.
@@ -68,7 +68,7 @@ def _default_yaml() -> str:
 def job_config(inputs: str, output: str, *, workers: int, quick: bool):
     """The default field job on ``inputs`` with ``workers`` CPUs and as many actors per stage."""
     from galgan_ray.config import load_config
-    from galgan_ray.ray_shell.field import FieldJobConfig
+    from galgan_ray.ray_shell.job import FieldJobConfig
 
     # Three stage pools of `workers` actors at 0.15 CPU plus the commit actor at 0.1 stay below `workers`.
     overrides = [f"inputs=[{inputs!r}]", f"output={output!r}", f"compute.num_cpus={workers}",
@@ -81,7 +81,7 @@ def job_config(inputs: str, output: str, *, workers: int, quick: bool):
 
 def sim_config(*, tiles_per_side: int, quick: bool):
     from galgan_ray.config import load_config
-    from galgan_ray.ray_shell.field import FieldJobConfig
+    from galgan_ray.ray_shell.job import FieldJobConfig
 
     sim = load_config(FieldJobConfig, _default_yaml()).simulate
     import dataclasses
@@ -212,7 +212,7 @@ def child_run(spec: dict) -> dict:
     """One field run in this (fresh) process: Ray started here, run_field, summary out."""
     import ray
 
-    from galgan_ray.ray_shell.field import init_ray, run_field
+    from galgan_ray.ray_shell.job import init_ray, run_field
 
     cfg = job_config(spec["inputs"], spec["output"], workers=spec["workers"], quick=spec["quick"])
     t0 = time.perf_counter()
@@ -235,8 +235,9 @@ def child_reference(spec: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from galgan_ray.enhance import Enhancer
-    from galgan_ray.field import check_tile, cut_cutouts, degrade_tile, find_footprints
-    from galgan_ray.ray_shell.field import resolve_model_grid
+    from galgan_ray.degrade import degrade_tile
+    from galgan_ray.field import check_tile, cut_footprint_cutouts, find_footprints
+    from galgan_ray.ray_shell.job import resolve_model_grid
     from galgan_ray.tiles import list_tile_sources, read_tile
 
     cfg = job_config(spec["inputs"], spec["output"], workers=1, quick=spec["quick"])
@@ -257,10 +258,10 @@ def child_reference(spec: dict) -> dict:
             t = tile.truth
             truth_faint += int((tile.owns(t["x"], t["y"]) & (np.asarray(t["mag"]) < 26.0)).sum())
         area += tile.inner_area_deg2()
-        fp = find_footprints(tile, config=fc)
-        cc = cut_cutouts(fp["image_sub"], tile.variance, fp, config=fc.footprints, side=model.lr_size)
-        cuts.append(cc["cut.image"])
-        sigmas.append(cc["cut.sigma"])
+        fp = find_footprints(tile, config=fc.footprints, detect=fc.detect)
+        cc = cut_footprint_cutouts(fp, tile.variance, config=fc.cutouts, side=model.lr_size)
+        cuts.append(cc.image)
+        sigmas.append(cc.sigma)
         lr_images.append(np.ascontiguousarray(tile.image[0], dtype=np.float32))
     image = np.concatenate(cuts)
     sigma = np.concatenate(sigmas)
@@ -380,7 +381,7 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     try:
         from galgan_ray.config import config_json
-        from galgan_ray.tiles import make_simulated_field
+        from galgan_ray.sky import make_simulated_field
 
         # Simulate the two fields once (no timing depends on this).
         fields = {}

@@ -18,6 +18,7 @@ import time
 import galsim
 import numpy as np
 import torch
+from scipy.optimize import least_squares
 
 from galgan_ray.gmm import convolve, fit_psf_mixture, galaxy_mixture, render_mixture
 from galgan_ray.instrument import get_band
@@ -55,8 +56,6 @@ def make_blends(n: int, *, band, seed: int = 0):
 
 def scipy_fit_one(image, centres, *, psf_mix, sigma, scale, cfg: PhotometryConfig):
     """Reference: one cutout, scipy least_squares on (flux, x, y, ln hlr, e1, e2) per source."""
-    from scipy.optimize import least_squares
-
     s = len(centres)
     c = (N_PIX - 1) / 2.0
     lim = cfg.allow_shift_px

@@ -38,11 +38,11 @@ STAGES = tuple(step for steps in TILE_STEPS.values() for step in steps)
 
 
 def run_tile(tile, *, model, enhancer, rho, config, compute):
-    """process_tile on one tile: ms per step as (cpu, wall), the products, catalog rows."""
+    """process_tile on one tile: ms per step as (cpu, wall), the tile's state, catalog rows."""
     res = process_tile(tile, model=model, enhance_fn=enhancer.enhance_cutouts, rho=rho, config=config,
                        compute=compute)
-    times = {s: tuple(1e3 * t for t in res["steps"].get(s, (0.0, 0.0))) for s in STAGES}
-    return times, res["products"], len(res["catalog"]["objectId"])
+    times = {s: tuple(1e3 * t for t in res.steps.get(s, (0.0, 0.0))) for s in STAGES}
+    return times, res, len(res.catalog)
 
 
 def batched_rate(n_blends: int, cfg, *, seed: int = 0) -> tuple[float, float]:
@@ -80,10 +80,12 @@ def main(argv=None) -> None:
 
     from galgan_ray.config import from_dict
     from galgan_ray.enhance import Enhancer
-    from galgan_ray.field import FieldConfig, ModelGrid, enhanced_noise_scale
+    from galgan_ray.field import FieldConfig
     from galgan_ray.flags import flag_bit
+    from galgan_ray.noise import enhanced_noise_scale
     from galgan_ray.photometry import PhotometryComputeConfig, PhotometryConfig
-    from galgan_ray.tiles import FieldSimConfig, make_simulated_field, read_tile_source
+    from galgan_ray.sky import FieldSimConfig, make_simulated_field
+    from galgan_ray.tiles import read_tile_source
 
     print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs); torch threads {args.threads}")
     job = yaml.safe_load(resources.files("galgan_ray").joinpath("data", "field_default.yaml").read_text())
@@ -98,8 +100,7 @@ def main(argv=None) -> None:
               f"{time.perf_counter() - t0:.1f} s (not timed below)")
     t0 = time.perf_counter()
     enhancer = Enhancer("default", device="cpu")
-    model = ModelGrid(high=enhancer.bands_high, low=enhancer.bands_low, lr_size=enhancer.lr_size,
-                      hr_size=enhancer.hr_size)
+    model = enhancer.grid
     psf_high = model.psf_high()
     rho = enhanced_noise_scale(enhancer.enhance_cutouts, n_bands=enhancer.n_bands, psf_hr=psf_high,
                                detect=config.detect, lr_size=model.lr_size, n_realizations=config.noise_realizations,
@@ -119,8 +120,8 @@ def main(argv=None) -> None:
         for s in STAGES:
             best[s][i] = np.min([r[0][s] for r in runs], axis=0)
         p = runs[-1][1]
-        n_children += len(p["child.x"])
-        n_failed += int((p["phot.flags"] & flag_bit("FIT_FAILED") > 0).sum())
+        n_children += len(p.children)
+        n_failed += int((p.fluxes.flags & flag_bit("FIT_FAILED") > 0).sum())
         n_rows += runs[-1][2]
     nt = len(tiles)
     print(f"\nper-stage time per tile (mean over {nt} tiles of the best of {args.repeats} passes; 1 process, "
@@ -133,12 +134,12 @@ def main(argv=None) -> None:
     print(f"  {'total':14s} {tot[0]:8.1f} {tot[1]:8.1f}")
     phot_ms = best["photometry"][:, 0].sum() / max(n_children, 1)
     print(f"  children measured per tile: {n_children / nt:.1f} (catalog rows: {n_rows / nt:.1f}); "
-          f"FIT_FAILED (no convergence in max_iter={config.photometry.max_iter}): {n_failed} of {n_children}")
+          f"FIT_FAILED (no convergence in max_iter={config.measure.photometry.max_iter}): {n_failed} of {n_children}")
 
     print(f"\nbatched reference: fit_fluxes on {args.n_blends} two-galaxy 22x22 blends (bench_photometry's set), "
           f"CPU, {args.threads} thread(s)")
     ref_full, it_full = batched_rate(args.n_blends, PhotometryConfig())
-    ref_field, it_field = batched_rate(args.n_blends, config.photometry)
+    ref_field, it_field = batched_rate(args.n_blends, config.measure.photometry)
     print(f"  bench_photometry settings (all free):   {ref_full:.3f} ms/source (mean {it_full:.1f} LM iterations)")
     print(f"  the field's settings (centres fixed):   {ref_field:.3f} ms/source (mean {it_field:.1f} LM iterations)")
     print(f"  tile photometry:                        {phot_ms:.3f} ms/source = {phot_ms / ref_full:.1f}x the "

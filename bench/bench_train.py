@@ -22,10 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import ray  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from galgan_ray.models import SRGANConfig, build_discriminator, build_generator, count_parameters  # noqa: E402
+from galgan_ray.ray_shell.train import RayTrainConfig, build_trainer  # noqa: E402
 from galgan_ray.training import TrainConfig, train_srgan  # noqa: E402
 
 
@@ -77,10 +79,6 @@ def main(argv=None) -> None:
                      time.perf_counter() - t0))
     torch.set_num_threads(1)
     if not args.skip_ray:
-        import ray
-
-        from galgan_ray.ray_shell.train import RayTrainConfig, build_trainer
-
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
                  log_to_driver=False)

@@ -25,15 +25,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
+import sep
 import torch
 import torch.nn.functional as F
 
 from .detect import DetectConfig, _as_stack, _correlate_t, _subtract_background, find_peaks_batch, matched_filter
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .flags import flag_bit
+from .noise import significance_noise_scale
 from .psf import measure_fwhm, normalize_psf
 
 __all__ = [
@@ -65,52 +67,6 @@ def _odd_psf(psf, source: str) -> np.ndarray:
     if p.shape[0] % 2 == 0 or p.shape[1] % 2 == 0:
         raise InputError(source, f"PSF image must have odd sides, got {p.shape}")
     return p
-
-
-def significance_noise_scale(
-    transform: Callable[[np.ndarray], np.ndarray],
-    *,
-    shape: tuple[int, int],
-    psf_out: np.ndarray,
-    n_realizations: int = 64,
-    margin_px: int | None = None,
-    seed: int = 0,
-    psf_energy: float = DetectConfig().psf_energy,
-) -> float:
-    """Noise factor rho of a scale-equivariant image transform, for matched-filter detection.
-
-    Parameters
-    ----------
-    transform : callable
-        ``(M, H, W)`` input images of white noise with unit RMS -> ``(M, H', W')`` outputs. Must
-        satisfy ``transform(a * x) = a * transform(x)`` for a > 0 for rho to carry over to any RMS.
-    shape : (int, int)
-        ``(H, W)`` of the inputs.
-    psf_out : numpy.ndarray
-        The PSF used to detect on the outputs.
-    n_realizations : int
-        Noise images drawn (``np.random.default_rng(seed)``).
-    margin_px : int, optional
-        Output pixels ignored at each edge; default one output-PSF FWHM.
-    seed : int
-        Seed of the noise realisations.
-    psf_energy : float
-        As :attr:`DetectConfig.psf_energy` (the trimming of the filter).
-
-    Returns
-    -------
-    float
-        rho: pass ``noise_sigma = rho * sigma_in`` to the detector on transformed images.
-    """
-    rng = np.random.default_rng(seed)
-    noise = rng.standard_normal((n_realizations,) + tuple(shape)).astype(np.float32)
-    out = np.asarray(transform(noise))
-    mf = matched_filter(out, psf=psf_out, noise_sigma=1.0, psf_energy=psf_energy)
-    m = int(np.ceil(mf["fwhm_px"])) if margin_px is None else int(margin_px)
-    sig = mf["significance"][:, m: out.shape[1] - m, m: out.shape[2] - m]
-    if sig.size == 0:
-        raise InputError("significance_noise_scale", f"margin {m} px leaves no pixels of {out.shape[1:]}")
-    return float(sig.std())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,8 +138,6 @@ def sep_deblend_peaks(
         ``flux``: float32, sep's isophotal flux; ``npix``: int32 isophotal area;
         ``flags``: int32, ``PEAK_MERGED`` (sep OBJ_MERGED), ``EDGE`` (OBJ_TRUNC).
     """
-    import sep
-
     single = np.asarray(images).ndim == 2
     stack = _as_stack(np.asarray(images)[None] if single else images, "sep_deblend_peaks.images")
     n, h, w = stack.shape
@@ -270,8 +224,6 @@ class RLConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from .errors import ConfigError
-
         if self.num_iter < 1:
             raise ConfigError("rl.num_iter", f"must be >= 1, got {self.num_iter}")
         if self.offset_nsigma < 0 or self.clip_fraction < 0:

@@ -28,11 +28,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from scipy import ndimage
 
 from .degrade import DegradeConfig, get_degrader
 from .errors import ConfigError, InputError
 from .flags import flag_bit, without_flags
 from .geometry import hr_to_lr_pixels, make_tan_wcs
+from .instrument import NJY_ZEROPOINT
 
 __all__ = ["BlendConfig", "simulate_blends", "simulate_isolated"]
 
@@ -131,8 +133,6 @@ def _shift_matrix(shift: float, n: int, order: int) -> np.ndarray:
     The tensor-product spline is separable, so ``Sy @ img @ Sx.T`` is ``ndimage.shift(img, (dy, dx),
     mode="grid-constant")`` at the cost of two small matrix products.
     """
-    from scipy import ndimage
-
     if float(shift).is_integer():
         return np.eye(n, k=-int(shift))
     impulse = np.zeros(2 * n + 1)
@@ -145,8 +145,6 @@ def _shift_matrix(shift: float, n: int, order: int) -> np.ndarray:
 def _place(images: np.ndarray, *, angle_deg: float, dx: float, dy: float, order: int) -> np.ndarray:
     """Rotate ``images`` (C, n, n) counter-clockwise (x right, y up) by ``angle_deg`` about the
     centre ((n-1)/2, (n-1)/2), then shift by (dx, dy) HR pixels; zeros come in from outside."""
-    from scipy import ndimage
-
     n = images.shape[-1]
     q = angle_deg / 90.0
     if abs(q - round(q)) < 1e-9:  # exact: rot90 about the array centre, then a separable shift
@@ -218,7 +216,7 @@ class _GalaxySet:
 
         self.flux = col("flux_njy", lambda: img.sum(axis=(2, 3)) * to_njy, np.float64).reshape(n, -1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            mag_from_flux = np.where(self.flux > 0, 31.4 - 2.5 * np.log10(self.flux), np.nan)
+            mag_from_flux = np.where(self.flux > 0, NJY_ZEROPOINT - 2.5 * np.log10(self.flux), np.nan)
         self.mag = col("mag", lambda: mag_from_flux, np.float64).reshape(n, -1)
         nan = lambda: np.full(n, np.nan)  # noqa: E731
         self.fwhm = col("fwhm_arcsec", nan, np.float64)

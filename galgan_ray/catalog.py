@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import numpy as np
+from astropy.io import fits
 from astropy.table import Table
 
+from .config import to_dict
 from .errors import InputError
 from .instrument import HST_BANDS, NJY_ZEROPOINT
 
@@ -151,8 +153,6 @@ def _read_table(path: Path) -> Table:
 
 
 def _has_table_hdu(path: Path) -> bool:
-    from astropy.io import fits
-
     with fits.open(path) as hdul:
         return len(hdul) > 1 and isinstance(hdul[1], fits.BinTableHDU)
 
@@ -182,8 +182,6 @@ def read_catalog(path: str | Path, *, columns: CatalogColumns = CatalogColumns()
         The file cannot be read, or a mapped column is missing (the message names the file and
         the column).
     """
-    from .config import to_dict
-
     path = Path(path)
     raw = _read_table(path)
     src = str(path)

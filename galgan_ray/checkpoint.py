@@ -21,20 +21,26 @@ import hashlib
 import io
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import fsspec
+import numpy as np
 import torch
 from torch import nn
 
+from . import __version__
 from .config import from_dict, to_dict
-from .errors import CheckpointError
+from .degrade import DegradeConfig
+from .errors import CheckpointError, InputError
 from .instrument import BandConfig
 from .models import DCGANConfig, SRGANConfig, build_generator
+from .provenance import git_revision
+from .psf import draw_psf
 from .scaling import ArcsinhScaling
 
 __all__ = ["CHECKPOINT_FILENAME", "FORMAT", "save_checkpoint", "load_checkpoint", "load_training_state",
-           "read_checkpoint", "checkpoint_file"]
+           "read_checkpoint", "checkpoint_file", "ModelGrid"]
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 FORMAT = "galgan-ray-checkpoint/1"
@@ -63,16 +69,10 @@ def checkpoint_file(path_or_dir: str | os.PathLike) -> str:
 
 
 def _git_revision() -> str | None:
-    try:
-        from .provenance import git_revision
-    except ImportError:  # pragma: no cover - provenance is part of the package
-        return None
     return git_revision()
 
 
 def _package_version() -> str:
-    from . import __version__
-
     return __version__
 
 
@@ -378,3 +378,72 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
         "epoch": int(meta.get("epoch", 0)), "step": int(meta.get("step", 0)), "meta": meta,
         "path": meta["path"],
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# What a super-resolution checkpoint was made for
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelGrid:
+    """What a super-resolution model was made for: its bands (channel order) and cutout grids.
+
+    The one reader of a checkpoint's grids: :class:`galgan_ray.enhance.Enhancer` and the field job
+    both build it with :meth:`from_checkpoint_meta`.
+
+    Attributes
+    ----------
+    high, low : tuple of BandConfig
+        The model's HR (output) and LR (input) bands.
+    lr_size, hr_size : int
+        Cutout sides (22 and 64).
+    """
+
+    high: tuple[BandConfig, ...]
+    low: tuple[BandConfig, ...]
+    lr_size: int = 22
+    hr_size: int = 64
+
+    @property
+    def ratio(self) -> float:
+        """LR / HR pixel-scale ratio (3)."""
+        return self.low[0].pixel_scale_arcsec / self.high[0].pixel_scale_arcsec
+
+    @property
+    def band_keys_low(self) -> tuple[str, ...]:
+        return tuple(b.key for b in self.low)
+
+    @property
+    def band_keys_high(self) -> tuple[str, ...]:
+        return tuple(b.key for b in self.high)
+
+    def degrade_config(self) -> DegradeConfig:
+        """The degradation that makes this model's inputs from its targets."""
+        return DegradeConfig(high=self.high, low=self.low)
+
+    def psf_high(self, band: int = 0, *, size: int | None = None) -> np.ndarray:
+        """The PSF of the HR targets in ``band``, drawn at the HR pixel scale (for peaks on enhanced images)."""
+        return np.asarray(draw_psf(self.high[band].psf, pixel_scale_arcsec=self.high[band].pixel_scale_arcsec,
+                                   size=size))
+
+    def psf_low(self, band: int = 0, *, size: int | None = None) -> np.ndarray:
+        """The effective PSF of the LR inputs in ``band``, drawn at the LR scale (LR pixel included)."""
+        return np.asarray(draw_psf(self.low[band].psf, pixel_scale_arcsec=self.low[0].pixel_scale_arcsec, size=size))
+
+    @classmethod
+    def from_checkpoint_meta(cls, meta: Mapping[str, Any], *, source: str = "checkpoint") -> "ModelGrid":
+        """From the ``meta`` of :func:`read_checkpoint` / :func:`load_checkpoint`.
+
+        Raises
+        ------
+        InputError
+            The checkpoint records no high or low bands (grids and PSFs unknown).
+        """
+        bands = meta.get("bands") or {}
+        for res in ("low", "high"):
+            if not bands.get(res):
+                raise InputError(source, f"the checkpoint records no {res}-resolution bands, so the grids and PSF "
+                                         f"it was trained for are unknown; re-save it with bands=...")
+        model = (meta.get("model") or {}).get("config") or {}
+        return cls(high=tuple(from_dict(BandConfig, b, where=f"{source}:bands.high") for b in bands["high"]),
+                   low=tuple(from_dict(BandConfig, b, where=f"{source}:bands.low") for b in bands["low"]),
+                   lr_size=int(model.get("lr_size", 22)), hr_size=int(model.get("hr_size", 64)))

@@ -14,7 +14,7 @@ __all__ = ["main", "build_parser"]
 
 # Command modules, in the order `galgan --help` lists them (data -> learn -> measure -> scale).
 _COMMAND_MODULES = ("sky", "cutouts", "blends", "figures", "train", "sample", "enhance", "evaluate",
-                    "photometry", "field")
+                    "photometry")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,13 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"galgan_ray.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"galgan_ray.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"galgan_ray.commands.{name}").register(sub)
     return parser
 
 

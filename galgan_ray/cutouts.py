@@ -33,19 +33,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+import galsim
 import numpy as np
+from astropy.io import fits
+from astropy.stats import sigma_clipped_stats
 from astropy.table import Table
-from astropy.wcs import WCS
+from astropy.wcs import WCS, FITSFixedWarning
+from reproject import reproject_exact
 
 from .config import to_dict
 from .errors import InputError
 from .flags import flag_bit
 from .geometry import make_tan_wcs, pixel_scale_of
 from .instrument import NJY_ZEROPOINT, BandConfig, get_band
+from .provenance import provenance
+from .psf import draw_psf, measure_fwhm, psf_profile
 
 __all__ = ["cut_cutouts", "draw_real_galaxies", "GALAXY_SET_KEYS", "COSMOS_F814W_ZEROPOINT"]
 
@@ -104,8 +111,6 @@ def _grid_aligned(wcs: WCS, scale_arcsec: float, *, tolerance: float) -> bool:
 
 
 def _open_mosaic(name, item, wcs, band, *, zeropoint, hdu, stack, target_scale, tolerance) -> _Mosaic:
-    from astropy.io import fits
-
     if isinstance(item, (str, Path)):
         source = str(item)
         try:
@@ -123,10 +128,6 @@ def _open_mosaic(name, item, wcs, band, *, zeropoint, hdu, stack, target_scale, 
         header = h.header
         if header.get("NAXIS", 0) != 2:
             raise InputError(source, f"HDU {index} is not a 2-D image (NAXIS={header.get('NAXIS')})")
-        import warnings
-
-        from astropy.wcs import FITSFixedWarning
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
             file_wcs = WCS(header).celestial
@@ -181,8 +182,6 @@ def _resample(mosaic: _Mosaic, ra: float, dec: float, size: int, target_scale: f
 
     Returns (image in mosaic units, edge, n_nonfinite, any_inside).
     """
-    from reproject import reproject_exact
-
     target = make_tan_wcs(ra, dec, pixel_scale_arcsec=target_scale, shape=(size, size))
     xc, yc = mosaic.wcs.world_to_pixel_values(ra, dec)
     if not (np.isfinite(xc) and np.isfinite(yc)):
@@ -212,8 +211,6 @@ def _resample(mosaic: _Mosaic, ra: float, dec: float, size: int, target_scale: f
 
 def _robust_sigma(image: np.ndarray, valid: np.ndarray) -> float:
     """Noise per pixel from the cutout's outer ring (width size/8), sigma-clipped MAD."""
-    from astropy.stats import sigma_clipped_stats
-
     w = max(image.shape[0] // 8, 2)
     ring = np.zeros(image.shape, bool)
     ring[:w], ring[-w:], ring[:, :w], ring[:, -w:] = True, True, True, True
@@ -307,8 +304,6 @@ def cut_cutouts(mosaics: Mapping[str, str | Path | np.ndarray], wcs: WCS | None,
         Unreadable or WCS-less mosaic, catalog without canonical columns, or a grid mismatch with
         ``resample="never"``.
     """
-    from .provenance import provenance
-
     for col in ("objectId", "ra", "dec"):
         if col not in catalog.colnames:
             src = catalog.meta.get("source", "catalog")
@@ -584,11 +579,6 @@ def draw_real_galaxies(catalog_file: str | Path, *, dir: str | Path | None = Non
     InputError
         Missing or unreadable catalog, indices out of range.
     """
-    import galsim
-
-    from .provenance import provenance
-    from .psf import draw_psf, measure_fwhm, psf_profile
-
     band = band or get_band("hst", "F814W")
     catalog_file = Path(catalog_file)
     image_dir = Path(dir) if dir is not None else catalog_file.parent
@@ -723,8 +713,6 @@ def _drawn_noise(rgc, i: int, target_psf, *, scale: float, to_njy: float, size: 
     by the stamp PSF, convolved with the target PSF and drawn at ``scale``, exactly as the galaxy;
     the correlation function is estimated on the interior of the drawn field.
     """
-    import galsim
-
     s0 = float(rgc.pixel_scale[i])
     cn = rgc.getNoise(i, rng=rng).withScaledVariance(to_njy**2)
     n_out = 2 * size

@@ -12,19 +12,24 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import sep
+from astropy.io import fits
 from astropy.table import vstack
+from astropy.wcs import WCS
+from scipy import ndimage
 
 from .blends import BlendConfig, simulate_blends, simulate_isolated
 from .catalog import CatalogColumns, SelectionConfig, read_catalog, select_galaxies, split_by_dec
-from .config import to_dict
+from .config import from_dict, to_dict
 from .cutouts import cut_cutouts, draw_real_galaxies
 from .degrade import DegradeConfig
 from .errors import ConfigError, InputError
 from .instrument import BandConfig, get_band
 from .provenance import provenance
 from .shards import read_shards, write_shards
+from .sky import SkyConfig, write_sky
 
-__all__ = ["BandsConfig", "DatasetConfig", "band_from_key", "make_sky_tiles", "build_galaxy_sets",
+__all__ = ["BandsConfig", "DatasetConfig", "SkySampleConfig", "band_from_key", "make_sky_tiles", "build_galaxy_sets",
            "real_galaxy_set", "make_blend_set", "make_training_pairs", "concat_batches", "write_blend_set",
            "read_blend_set", "take_rows", "clean_neighbours", "simulated_galaxy_sets"]
 
@@ -106,6 +111,51 @@ class DatasetConfig:
     n_isolated: int = 100
 
 
+@dataclass(frozen=True)
+class SkySampleConfig:
+    """The galaxies a run takes from the simulated sky and how it blends them: what the training data
+    (:class:`galgan_ray.training_job.TrainDataConfig`) and the benchmark
+    (:class:`galgan_ray.evaluation.EvalSpec`) share. They inherit these keys (their YAML stays flat) and
+    set their own defaults of ``seed``, ``n_sky_tiles`` and ``blends``.
+
+    Attributes
+    ----------
+    seed : int
+        Sky tiles ``seed + k``; cleaning, blends and noise derive their seeds from it.
+    bands : BandsConfig
+    sky_size_arcsec, n_sky_tiles : float, int
+        ``n_sky_tiles`` tiles of ``sky_size_arcsec`` squared (about 90 galaxies/arcmin^2 pass the cuts).
+    selection : SelectionConfig
+    clean_neighbours : bool
+        Replace neighbours in the cutouts by noise (:func:`clean_neighbours`).
+    blends : BlendConfig
+        Separation distribution etc. of the blends.
+    match_radius_arcsec : float
+        Radius within which a peak is matched to a galaxy's true position (Hungarian matching), and of
+        the high-resolution cut below.
+    min_high_significance : float
+        Keep only galaxies that the high-resolution image detects on their own: the matched-filter
+        significance of the HR cutout (:func:`galgan_ray.evaluation.select_detectable`) must reach this
+        within ``match_radius_arcsec`` of the galaxy's centre. 0 keeps every galaxy that passes
+        ``selection``.
+    """
+
+    seed: int = 0
+    bands: BandsConfig = field(default_factory=BandsConfig)
+    sky_size_arcsec: float = 60.0
+    n_sky_tiles: int = 1
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    clean_neighbours: bool = True
+    blends: BlendConfig = field(default_factory=lambda: BlendConfig(exclude_flags=("EDGE",)))
+    match_radius_arcsec: float = 0.3
+    min_high_significance: float = 0.0
+
+    def dataset_config(self, **options: Any) -> DatasetConfig:
+        """The :class:`DatasetConfig` of this sample's sky (``options`` set its other fields)."""
+        return DatasetConfig(seed=self.seed, bands=self.bands, sky_size_arcsec=self.sky_size_arcsec,
+                             n_sky_tiles=self.n_sky_tiles, selection=self.selection, **options)
+
+
 def make_sky_tiles(config: DatasetConfig, out_dir: str | Path) -> list[dict[str, Path]]:
     """Simulate ``n_sky_tiles`` CANDELS-like tiles, north of each other, and write them as FITS.
 
@@ -114,8 +164,6 @@ def make_sky_tiles(config: DatasetConfig, out_dir: str | Path) -> list[dict[str,
     list of dict
         Per tile: band name -> mosaic path, and ``"catalog"`` -> catalog path.
     """
-    from .sky import SkyConfig, write_sky
-
     tiles = []
     step_deg = config.sky_size_arcsec / 3600.0
     for k in range(config.n_sky_tiles):
@@ -137,9 +185,6 @@ def simulated_galaxy_sets(config: DatasetConfig, *, work_dir: str | Path
 
 
 def _read_mosaic_wcs(path: str | Path):
-    from astropy.io import fits
-    from astropy.wcs import WCS
-
     with fits.open(path) as hdul:
         for hdu in hdul:
             if hdu.data is not None and hdu.header.get("NAXIS", 0) >= 2:
@@ -285,8 +330,6 @@ def write_blend_set(made: Mapping[str, Any], url: str, *, metadata: Mapping[str,
 
 def read_blend_set(url: str) -> dict[str, Any]:
     """Inverse of :func:`write_blend_set` (the ``degrade_config`` comes back rebuilt from metadata)."""
-    from .config import from_dict
-
     out: dict[str, Any] = {}
     meta = None
     for key in ("blend_batch", "blends", "sources", "isolated_batch", "isolated", "isolated_sources"):
@@ -317,9 +360,6 @@ def clean_neighbours(galaxies: Mapping[str, np.ndarray], *, nsigma: float = 1.5,
     n_pixels : numpy.ndarray
         Pixels replaced per cutout (int).
     """
-    import sep
-    from scipy import ndimage
-
     image = np.array(galaxies["image_hr"], dtype=np.float32, copy=True)
     n, c, h, w = image.shape
     sigma = np.asarray(galaxies.get("sigma_hr", np.full((n, c), np.nan)), dtype=np.float64).reshape(n, c)

@@ -32,14 +32,19 @@ from functools import lru_cache
 from typing import Literal
 
 import numpy as np
+import scipy.fft as sfft
+from astropy.wcs import WCS, Sip
+from astropy.wcs.utils import proj_plane_pixel_area
+from reproject import reproject_adaptive, reproject_exact
 
 from .errors import ConfigError, InputError
 from .flags import flag_bit
-from .geometry import low_res_side, make_tan_wcs, pixel_scale_of
+from .geometry import block_summed_wcs, hr_to_block_pixels, low_res_side, make_tan_wcs, pixel_scale_of
 from .instrument import DEFAULT_HIGH, DEFAULT_LOW, BandConfig, get_band
 from .psf import draw_psf, measure_fwhm
+from .tiles import Tile
 
-__all__ = ["DegradeConfig", "matching_kernel", "band_kernels", "degrade", "Degrader", "TorchDegrader",
+__all__ = ["DegradeConfig", "matching_kernel", "band_kernels", "degrade", "degrade_tile", "Degrader", "TorchDegrader",
            "get_degrader"]
 
 WindowName = Literal["split_cosine_bell", "top_hat", "tukey", "cosine_bell", "hanning", "none"]
@@ -126,14 +131,30 @@ class DegradeConfig:
 
 
 # --------------------------------------------------------------------------------------------- kernels
+def _convolve_full(images: np.ndarray, kernels: np.ndarray) -> np.ndarray:
+    """Linear convolution (zero padding, 'full' size ``H + k - 1``) of every plane ``(..., C, H, W)``
+    with its band's odd kernel ``(C, k, k)``, in float64 through real FFTs."""
+    h, w = images.shape[-2:]
+    k = kernels.shape[-1]
+    sy, sx = sfft.next_fast_len(h + k - 1, real=True), sfft.next_fast_len(w + k - 1, real=True)
+    kf = sfft.rfft2(kernels, s=(sy, sx))
+    out = sfft.irfft2(sfft.rfft2(images.astype(np.float64), s=(sy, sx)) * kf, s=(sy, sx))
+    return out[..., :h + k - 1, :w + k - 1]
+
+
 def _photutils_matching():
-    try:  # photutils >= 3.0
-        from photutils.psf_matching import (CosineBellWindow, HanningWindow, SplitCosineBellWindow,
-                                            TopHatWindow, TukeyWindow, make_kernel)
+    try:  # photutils >= 3.0  # local: the module moved between photutils versions
+        from photutils.psf_matching import (
+            CosineBellWindow,
+            HanningWindow,
+            SplitCosineBellWindow,
+            TopHatWindow,  # local: see above
+            TukeyWindow,
+            make_kernel,
+        )
     except ImportError:  # photutils < 3.0: same function under its old name and module
-        from photutils.psf import (CosineBellWindow, HanningWindow, SplitCosineBellWindow,  # type: ignore
-                                   TopHatWindow, TukeyWindow)
-        from photutils.psf import create_matching_kernel as make_kernel  # type: ignore
+        from photutils.psf import CosineBellWindow, HanningWindow, SplitCosineBellWindow, TopHatWindow, TukeyWindow  # type: ignore # local:
+        from photutils.psf import create_matching_kernel as make_kernel  # type: ignore # local:
     return make_kernel, dict(split_cosine_bell=SplitCosineBellWindow, top_hat=TopHatWindow, tukey=TukeyWindow,
                              cosine_bell=CosineBellWindow, hanning=HanningWindow)
 
@@ -288,8 +309,6 @@ def _shift_wcs(wcs, h: int):
     w = copy.deepcopy(wcs)
     w.wcs.crpix = np.asarray(w.wcs.crpix) + h
     if w.sip is not None:
-        from astropy.wcs import Sip
-
         w.sip = Sip(w.sip.a, w.sip.b, w.sip.ap, w.sip.bp, np.asarray(w.sip.crpix) + h)
     if w.pixel_shape is not None:
         w.pixel_shape = tuple(int(s) + 2 * h for s in w.pixel_shape)
@@ -355,15 +374,7 @@ class Degrader:
 
     def _convolve_full(self, arr: np.ndarray) -> np.ndarray:
         """Linear convolution of every (N, C) image with its band's kernel, 'full' size."""
-        import scipy.fft as sfft
-
-        n_img = arr.shape[-1]
-        k = self.kernels.shape[-1]
-        size = n_img + k - 1
-        fshape = sfft.next_fast_len(size, real=True)
-        kf = sfft.rfft2(self.kernels, s=(fshape, fshape))[None]  # (1, C, F, F//2+1)
-        out = sfft.irfft2(sfft.rfft2(arr.astype(np.float64), s=(fshape, fshape)) * kf, s=(fshape, fshape))
-        return out[..., :size, :size]
+        return _convolve_full(arr, self.kernels)
 
     def noiseless(self, images_hr, *, wcs_hr=None) -> np.ndarray:
         """The noiseless LR images (same rank as the input), float32, LR image units.
@@ -389,10 +400,6 @@ class Degrader:
         return self._reproject(arr, wcs_hr, n_low).astype(np.float32)
 
     def _reproject(self, arr: np.ndarray, wcs_hr, n_low: int) -> np.ndarray:
-        from astropy.wcs import WCS
-        from astropy.wcs.utils import proj_plane_pixel_area
-        from reproject import reproject_adaptive, reproject_exact
-
         n, c, n_high, _ = arr.shape
         full = self._convolve_full(arr) * self.unit_factors[None, :, None, None]
         h = (self.kernels.shape[-1] - 1) // 2
@@ -513,8 +520,102 @@ def degrade(images_hr, *, config: DegradeConfig | None = None, rng=None, wcs_hr=
 
 
 # --------------------------------------------------------------------------------------------- torch twin
+# ------------------------------------------------------------------------------------------------
+# Whole survey tiles (the field job's simulation mode)
+# ------------------------------------------------------------------------------------------------
+def _block_noise(shape: tuple[int, int], *, origin: tuple[int, int] | None, seed: int, band: int,
+                 tile_id: int, block: int = 64) -> np.ndarray:
+    """Unit Gaussian noise for a tile: per block of the field grid (shared by overlapping tiles)."""
+    h, w = shape
+    if origin is None:
+        return np.random.default_rng([seed, tile_id, band]).standard_normal((h, w), dtype=np.float32)
+    ox, oy = origin
+    out = np.empty((h, w), dtype=np.float32)
+    for by in range(oy // block, (oy + h - 1) // block + 1):
+        for bx in range(ox // block, (ox + w - 1) // block + 1):
+            noise = np.random.default_rng([seed, 1, band, bx, by]).standard_normal((block, block), dtype=np.float32)
+            y0, x0 = by * block - oy, bx * block - ox
+            ys, xs = max(y0, 0), max(x0, 0)
+            ye, xe = min(y0 + block, h), min(x0 + block, w)
+            out[ys:ye, xs:xe] = noise[ys - y0:ye - y0, xs - x0:xe - x0]
+    return out
+
+
+def degrade_tile(tile: Tile, *, config: DegradeConfig, seed: int, add_noise: bool = True) -> Tile:
+    """Degrade a simulated high-resolution tile to the co-aligned low-resolution grid.
+
+    The tile is convolved with the PSF-matching kernels of :func:`band_kernels`, summed over r x r
+    pixel blocks (the same operator as the cutout degradation; LR pixel J covers HR pixels
+    rJ .. rJ+r-1, :func:`galgan_ray.geometry.hr_to_block_pixels`), converted to the LR units and
+    given sky noise. The noise is drawn per 64 x 64 block of the field's common LR grid, seeded with
+    ``[seed, 1, band, block_x, block_y]`` (``[seed, tile_id, band]`` for a tile without a field
+    grid), so overlapping tiles hold the same pixels, as coadd patches of one tract do, and the
+    result does not depend on which worker ran which tile.
+
+    Parameters
+    ----------
+    tile : Tile
+        HR tile whose bands are ``config.high`` and whose pixel scale is ``config.scale_high_arcsec``.
+    config : DegradeConfig
+        Bands and matching-kernel settings; the LR/HR pixel-scale ratio must be a whole number.
+    seed : int
+        Noise seed.
+    add_noise : bool
+        Add LR sky noise of ``low[c].sky_sigma``.
+
+    Returns
+    -------
+    Tile
+        LR tile: ``floor(H / r) x floor(W / r)`` px, variance = propagated HR variance + LR sky
+        variance, mask = OR over each block, PSF = the LR bands' PSFs, WCS, inner region, field
+        origin and truth positions mapped to the LR grid; ``simulated`` stays True.
+    """
+    r = int(round(config.ratio))
+    if abs(config.ratio - r) > 1e-6:
+        raise ConfigError("degrade", f"the LR/HR pixel-scale ratio {config.ratio} must be a whole number for tiles")
+    c, h, w = tile.image.shape
+    if c != len(config.high):
+        raise InputError(tile.source, f"{c} band(s), the degradation has {len(config.high)}")
+    hl, wl = h // r, w // r
+    kernels = band_kernels(config)
+    half = kernels.shape[-1] // 2
+    unit = np.array([hb.to_njy / lb.to_njy for hb, lb in zip(config.high, config.low)])[:, None, None]
+    good = np.isfinite(tile.variance) & (tile.mask == 0)
+
+    def convolve_same(planes, k):
+        return _convolve_full(planes, k)[:, half:half + h, half:half + w][:, :hl * r, :wl * r]
+
+    conv = convolve_same(np.where(good, tile.image, 0.0), kernels)
+    lr = conv.reshape(c, hl, r, wl, r).sum(axis=(2, 4)) * unit
+    var_conv = convolve_same(np.where(good, tile.variance, 0.0), kernels**2)
+    var = np.clip(var_conv.reshape(c, hl, r, wl, r).sum(axis=(2, 4)), 0.0, None) * unit**2
+    origin = None
+    if tile.tract_origin is not None and tile.tract_origin[0] % r == 0 and tile.tract_origin[1] % r == 0:
+        origin = (tile.tract_origin[0] // r, tile.tract_origin[1] // r)
+    sigma = np.array([lb.sky_sigma for lb in config.low], dtype=np.float64)
+    if add_noise:
+        for ci in range(c):
+            lr[ci] += sigma[ci] * _block_noise((hl, wl), origin=origin, seed=seed, band=ci, tile_id=tile.tile_id)
+        var = var + (sigma**2)[:, None, None]
+    bad = ~good[:, :hl * r, :wl * r].reshape(c, hl, r, wl, r).all(axis=(2, 4))
+    mask = tile.mask[:, :hl * r, :wl * r].reshape(c, hl, r, wl, r).max(axis=(2, 4)).astype(np.int32)
+    mask = np.where(bad & (mask == 0), 1, mask).astype(np.int32)
+    var = np.where(bad | ~(var > 0), np.inf, var)
+    psf_lr = np.stack([np.asarray(draw_psf(lb.psf, pixel_scale_arcsec=lb.pixel_scale_arcsec, size=27))
+                       for lb in config.low])
+    inner = tuple(float(hr_to_block_pixels(v, factor=r)) for v in tile.inner)
+    truth = None
+    if tile.truth is not None:
+        truth = dict(tile.truth)
+        truth["x"], truth["y"] = hr_to_block_pixels(truth["x"], factor=r), hr_to_block_pixels(truth["y"], factor=r)
+    return Tile(tile_id=tile.tile_id, source=tile.source, image=np.where(bad, 0.0, lr).astype(np.float32),
+                variance=var.astype(np.float32), mask=mask, psf=psf_lr,
+                wcs_header=block_summed_wcs(tile.wcs_header, r, source="degrade_tile"),
+                bands=tuple(b.key for b in config.low), inner=inner, tract_origin=origin, truth=truth, simulated=True)
+
+
 def _make_torch_degrader_class():
-    import torch
+    import torch  # local: numpy-only workers never pay torch's import (see __getattr__)
 
     class TorchDegrader(torch.nn.Module):
         """Differentiable twin of the noiseless degradation, ``(B, C, n_high, n_high) -> (B, C, n_low, n_low)``.
@@ -563,8 +664,6 @@ def _make_torch_degrader_class():
             elif method == "fft":
                 # Circular convolution of size L equals the linear one on the outputs we keep when
                 # L >= n_high + h + m (no wrapped contribution reaches rows -m .. n_high-1+m).
-                import scipy.fft as sfft
-
                 self.L = int(sfft.next_fast_len(self.n_high + self.h + m, real=True))
                 kp = np.zeros((c, self.L, self.L))
                 kp[:, :k, :k] = kernels
@@ -577,7 +676,7 @@ def _make_torch_degrader_class():
 
         def forward(self, x):
             """Noiseless LR images ``(B, C, n_low, n_low)`` of HR images ``x`` ``(B, C, n_high, n_high)``."""
-            import torch.nn.functional as F
+            import torch.nn.functional as F  # local: torch is imported on first use only
 
             b, c, ny, nx = x.shape
             if ny != self.n_high or nx != self.n_high or c != self.unit.shape[1]:

@@ -34,19 +34,22 @@ resolution, so comparisons stay fair, but it sets the separation below which no 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Literal, Sequence
 
 import numpy as np
+import sep
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .flags import flag_bit
+from .geometry import extract_box, pixel_scale_of
 from .psf import measure_fwhm, normalize_psf
 
-__all__ = ["DetectConfig", "find_peaks", "find_peaks_batch", "matched_filter", "PEAK_COLUMNS"]
+__all__ = ["DetectConfig", "find_peaks", "find_peaks_batch", "find_peaks_tiled", "matched_filter", "detection_images",
+           "merge_close_peaks", "PEAK_COLUMNS"]
 
 #: Columns of a peak table (``find_peaks``); ``find_peaks_batch`` adds ``index`` first, and both add
 #: ``ra``/``dec`` when WCSs are given.
@@ -112,8 +115,6 @@ class DetectConfig:
     psf_energy: float = 0.999
 
     def __post_init__(self):
-        from .errors import ConfigError
-
         if self.background not in ("sep", "zero"):
             raise ConfigError("detect.background", f"must be 'sep' or 'zero', got {self.background!r}")
         if not self.nsigma > 0:
@@ -247,7 +248,6 @@ def _subtract_background(images: np.ndarray, config: DetectConfig, need_rms: boo
         if need_rms:
             rms = _clipped_mad_sigma(out)
         return out, rms
-    import sep
 
     out = np.empty((n, h, w), dtype=np.float32)
     bw, bh = min(config.back_size, w), min(config.back_size, h)
@@ -478,7 +478,7 @@ def find_peaks_batch(
         Images filtered at once (memory knob, no effect on the result).
     noise_scale : callable, optional
         For images whose noise is not white and not uniform, e.g. enhanced images, whose noise grows
-        on the galaxies (:class:`galgan_ray.evaluation.EnhancedNoiseModel`): maps the white-noise
+        on the galaxies (:class:`galgan_ray.noise.EnhancedNoiseModel`): maps the white-noise
         significance map ``(n, H, W)`` to positive factors of the same shape, and the filtered
         image's noise at each pixel is ``noise_sigma * sqrt(w2)`` times that factor.
 
@@ -506,8 +506,6 @@ def find_peaks_batch(
     if config.min_separation_arcsec > 0:
         scale = pixel_scale_arcsec
         if scale is None and wcs is not None and len(wcs):
-            from .geometry import pixel_scale_of
-
             scale = pixel_scale_of(wcs[0])
         if scale is None:
             raise InputError("find_peaks", "min_separation_arcsec needs pixel_scale_arcsec or a WCS")
@@ -631,3 +629,85 @@ def find_peaks(
                            wcs=None if wcs is None else [wcs], pixel_scale_arcsec=pixel_scale_arcsec)
     del out["index"]
     return out
+
+
+def detection_images(images: np.ndarray, noise_sigma) -> tuple[np.ndarray, np.ndarray]:
+    """The single detection image of each stack entry and its noise: the band itself, or for several
+    bands the chi-like sum of their S/N images (noise ``sqrt(C)``).
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        ``(N, C, H, W)`` or ``(N, H, W)``.
+    noise_sigma : array_like
+        Noise per pixel, ``(N, C)`` (or broadcastable to it) for a 4-D stack, ``(N,)`` or a scalar else.
+
+    Returns
+    -------
+    images : numpy.ndarray
+        ``(N, H, W)``.
+    noise : numpy.ndarray
+        ``(N,)`` noise per pixel of each detection image.
+    """
+    images = np.asarray(images)
+    if images.ndim == 4:
+        sig = np.asarray(noise_sigma).reshape(len(images), -1)
+        if images.shape[1] == 1:
+            return images[:, 0], sig[:, 0]
+        w = 1.0 / sig[:, :, None, None]
+        return (images * w).sum(axis=1), np.full(len(images), np.sqrt(sig.shape[1]))
+    return images, np.broadcast_to(np.asarray(noise_sigma, dtype=np.float64).reshape(-1), (len(images),))
+
+
+def merge_close_peaks(x: np.ndarray, y: np.ndarray, significance: np.ndarray, *, min_sep: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy merge of the points of one image closer than ``min_sep`` px, the more significant kept
+    (step 5 of the module docstring, without the prominence test).
+
+    Returns
+    -------
+    keep, merged : numpy.ndarray of bool
+        The points kept, and the kept points that absorbed at least one other.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    return _greedy_merge(np.zeros(len(x), dtype=np.int64), x, np.asarray(y, dtype=np.float64),
+                         np.asarray(significance), float(min_sep), max_peaks=len(x) + 1)
+
+
+def find_peaks_tiled(image: np.ndarray, *, psf: np.ndarray, detect: DetectConfig, noise_sigma: float,
+                     block_px: int = 128) -> dict[str, np.ndarray]:
+    """:func:`find_peaks` on a whole survey tile, in overlapping blocks.
+
+    The tile is cut into ``block_px`` cores, each filtered with a margin of half the PSF plus 8 px
+    (so the matched filter sees the same pixels as on the whole image) in one
+    :func:`find_peaks_batch` call; a peak is kept from the block whose core holds it. Merging and
+    the prominence test then act within blocks, which keeps their cost linear in the tile's area (on
+    a whole tile they grow as the square of the number of peaks), and the per-image ``max_peaks``
+    cap does not apply to a tile.
+
+    Returns
+    -------
+    dict of numpy.ndarray
+        ``x``, ``y`` (0-based px of the tile), ``significance``, ``flux``, ``flags`` (as
+        :func:`find_peaks`), ordered by decreasing significance.
+    """
+    h, w = image.shape
+    margin = psf.shape[0] // 2 + 8
+    core = max(int(block_px), 8)
+    starts = [(y, x) for y in range(0, h, core) for x in range(0, w, core)]
+    size = core + 2 * margin
+    blocks = np.zeros((len(starts), size, size), dtype=np.float32)
+    for i, (y, x) in enumerate(starts):
+        blocks[i] = extract_box(image, x - margin, y - margin, size, 0.0)
+    det = replace(detect, max_peaks=10**9, border_px=1)
+    pk = find_peaks_batch(blocks, psf=psf, config=det, noise_sigma=float(noise_sigma))
+    oy = np.array([s[0] for s in starts]) - margin
+    ox = np.array([s[1] for s in starts]) - margin
+    x, y = pk["x"] + ox[pk["index"]], pk["y"] + oy[pk["index"]]
+    cy, cx = oy[pk["index"]] + margin, ox[pk["index"]] + margin
+    keep = ((x >= cx - 0.5) & (x < cx + core - 0.5) & (y >= cy - 0.5) & (y < cy + core - 0.5)
+            & (x > 0.5 * detect.border_px - 0.5) & (x < w - 0.5 * detect.border_px - 0.5)
+            & (y > 0.5 * detect.border_px - 0.5) & (y < h - 0.5 * detect.border_px - 0.5))
+    order = np.argsort(-pk["significance"][keep], kind="stable")
+    return {"x": x[keep][order], "y": y[keep][order], "significance": pk["significance"][keep][order],
+            "flux": pk["flux"][keep][order], "flags": pk["flags"][keep][order]}

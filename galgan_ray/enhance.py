@@ -40,14 +40,19 @@ from importlib import resources
 from typing import Any, Sequence
 
 import numpy as np
+import sep
 import torch
+from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS
+from astropy.wcs.utils import proj_plane_pixel_area
+from reproject import reproject_exact
+from scipy import ndimage
+from scipy.signal import fftconvolve
 
-from .checkpoint import load_checkpoint
-from .config import from_dict
+from .checkpoint import ModelGrid, load_checkpoint
+from .degrade import matching_kernel
 from .errors import InputError
 from .geometry import make_tan_wcs, pixel_scale_of
-from .instrument import BandConfig
 from .models import SRGANConfig, postprocess, prepare_batch
 from .psf import draw_psf, measure_fwhm, normalize_psf
 
@@ -129,14 +134,6 @@ def resolve_model(spec: str | os.PathLike = "default") -> str:
     return s
 
 
-def _bands_from_meta(meta: dict, res: str, target: str) -> tuple[BandConfig, ...]:
-    bands = (meta.get("bands") or {}).get(res) or []
-    if not bands:
-        raise InputError(target, f"the checkpoint records no {res}-resolution bands, so the grids and PSF it "
-                                 f"was trained for are unknown; re-save it with bands=...")
-    return tuple(from_dict(BandConfig, b, where=f"{target}:bands.{res}") for b in bands)
-
-
 class Enhancer:
     """A super-resolution generator loaded once, applied to batches of model-grid cutouts.
 
@@ -188,8 +185,8 @@ class Enhancer:
             raise InputError(target, f"is a {type(cfg).__name__} checkpoint, not a super-resolution model "
                                      f"(use `galgan sample` for DCGANs)")
         self.model_cfg: SRGANConfig = cfg
-        self.bands_low = _bands_from_meta(self.meta, "low", target)
-        self.bands_high = _bands_from_meta(self.meta, "high", target)
+        self.grid = ModelGrid.from_checkpoint_meta(self.meta, source=target)
+        self.bands_low, self.bands_high = self.grid.low, self.grid.high
         if len(self.bands_low) != cfg.in_channels or len(self.bands_high) != cfg.out_channels:
             raise InputError(target, f"records {len(self.bands_low)} low / {len(self.bands_high)} high bands for a "
                                      f"model with {cfg.in_channels} input / {cfg.out_channels} output channels")
@@ -217,11 +214,11 @@ class Enhancer:
 
     def psf_low(self, band: int = 0, *, size: int | None = None) -> np.ndarray:
         """The effective PSF of the model's LR inputs in ``band``: drawn at the LR scale (LR pixel included)."""
-        return draw_psf(self.bands_low[band].psf, pixel_scale_arcsec=self.pixel_scale_low_arcsec, size=size)
+        return self.grid.psf_low(band, size=size)
 
     def psf_high(self, band: int = 0, *, size: int | None = None) -> np.ndarray:
         """The PSF of the HR training targets in ``band``, drawn at the HR scale."""
-        return draw_psf(self.bands_high[band].psf, pixel_scale_arcsec=self.pixel_scale_high_arcsec, size=size)
+        return self.grid.psf_high(band, size=size)
 
     def psf_fwhm_low_arcsec(self, band: int = 0) -> float:
         """FWHM of :meth:`psf_low` (measured on the drawn image, so the LR pixel is included)."""
@@ -299,10 +296,6 @@ def estimate_noise_sigma(image: np.ndarray, *, mask: np.ndarray | None = None) -
     float
         Noise sigma per pixel in the image's units (0 for a noiseless image).
     """
-    import sep
-    from astropy.stats import sigma_clipped_stats
-    from scipy import ndimage
-
     img = np.ascontiguousarray(image, dtype=np.float64)
     m = np.zeros(img.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     if not (~m).any() or np.ptp(img[~m]) == 0:  # constant (noiseless) image; sep would report rms 1
@@ -361,9 +354,6 @@ def _lr_grid(wcs_in: WCS, shape: tuple[int, int], scale_lr: float) -> WCS:
 def _to_lr_grid(data: np.ndarray, wcs_in: WCS, wcs_lr: WCS, shape_lr: tuple[int, int], *,
                 surface_brightness: bool) -> tuple[np.ndarray, np.ndarray]:
     """Flux-conserving resampling of ``(C, H, W)`` onto the LR grid: ``(image, footprint)``."""
-    from astropy.wcs.utils import proj_plane_pixel_area
-    from reproject import reproject_exact
-
     c = data.shape[0]
     res, foot = reproject_exact((data, wcs_in), wcs_lr, shape_out=(c, *shape_lr), return_footprint=True)
     res = np.nan_to_num(np.asarray(res, dtype=np.float64), nan=0.0)
@@ -381,8 +371,6 @@ def _to_lr_grid(data: np.ndarray, wcs_in: WCS, wcs_lr: WCS, shape_lr: tuple[int,
 
 def _psf_on_lr_grid(psf: np.ndarray, scale_psf: float, scale_lr: float, size: int) -> np.ndarray:
     """A centred PSF image resampled (like the science image) onto a ``size`` LR grid, unit sum."""
-    from reproject import reproject_exact
-
     n_y, n_x = psf.shape
     w_in = make_tan_wcs(0.0, 0.0, pixel_scale_arcsec=scale_psf, shape=(n_y, n_x))
     w_out = make_tan_wcs(0.0, 0.0, pixel_scale_arcsec=scale_lr, shape=(size, size))
@@ -418,8 +406,6 @@ class _PSFPlan:
 def _plan_psf(psf_b: np.ndarray | None, *, scale_psf: float, enhancer: Enhancer, band: int, source: str
               ) -> tuple[_PSFPlan, np.ndarray | None, str | None]:
     """Compare a user's PSF with the model's on the LR grid; a matching kernel where it is narrower."""
-    from .degrade import matching_kernel
-
     s_lr = enhancer.pixel_scale_low_arcsec
     model_psf_cfg = enhancer.bands_low[band].psf
     size = max(int(math.ceil(6.0 * max(enhancer.psf_fwhm_low_arcsec(band), 2 * s_lr) / s_lr)) | 1, 15)
@@ -442,7 +428,6 @@ def _plan_psf(psf_b: np.ndarray | None, *, scale_psf: float, enhancer: Enhancer,
     # Fourier-ratio kernel on the LR grid; the science image is convolved after resampling, so the
     # kernel acts on exactly the PSF it was built from (the resampled user PSF).
     kernel = matching_kernel(user, target, window="tukey", alpha=0.4, regularization=1e-4)
-    from scipy.signal import fftconvolve
 
     f_matched = measure_fwhm(fftconvolve(user, kernel, mode="same"), pixel_scale_arcsec=s_lr)
     msg = None
@@ -520,8 +505,6 @@ def enhance_image(image, wcs: WCS, *, enhancer: Enhancer, sigma: float | Sequenc
         WCS, a pixel scale more than :data:`PIXEL_SCALE_MAX_RATIO` from the model's, a PSF of the
         wrong shape or with non-finite pixels, a noiseless image without ``sigma``.
     """
-    from scipy.signal import fftconvolve
-
     cfg = enhancer.model_cfg
     n_bands = enhancer.n_bands
     # ---- input checks

@@ -14,22 +14,28 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from .blends import BlendConfig
-from .catalog import SelectionConfig
-from .config import to_dict
-from .dataset import (BandsConfig, DatasetConfig, clean_neighbours, concat_batches, real_galaxy_set,
-                      simulated_galaxy_sets)
-from .detect import DetectConfig, find_peaks_batch
+from .baselines import baseline_peaks
+from .blends import BlendConfig, simulate_blends, simulate_isolated
+from .config import from_dict, to_dict
+from .dataset import SkySampleConfig, clean_neighbours, concat_batches, real_galaxy_set, simulated_galaxy_sets
+from .detect import DetectConfig, detection_images, find_peaks_batch, matched_filter
 from .errors import InputError
+from .evaluation_figures import plot_all
 from .figures import truth_positions
+from .instrument import BandConfig
 from .matching import match_peaks_batch
 from .metrics import (blend_outcomes, detection_fraction, detection_scores, efficiency_matrix,
                       enhancement_false_positive_rate)
+from .noise import EnhancedNoiseModel, enhanced_noise_model
+from .photometry_eval import evaluate_photometry
 from .provenance import provenance
 from .psf import draw_psf
+from .training import evaluate_srgan
 
-__all__ = ["EvalSpec", "evaluate", "benchmark_galaxies", "peaks_at_resolution", "score_blends", "detection_images",
+__all__ = ["EvalSpec", "evaluate", "benchmark_galaxies", "peaks_at_resolution", "score_blends",
            "central_significance", "select_detectable",
            "write_report", "BLEND_PARAMETERS"]
 
@@ -40,23 +46,19 @@ BLEND_PARAMETERS = ("sep_over_size", "delta_mag", "sum_fwhm_arcsec", "delta_z")
 
 
 @dataclass(frozen=True)
-class EvalSpec:
+class EvalSpec(SkySampleConfig):
     """The standard blend benchmark (committed as ``galgan_ray/data/benchmark_default.yaml``).
+
+    The keys of the evaluation sky and its blends are those of :class:`galgan_ray.dataset.SkySampleConfig`
+    (``seed``: sky tiles ``seed + k``, disjoint from the training sky; all the sky's galaxies passing the
+    cuts are used). ``min_high_significance`` > 0 makes the benchmark, as in the paper, whose galaxies
+    come from an HST-selected catalogue, measure resolution, not depth: a faint extended galaxy that the
+    HST filter misses but a smoothed image shows would otherwise count as a false positive of every
+    method that smooths.
 
     Attributes
     ----------
-    seed : int
-        Sky tiles ``seed + k`` (disjoint from the training sky), blends, noise.
-    bands : BandsConfig
-    sky_size_arcsec, n_sky_tiles : float, int
-        The evaluation sky (all its galaxies passing the cuts are used).
-    selection : SelectionConfig
-    clean_neighbours : bool
-    blends : BlendConfig
-        Separation distribution etc.
     n_blends, n_isolated : int
-    match_radius_arcsec : float
-        Hungarian matching radius of peaks to true positions.
     detect : DetectConfig
         One peak finder for every resolution (only the PSF differs).
     noise_realizations : int
@@ -75,26 +77,14 @@ class EvalSpec:
         Enhancement batch size.
     photometry_blends : int
         Blends (the first ones) measured in the Fig. 7 photometry experiment (0: none).
-    min_high_significance : float
-        Only galaxies that the high-resolution image detects on their own enter the benchmark: the
-        matched-filter significance of the HR cutout (the same filter as ``detect``) must reach this
-        within ``match_radius_arcsec`` of the galaxy's centre. As in the paper, whose galaxies come
-        from an HST-selected catalogue, the benchmark then measures resolution, not depth: a faint
-        extended galaxy that the HST filter misses but a smoothed image shows would otherwise count
-        as a false positive of every method that smooths. 0 keeps every galaxy.
     """
 
     seed: int = 5000
-    bands: BandsConfig = field(default_factory=BandsConfig)
-    sky_size_arcsec: float = 60.0
     n_sky_tiles: int = 6
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    clean_neighbours: bool = True
     blends: BlendConfig = field(default_factory=lambda: BlendConfig(sep_scale_arcsec=1.0, min_sep_arcsec=0.2,
                                                                     max_sep_arcsec=1.5, exclude_flags=("EDGE",)))
     n_blends: int = 5000
     n_isolated: int = 1000
-    match_radius_arcsec: float = 0.3
     detect: DetectConfig = field(default_factory=lambda: DetectConfig(background="zero"))
     noise_realizations: int = 8
     noise_calibration_galaxies: int = 48
@@ -103,7 +93,6 @@ class EvalSpec:
     baselines: tuple[str, ...] = ("sep", "richardson_lucy", "bicubic")
     batch_size: int = 256
     photometry_blends: int = 1500
-    min_high_significance: float = 0.0
 
 
 def benchmark_galaxies(spec: EvalSpec, *, work_dir: str | Path, real_galaxies: str | None = None,
@@ -129,9 +118,7 @@ def benchmark_galaxies(spec: EvalSpec, *, work_dir: str | Path, real_galaxies: s
         info = {"source": str(real_galaxies), "n_galaxies": int(len(galaxies["image_hr"])),
                 "band_configs": meta.get("band_configs")}
     else:
-        ds = DatasetConfig(seed=spec.seed, bands=spec.bands, sky_size_arcsec=spec.sky_size_arcsec,
-                           n_sky_tiles=spec.n_sky_tiles, selection=spec.selection, test_fraction=0.5,
-                           add_noise=add_noise)
+        ds = spec.dataset_config(test_fraction=0.5, add_noise=add_noise)
         train, test, binfo = simulated_galaxy_sets(ds, work_dir=work_dir)
         galaxies = concat_batches([g for g in (train, test) if g])
         info = {"source": "simulated sky", "n_galaxies": int(len(galaxies["image_hr"])),
@@ -143,9 +130,6 @@ def benchmark_galaxies(spec: EvalSpec, *, work_dir: str | Path, real_galaxies: s
 
 def _degrade_config_with_real_psf(spec: EvalSpec, band_configs) -> Any:
     """The degrade config, with the HR band replaced by the one the galaxy set was drawn with."""
-    from .config import from_dict
-    from .instrument import BandConfig
-
     dc = spec.bands.degrade_config()
     if band_configs:
         first = next(iter(band_configs.values())) if isinstance(band_configs, Mapping) else band_configs[0]
@@ -154,21 +138,8 @@ def _degrade_config_with_real_psf(spec: EvalSpec, band_configs) -> Any:
     return dc
 
 
-def detection_images(images: np.ndarray, noise_sigma) -> tuple[np.ndarray, np.ndarray]:
-    """The single detection image of each stack entry and its noise: the band itself, or for several
-    bands the chi-like sum of their S/N images (noise ``sqrt(C)``)."""
-    images = np.asarray(images)
-    if images.ndim == 4:
-        sig = np.asarray(noise_sigma).reshape(len(images), -1)
-        if images.shape[1] == 1:
-            return images[:, 0], sig[:, 0]
-        w = 1.0 / sig[:, :, None, None]
-        return (images * w).sum(axis=1), np.full(len(images), np.sqrt(sig.shape[1]))
-    return images, np.broadcast_to(np.asarray(noise_sigma, dtype=np.float64).reshape(-1), (len(images),))
-
-
 def peaks_at_resolution(images: np.ndarray, *, psf: np.ndarray, noise_sigma: np.ndarray,
-                        detect: DetectConfig, noise_model: "EnhancedNoiseModel | None" = None) -> dict[str, np.ndarray]:
+                        detect: DetectConfig, noise_model: EnhancedNoiseModel | None = None) -> dict[str, np.ndarray]:
     """``find_peaks_batch`` on the detection band (band 0, or the noise-weighted sum of bands).
 
     With ``noise_model`` (enhanced images) the filtered image's noise is not white: it is
@@ -186,8 +157,6 @@ def central_significance(images_hr: np.ndarray, sigma_hr, *, psf: np.ndarray, ra
     :func:`galgan_ray.detect.find_peaks_batch`; several bands are combined as in
     :func:`peaks_at_resolution`).
     """
-    from .detect import matched_filter
-
     img, noise = detection_images(images_hr, sigma_hr)
     h, w = img.shape[1:]
     yy, xx = np.mgrid[:h, :w]
@@ -273,8 +242,6 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
             min_significance=spec.min_high_significance, psf_energy=spec.detect.psf_energy)
         ginfo["n_galaxies"] = int(len(galaxies["image_hr"]))
     t0 = time.perf_counter()
-    from .blends import simulate_blends, simulate_isolated
-
     bb, blends, sources = simulate_blends(galaxies, config=spec.blends, degrade_config=dc, n_blends=spec.n_blends,
                                           seed=spec.seed)
     ib, iso, iso_sources = simulate_isolated(galaxies, config=spec.blends, degrade_config=dc, n=spec.n_isolated,
@@ -307,6 +274,8 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
     enhanced_images = {}
     model_info = {}
     for name, ckpt in models.items():
+        # Imported here: galgan_ray.enhance pulls in scipy.signal (~0.5 s), which every `galgan` command
+        # would pay at start-up (the CLI imports this module); only scoring an enhancer needs it.
         from .enhance import Enhancer
 
         t0 = time.perf_counter()
@@ -324,8 +293,6 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
         image_metrics = _image_metrics(enh, bb, ib)
         model_info[name] = {"image_metrics": image_metrics, "checkpoint": str(ckpt), "noise_model": noise.summary(),
                             "bands_low": list(enh.band_keys_low), "bands_high": list(enh.band_keys_high)}
-
-    from .baselines import baseline_peaks
 
     for method in spec.baselines:
         t0 = time.perf_counter()
@@ -346,8 +313,6 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
            "truth_hr": truth_hr, "truth_lr": truth_lr, "degrade_config": dc, "psf_hr": psf_hr, "psf_lr": psf_lr,
            "isolated_batch": ib, "isolated_sources": iso_sources}
     if photometry and first is not None and spec.photometry_blends > 0:
-        from .photometry_eval import evaluate_photometry
-
         t0 = time.perf_counter()
         out["photometry"] = evaluate_photometry(out, headline=first, max_blends=spec.photometry_blends)
         report["photometry"] = out["photometry"]["report"]
@@ -359,68 +324,8 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
 
 def _image_metrics(enh, *batches) -> dict[str, float]:
     """PSNR / SSIM / total-flux error of the enhancer and of bicubic upsampling on the benchmark cutouts."""
-    from .training import evaluate_srgan
-
     data = {k: np.concatenate([b[k] for b in batches]) for k in ("image_lr", "image_hr", "sigma_lr")}
     return {k: float(v) for k, v in evaluate_srgan(enh.generator, data, scaling=enh.model_cfg.scaling).items()}
-
-
-@dataclass(frozen=True)
-class EnhancedNoiseModel:
-    """The noise of a matched-filtered enhanced image as a function of its filtered signal level.
-
-    An enhancer is not linear: the noise in its output is not white and grows where there is a
-    galaxy (there a change of the input moves the predicted structure). ``levels`` are filtered
-    signal levels ``L`` (the significance the image would have with white noise at the nominal
-    ``sigma_lr``), ``rho`` the noise there in the same units; between levels it is interpolated,
-    beyond them held. A filtered enhanced image's significance is ``L / rho(L)``.
-    """
-
-    levels: tuple[float, ...]
-    rho: tuple[float, ...]
-
-    def __call__(self, level: np.ndarray) -> np.ndarray:
-        """Noise factors at white-noise significance ``level`` (any shape): the ``noise_scale`` of
-        :func:`galgan_ray.detect.find_peaks_batch`."""
-        return np.interp(level, self.levels, self.rho).astype(np.float32)
-
-    def summary(self) -> dict[str, Any]:
-        return {"levels": [round(float(v), 4) for v in self.levels], "rho": [round(float(v), 4) for v in self.rho],
-                "rho_sky": float(np.interp(0.0, self.levels, self.rho)), "rho_max": float(max(self.rho))}
-
-
-def enhanced_noise_model(enh, images_hr: np.ndarray, sigma_lr: np.ndarray, *, degrade_config, psf: np.ndarray,
-                         n_draws: int = 8, percentile: float = 90.0, n_levels: int = 24, seed: int = 0,
-                         det: DetectConfig = DetectConfig()) -> EnhancedNoiseModel:
-    """Calibrate :class:`EnhancedNoiseModel` for an enhancer by Monte Carlo on isolated galaxies.
-
-    The galaxies are degraded without noise, ``n_draws`` noise realisations at their ``sigma_lr``
-    are added, each is enhanced and matched-filtered with the detection PSF. At every pixel the
-    standard deviation over the draws is the noise there (relative to the nominal white noise);
-    pixels are grouped by filtered signal level (the draws' mean, ``n_levels`` bins of equal
-    counts), and in each group the ``percentile`` of the noise is ``rho``. The enhancer works on
-    inputs divided by their own sigma, so the model carries over to any depth.
-    """
-    from .degrade import degrade
-    from .detect import matched_filter
-
-    images_hr = np.asarray(images_hr)
-    m = len(images_hr)
-    clean = degrade(images_hr, config=replace(degrade_config, add_noise=False))["image_lr"]
-    s = np.asarray(sigma_lr, dtype=np.float32)[:m]
-    rng = np.random.default_rng([seed, 99])
-    noisy = clean[:, None] + rng.normal(0.0, 1.0, (m, n_draws) + clean.shape[1:]).astype(np.float32) * s[:, None, :, None, None]
-    sr = enh.enhance_cutouts(noisy.reshape((m * n_draws,) + clean.shape[1:]), np.repeat(s, n_draws, axis=0))
-    img, noise = detection_images(sr, np.repeat(s, n_draws, axis=0))
-    sig = np.asarray(matched_filter(img, psf=psf, noise_sigma=noise, psf_energy=det.psf_energy)["significance"])
-    sig = sig.reshape((m, n_draws) + sig.shape[-2:])
-    level = sig.mean(axis=1).reshape(-1)
-    std = sig.std(axis=1, ddof=1).reshape(-1)
-    edges = np.quantile(level, np.linspace(0.0, 1.0, n_levels + 1))
-    which = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, n_levels - 1)
-    bins = [which == k for k in np.unique(which)]  # ascending levels: quantile bins
-    return EnhancedNoiseModel(levels=tuple(float(np.median(level[b])) for b in bins),
-                              rho=tuple(float(np.percentile(std[b], percentile)) for b in bins))
 
 
 def _report(spec, rows, *, n_b, n_i, models, galaxies) -> dict[str, Any]:
@@ -468,15 +373,10 @@ def _report(spec, rows, *, n_b, n_i, models, galaxies) -> dict[str, Any]:
 
 def write_report(out: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:
     """Write ``report.json``, the per-blend outcome table (Parquet) and every figure into ``out_dir``."""
-    from .evaluation_figures import plot_all
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = plot_all(out, out_dir)  # first: it adds the SOM's errors to the report
     (out_dir / "report.json").write_text(json.dumps(out["report"], indent=2, sort_keys=True, default=_json_default))
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = {k: np.asarray(v) for k, v in out["blends"].items() if np.asarray(v).ndim == 1}
     for row, oc in out["outcomes"].items():
         table[f"outcome_{row}"] = np.asarray(oc)

@@ -9,6 +9,8 @@ import numpy as np
 
 from .figures import _plt, plot_blends
 from .metrics import binned_fraction
+from .photometry_eval import plot_photometry
+from .som import SOMConfig, fit_som
 
 __all__ = ["plot_all", "plot_examples", "plot_dependence", "plot_som", "markdown_table", "PARAMETER_LABELS"]
 
@@ -95,8 +97,6 @@ def plot_som(out: Mapping[str, Any], path: Path, *, rows: tuple[str, ...] | None
     path, info
         ``info``: quantization and topographic error of the map.
     """
-    from .som import SOMConfig, fit_som
-
     plt = _plt()
     blends = out["blends"]
     data = np.column_stack([np.asarray(blends[p], dtype=float) for p in PARAMETER_LABELS])
@@ -164,7 +164,5 @@ def plot_all(out: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:
     (out_dir / "table.md").write_text(markdown_table(out["report"]))
     written["table"] = str(out_dir / "table.md")
     if "photometry" in out:
-        from .photometry_eval import plot_photometry
-
         written["figure7"] = str(plot_photometry(out["photometry"], out_dir / "fig7_photometry.png"))
     return written

@@ -13,6 +13,8 @@ __all__ = ["plot_blends", "plot_blend_set", "truth_positions", "asinh_display"]
 
 
 def _plt():
+    """pyplot with the Agg backend. Imported on the first figure, not with this module: choosing a
+    backend at import would override a notebook's, and pyplot adds ~0.4 s to every `galgan` start."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)

@@ -59,9 +59,10 @@ from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
+from scipy.optimize import brentq
 
 from .errors import InputError
-from .psf import measure_fwhm, normalize_psf
+from .psf import _half_maximum, _peak_centroid, measure_fwhm, normalize_psf
 
 __all__ = [
     "GaussianMixture",
@@ -220,8 +221,6 @@ def _profile(model: str) -> tuple[np.ndarray, np.ndarray, float]:
     f = f / (p * f).sum()
     # Half-light radius of the round mixture with T = 1: each component has variance f/2 per axis,
     # and encloses 1 - exp(-r^2 / (2 var)) of its flux within r.
-    from scipy.optimize import brentq
-
     var = f / 2.0
     ratio = brentq(lambda r: (p * (1.0 - np.exp(-r * r / (2.0 * var)))).sum() - 0.5, 1e-8, 100.0, xtol=1e-14)
     p.setflags(write=False)
@@ -476,37 +475,19 @@ def _halfmax_functional(img: np.ndarray) -> np.ndarray | None:
     The radial profile interpolated at the image's half-maximum radius is linear in the pixel
     values, and so is the peak; L is their difference, normalised by the image's peak.
     """
-    ny, nx = img.shape
-    iy, ix = np.unravel_index(np.argmax(img), img.shape)
-    y0, y1, x0, x1 = max(iy - 1, 0), min(iy + 2, ny), max(ix - 1, 0), min(ix + 2, nx)
-    sub = img[y0:y1, x0:x1]
-    yy, xx = np.mgrid[y0:y1, x0:x1]
-    cy, cx = (sub * yy).sum() / sub.sum(), (sub * xx).sum() / sub.sum()
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    r = np.hypot(yy - cy, xx - cx).ravel()
-    edges = np.arange(0, r.max() + 0.5, 0.5)
-    idx = np.digitize(r, edges) - 1
-    counts = np.bincount(idx, minlength=len(edges)).astype(float)
-    sums = np.bincount(idx, weights=img.ravel(), minlength=len(edges))
-    rsum = np.bincount(idx, weights=r, minlength=len(edges))
-    ok = np.nonzero(counts > 0)[0]
-    prof, rad = sums[ok] / counts[ok], rsum[ok] / counts[ok]
-    weights = np.zeros(ny * nx)
-    if rad[0] < 0.5:
-        peak = prof[0]
-        weights[idx == ok[0]] -= 0.5 / counts[ok[0]]
-    else:
-        peak = img.max()
-        weights[np.argmax(img)] -= 0.5
-    below = np.nonzero(prof < peak / 2.0)[0]
-    if len(below) == 0 or below[0] == 0:
+    hm = _half_maximum(img)
+    if hm is None:
         return None
-    j = below[0]
-    r_half = rad[j - 1] + (peak / 2.0 - prof[j - 1]) * (rad[j] - rad[j - 1]) / (prof[j] - prof[j - 1])
-    t = (r_half - rad[j - 1]) / (rad[j] - rad[j - 1])
-    weights[idx == ok[j - 1]] += (1.0 - t) / counts[ok[j - 1]]
-    weights[idx == ok[j]] += t / counts[ok[j]]
-    return weights / peak
+    ring, counts, rings, rad, j = hm.ring, hm.counts, hm.rings, hm.radius, hm.j
+    weights = np.zeros(img.size)
+    if hm.peak_from_ring:
+        weights[ring == rings[0]] -= 0.5 / counts[rings[0]]
+    else:
+        weights[np.argmax(img)] -= 0.5
+    t = (hm.radius_px - rad[j - 1]) / (rad[j] - rad[j - 1])
+    weights[ring == rings[j - 1]] += (1.0 - t) / counts[rings[j - 1]]
+    weights[ring == rings[j]] += t / counts[rings[j]]
+    return weights / hm.peak
 
 
 def _levenberg_marquardt(evaluate, x0, lo, hi, *, max_iter: int, rtol: float = 1e-5) -> dict[str, Any]:
@@ -642,10 +623,7 @@ def fit_psf_mixture(
     xg, yg = xg.ravel(), yg.ravel()
 
     # 1. Initial guess: centroid of the 3x3 core, a ladder of widths from the core to the wings.
-    iy, ix = np.unravel_index(np.argmax(img), img.shape)
-    sl = img[max(iy - 1, 0):iy + 2, max(ix - 1, 0):ix + 2]
-    yy, xx = np.mgrid[max(iy - 1, 0):iy + 2, max(ix - 1, 0):ix + 2]
-    cx0, cy0 = float((sl * xx).sum() / sl.sum()), float((sl * yy).sum() / sl.sum())
+    cy0, cx0 = (float(c) for c in _peak_centroid(img))
     fwhm_px = measure_fwhm(img)
     if not np.isfinite(fwhm_px) or fwhm_px <= 0:
         fwhm_px = 2.0

@@ -10,60 +10,20 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
-from typing import Literal
 
+import numpy as np
 import yaml
 
 from .config import from_dict
 from .errors import ConfigError
+from .psf import PSFConfig, draw_psf
 
-__all__ = ["PSFConfig", "BandConfig", "get_band", "list_bands", "HST_BANDS", "HSC_BANDS",
+__all__ = ["BandConfig", "get_band", "list_bands", "HST_BANDS", "HSC_BANDS",
            "DEFAULT_HIGH", "DEFAULT_LOW"]
 
 HST_BANDS: tuple[str, ...] = ("F435W", "F606W", "F775W", "F814W", "F850LP", "F125W", "F160W")
 HSC_BANDS: tuple[str, ...] = ("g", "r", "i", "z", "y")
 NJY_ZEROPOINT = 31.4  # AB magnitude of 1 nJy
-
-
-@dataclass(frozen=True)
-class PSFConfig:
-    """A point-spread function: analytic (GalSim profile) or an image read from FITS.
-
-    Attributes
-    ----------
-    kind : {"airy", "moffat", "kolmogorov", "gaussian", "fits"}
-    fwhm_arcsec : float
-        FWHM for moffat / kolmogorov / gaussian profiles.
-    beta : float
-        Moffat index.
-    lam_nm, diam_m, obscuration : float
-        Airy diffraction pattern of a telescope (``airy``).
-    jitter_fwhm_arcsec : float
-        Gaussian convolved with an Airy pattern: pointing jitter and charge diffusion.
-    path : str
-        FITS file with the PSF image (``fits``); ``hdu`` selects the extension, ``index`` a
-        plane of a cube.
-    pixel_scale_arcsec : float
-        Sampling of the FITS PSF image.
-    """
-
-    kind: Literal["airy", "moffat", "kolmogorov", "gaussian", "fits"] = "moffat"
-    fwhm_arcsec: float = 0.6
-    beta: float = 3.5
-    lam_nm: float = 775.0
-    diam_m: float = 2.4
-    obscuration: float = 0.33
-    jitter_fwhm_arcsec: float = 0.0
-    path: str | None = None
-    hdu: int = 0
-    index: int = 0
-    pixel_scale_arcsec: float | None = None
-
-    def __post_init__(self):
-        if self.kind == "fits" and (not self.path or not self.pixel_scale_arcsec):
-            raise ConfigError("psf", "kind 'fits' needs both path and pixel_scale_arcsec")
-        if self.kind in ("moffat", "kolmogorov", "gaussian") and not self.fwhm_arcsec > 0:
-            raise ConfigError("psf.fwhm_arcsec", f"must be > 0, got {self.fwhm_arcsec}")
 
 
 @dataclass(frozen=True)
@@ -113,8 +73,6 @@ class BandConfig:
 
     def mag_from_flux(self, flux):
         """AB magnitude of a flux in image units (NaN where flux <= 0)."""
-        import numpy as np
-
         flux = np.asarray(flux, dtype=float)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(flux > 0, self.zeropoint_mag - 2.5 * np.log10(flux), np.nan)
@@ -131,8 +89,6 @@ class BandConfig:
 
 @lru_cache(maxsize=64)
 def _sky_sigma(band: BandConfig) -> float:
-    from .psf import draw_psf
-
     p = draw_psf(band.psf, pixel_scale_arcsec=band.pixel_scale_arcsec)
     n_eff = 1.0 / float((p**2).sum())
     return band.flux_from_mag(band.depth_5sigma_mag) / (5.0 * math.sqrt(n_eff))

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 from .errors import InputError
 
-__all__ = ["match_peaks", "match_peaks_batch", "radius_pixels"]
+__all__ = ["match_peaks", "match_peaks_batch", "match_sparse", "radius_pixels"]
 
 
 def radius_pixels(radius_arcsec: float, *, pixel_scale_arcsec: float) -> float:
@@ -165,3 +168,34 @@ def match_peaks_batch(
         "n_peaks": n_peaks.astype(np.int64),
         "n_matched": np.bincount(index, minlength=n_blends).astype(np.int64),
     }
+
+
+def match_sparse(truth_xy, peaks_xy, *, radius_px: float) -> np.ndarray:
+    """:func:`match_peaks` over a whole field: the same one-to-one matching, solved separately in
+    each connected group of the radius graph (so its cost grows with the group sizes, not with the
+    square of the field's sources).
+
+    Returns
+    -------
+    numpy.ndarray
+        int64, the peak row matched to each truth row, -1 when none.
+    """
+    truth_xy = _as_xy(truth_xy, "match_sparse.truth_xy")
+    peaks_xy = _as_xy(peaks_xy, "match_sparse.peaks_xy")
+    out = np.full(len(truth_xy), -1, dtype=np.int64)
+    if len(truth_xy) == 0 or len(peaks_xy) == 0:
+        return out
+    pairs = cKDTree(truth_xy).query_ball_tree(cKDTree(peaks_xy), r=radius_px)
+    ti = np.repeat(np.arange(len(truth_xy)), [len(p) for p in pairs])
+    pi = np.fromiter((j for p in pairs for j in p), dtype=np.int64, count=len(ti))
+    if len(ti) == 0:
+        return out
+    nt = len(truth_xy)
+    graph = coo_matrix((np.ones(len(ti)), (ti, nt + pi)), shape=(nt + len(peaks_xy),) * 2)
+    _, comp = connected_components(graph, directed=False)
+    for cidx in np.unique(comp[ti]):
+        t_rows = np.flatnonzero(comp[:nt] == cidx)
+        p_rows = np.flatnonzero(comp[nt:] == cidx)
+        m = match_peaks(truth_xy[t_rows], peaks_xy[p_rows], radius_px=radius_px)
+        out[t_rows[m["truth_index"]]] = p_rows[m["peak_index"]]
+    return out

@@ -48,6 +48,7 @@ import torch
 from .errors import ConfigError, InputError
 from .flags import flag_bit
 from .gmm import GaussianMixture, T_to_hlr, hlr_to_T, profile_coefficients
+from .instrument import NJY_ZEROPOINT
 
 __all__ = ["PhotometryConfig", "PhotometryComputeConfig", "fit_fluxes", "measure_input_fluxes"]
 
@@ -814,7 +815,7 @@ def measure_input_fluxes(
     noise_sigma: float | np.ndarray | None = None,
     variance: np.ndarray | None = None,
     pixel_scale_arcsec: float = 0.06,
-    zeropoint_mag: float = 31.4,
+    zeropoint_mag: float = NJY_ZEROPOINT,
     n_sources: np.ndarray | None = None,
     source_mask: np.ndarray | None = None,
     config: PhotometryConfig = PhotometryConfig(),

@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from scipy.optimize import curve_fit
 
+from .figures import _plt
 from .geometry import hr_to_lr_pixels
 from .gmm import fit_psf_mixture
+from .instrument import NJY_ZEROPOINT
 from .matching import match_peaks
 from .photometry import PhotometryConfig, fit_fluxes, measure_input_fluxes
 
 __all__ = ["evaluate_photometry", "plot_photometry", "nmad", "improvement", "fit_error_model"]
-
-NJY_ZP = 31.4
 
 
 def nmad(x: np.ndarray) -> float:
@@ -35,7 +36,7 @@ def _rms(x: np.ndarray) -> float:
 def _mag(flux):
     flux = np.asarray(flux, float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(flux > 0, NJY_ZP - 2.5 * np.log10(flux), np.nan)
+        return np.where(flux > 0, NJY_ZEROPOINT - 2.5 * np.log10(flux), np.nan)
 
 
 def _assign_fluxes(peaks_lr: list[np.ndarray], truth_lr: np.ndarray, fluxes: list[np.ndarray], *,
@@ -101,7 +102,8 @@ def fit_error_model(mag_in: np.ndarray, dmag: np.ndarray, *, max_points: int = 8
         ``bins``: ``mag``, ``median``, ``p16``, ``p84``, ``spread68`` (half-width), ``count``;
         ``exp_fit``: ``median`` and ``spread68`` -> (a, b, c, m0) or None.
     """
-    from scipy.optimize import curve_fit
+    # scikit-learn is imported here: it takes ~0.6 s, which every `galgan` command would pay at start-up
+    # (the CLI imports this module through the benchmark), and only this fit needs it.
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 
@@ -242,8 +244,6 @@ def evaluate_photometry(out: Mapping[str, Any], *, headline: str = "enhanced", c
 
 def plot_photometry(ph: Mapping[str, Any], path: str | Path) -> Path:
     """Fig. 7: input vs measured magnitude (contours, 1:1), dmag vs input with GP bands, spread vs mag."""
-    from .figures import _plt
-
     plt = _plt()
     rep = ph["report"]
     n = len(ph["primary"])

@@ -36,17 +36,13 @@ class ArcsinhScaling:
     def forward(self, x):
         """Scaled image ``asinh(x / softening) / scale`` (numpy or torch)."""
         if _is_torch(x):
-            import torch
-
-            return torch.asinh(x / self.softening) / self.scale
+            return (x / self.softening).asinh() / self.scale
         return np.arcsinh(np.asarray(x) / self.softening) / self.scale
 
     def inverse(self, y):
         """Linear image from a scaled one (numpy or torch)."""
         if _is_torch(y):
-            import torch
-
-            return self.softening * torch.sinh(self.scale * y)
+            return self.softening * (self.scale * y).sinh()
         return self.softening * np.sinh(self.scale * np.asarray(y))
 
 

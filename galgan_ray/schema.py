@@ -1,18 +1,24 @@
-"""Catalog columns, defined once: Rubin Object-table spelling, units and descriptions.
+"""The tables the field job writes, defined once: Rubin Object-table spelling, units and descriptions.
 
-Every catalog the package writes is built from :func:`object_schema` and checked with
-:func:`validate_table` (a test reads written files back and validates them).
+Every catalog the package writes is built from :func:`object_schema` (by :func:`catalog_table`)
+and checked with :func:`validate_table` (a test reads written files back and validates them);
+failures by :func:`failure_table`; the simulation truth and blend tables of a field run by
+:func:`truth_table` and :func:`blends_table` (columns :data:`TRUTH_TABLE_COLUMNS`,
+:data:`BLEND_TABLE_COLUMNS`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from .errors import InputError
 
-__all__ = ["Column", "object_columns", "object_schema", "FAILURE_COLUMNS", "failure_schema", "validate_table"]
+__all__ = ["Column", "object_columns", "object_schema", "FAILURE_COLUMNS", "failure_schema", "validate_table",
+           "band_name", "catalog_table", "failure_table", "truth_table", "blends_table", "TRUTH_TABLE_COLUMNS",
+           "BLEND_TABLE_COLUMNS"]
 
 
 @dataclass(frozen=True)
@@ -83,3 +89,51 @@ def validate_table(table: pa.Table, schema: pa.Schema, *, source: str = "table")
         wrong = [n for n, t in got if n in dict(want) and dict(want)[n] != t]
         raise InputError(source, f"schema mismatch: missing {missing}, unexpected {extra}, wrong type {wrong}"
                                  + ("" if missing or extra or wrong else " (column order differs)"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Building the tables from columns
+# ------------------------------------------------------------------------------------------------
+#: Columns of a field run's ``truth`` table (simulations): the owned truth sources and whether they
+#: were found at high, low and enhanced resolution.
+TRUTH_TABLE_COLUMNS: tuple[str, ...] = (
+    "truthId", "tileId", "coord_ra", "coord_dec", "x", "y", "mag", "flux_njy", "hlr_arcsec", "flux_radius_arcsec",
+    "fwhm_arcsec", "redshift", "is_star", "scored", "matched_high", "matched_low", "matched_enhanced", "objectId")
+#: Columns of a field run's ``blends`` table (simulations): truth pairs and whether both were found.
+BLEND_TABLE_COLUMNS: tuple[str, ...] = (
+    "blendId", "tileId", "truthId_primary", "truthId_secondary", "sep_arcsec", "delta_mag", "flux_ratio",
+    "sum_fwhm_arcsec", "delta_z", "sep_over_size", "mag_primary", "mag_secondary", "redshift_primary",
+    "blended_low", "n_found_high", "n_found_low", "n_found_enhanced", "found_high", "found_low", "found_enhanced")
+
+
+def band_name(key: str) -> str:
+    """The name a band's columns carry: ``hsc/i`` -> ``i`` (a name stays as it is)."""
+    return key.split("/", 1)[-1]
+
+
+def catalog_table(columns: Mapping[str, np.ndarray], *, bands: Sequence[str],
+                  metadata: Mapping[bytes, bytes] | None = None) -> pa.Table:
+    """An Arrow table with exactly :func:`object_schema` (band keys or names)."""
+    schema = object_schema([band_name(b) for b in bands], metadata=dict(metadata or {}))
+    arrays = [pa.array(np.asarray(columns[f.name]), type=f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def failure_table(rows: Sequence[Mapping[str, Any]], *, metadata: Mapping[bytes, bytes] | None = None) -> pa.Table:
+    """An Arrow table of failures (:func:`failure_schema`), one row per ``{tileId, source, stage, reason}``."""
+    schema = failure_schema().with_metadata(dict(metadata or {}))
+    return pa.Table.from_arrays([pa.array([r[f.name] for r in rows], type=f.type) for f in schema], schema=schema)
+
+
+def _plain_table(columns: Mapping[str, np.ndarray], names: Sequence[str], metadata=None) -> pa.Table:
+    return pa.table({k: pa.array(np.asarray(columns[k])) for k in names}, metadata=dict(metadata or {}))
+
+
+def truth_table(columns: Mapping[str, np.ndarray], *, metadata: Mapping[bytes, bytes] | None = None) -> pa.Table:
+    """Arrow table of :data:`TRUTH_TABLE_COLUMNS`."""
+    return _plain_table(columns, TRUTH_TABLE_COLUMNS, metadata)
+
+
+def blends_table(columns: Mapping[str, np.ndarray], *, metadata: Mapping[bytes, bytes] | None = None) -> pa.Table:
+    """Arrow table of :data:`BLEND_TABLE_COLUMNS`."""
+    return _plain_table(columns, BLEND_TABLE_COLUMNS, metadata)

@@ -17,6 +17,8 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from astropy.io import fits
+from astropy.table import Table
 
 from .errors import InputError
 
@@ -182,9 +184,6 @@ def write_fits_shard(batch: Mapping[str, np.ndarray], url: str, *, metadata: Map
                      storage_options: Mapping | None = None) -> str:
     """Write a batch as one multi-extension FITS file: an image HDU per array column (EXTNAME = column),
     and a binary table HDU ``TABLE`` with the scalar columns. Metadata goes in the primary header as JSON."""
-    from astropy.io import fits
-    from astropy.table import Table
-
     primary = fits.PrimaryHDU()
     primary.header["GGRMETA"] = "see HDU METADATA"
     hdus = [primary]
@@ -212,9 +211,6 @@ def write_fits_shard(batch: Mapping[str, np.ndarray], url: str, *, metadata: Map
 
 def read_fits_shard(url: str, *, storage_options: Mapping | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Inverse of :func:`write_fits_shard` (array column names come back lower-case as written)."""
-    from astropy.io import fits
-    from astropy.table import Table
-
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as fh:
             data = fh.read()

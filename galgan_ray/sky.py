@@ -34,23 +34,31 @@ what SExtractor would measure (intrinsic size in quadrature with the PSF), not m
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import time
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Mapping
 
+import galsim
 import numpy as np
+from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from scipy.special import gammainc, gammaincinv
 
 from .catalog import candels_flux_column
 from .config import config_json
 from .errors import ConfigError
 from .geometry import make_tan_wcs
 from .instrument import HST_BANDS, NJY_ZEROPOINT, BandConfig, get_band
-from .psf import draw_psf, psf_profile
+from .provenance import provenance
+from .psf import draw_psf, measure_fwhm, psf_profile
+from .tiles import Tile, write_tile
 
 __all__ = ["SkyConfig", "simulate_sky", "write_sky", "sky_band_configs"]
 
@@ -183,8 +191,6 @@ def sky_band_configs(config: SkyConfig) -> dict[str, BandConfig]:
 
 
 def _at_scale(band: BandConfig, scale: float) -> BandConfig:
-    import dataclasses
-
     return band if band.pixel_scale_arcsec == scale else dataclasses.replace(band, pixel_scale_arcsec=scale)
 
 
@@ -298,15 +304,11 @@ def _component_fluxes(p: dict, band: BandConfig, ref: BandConfig) -> dict[str, n
 
 
 def _sersic_b(n: float) -> float:
-    from scipy.special import gammaincinv
-
     return float(gammaincinv(2 * n, 0.5))
 
 
 def _composite_hlr(weights: list[np.ndarray], radii: list[np.ndarray], indices: list[float]) -> np.ndarray:
     """Half-light radius of a sum of circular Sersic profiles (bisection, vectorised)."""
-    from scipy.special import gammainc
-
     total = sum(weights)
     total = np.where(total > 0, total, 1.0)
     lo = np.zeros_like(radii[0])
@@ -324,8 +326,6 @@ def _composite_hlr(weights: list[np.ndarray], radii: list[np.ndarray], indices: 
 @lru_cache(maxsize=32)
 def _psf_radii(band: BandConfig) -> tuple[float, float]:
     """(FWHM, half-light radius) in arcsec of the band's PSF as drawn with its pixel."""
-    from .psf import measure_fwhm
-
     scale = band.pixel_scale_arcsec / 5.0
     img = draw_psf(band.psf, pixel_scale_arcsec=scale, size=401)
     fwhm = measure_fwhm(img, pixel_scale_arcsec=scale)
@@ -345,8 +345,6 @@ def _psf_radii(band: BandConfig) -> tuple[float, float]:
 
 def _galaxy_profiles(p: dict, i: int, gsparams):
     """Achromatic unit-flux GalSim profiles (bulge, disk, knots) of galaxy ``i``."""
-    import galsim
-
     beta_d = galsim.Angle(float(p["pa"][i]), galsim.degrees)
     beta_b = galsim.Angle(float(p["pa_bulge"][i]), galsim.degrees)
     rb, rd = float(p["hlr_bulge"][i]), float(p["hlr_disk"][i])
@@ -392,8 +390,6 @@ def simulate_sky(config: SkyConfig = SkyConfig()) -> tuple[dict[str, np.ndarray]
         ``HLR_DISK_ARCSEC``, ``Q_BULGE``, ``Q_DISK``, ``PA_DEG``, ``KNOT_FRACTION``, ``N_KNOTS``.
         ``meta`` holds the config as JSON (``SKYCONF``) and the reference band.
     """
-    import galsim
-
     ny, nx = config.shape
     ps = config.pixel_scale_arcsec
     wcs = make_tan_wcs(config.ra_center_deg, config.dec_center_deg, pixel_scale_arcsec=ps, shape=(ny, nx))
@@ -532,10 +528,6 @@ def write_sky(config: SkyConfig, out_dir: str | Path, *, overwrite: bool = True)
     dict of str -> Path
         Band name -> ``sky_<band>.fits``, and ``"catalog"`` -> ``sky_catalog.fits``.
     """
-    from astropy.io import fits
-
-    from .provenance import provenance
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images, wcs, catalog = simulate_sky(config)
@@ -562,3 +554,142 @@ def write_sky(config: SkyConfig, out_dir: str | Path, *, overwrite: bool = True)
     catalog.write(path, overwrite=overwrite)
     paths["catalog"] = path
     return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# Simulated fields: the sky cut into survey tiles (the field job's default input)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FieldSimConfig:
+    """A small simulated field: one CANDELS-like HST mosaic cut into overlapping tiles.
+
+    Attributes
+    ----------
+    seed : int
+        Seed of the sky (galaxies and HST noise).
+    n_tiles_x, n_tiles_y : int
+        Tiles along x (RA) and y (Dec).
+    tile_inner_arcsec : float
+        Side of each tile's inner (owned) region; rounded to whole low-resolution pixels.
+    border_arcsec : float
+        Overlap border on each side of a tile (rounded likewise); should exceed half a 22 px
+        cutout (2"), plus the degradation kernel (1.9"), so owned sources never touch the tile edge.
+    ra_center_deg, dec_center_deg : float
+        Centre of the field.
+    hr_band : str
+        Band key of the HST-like mosaic (``survey/name``).
+    lr_pixel_scale_arcsec : float
+        The low-resolution grid the tiles will be degraded to (tile sides are whole multiples of it).
+    galaxy_density_arcmin2, mag_bright, mag_faint, star_fraction : float
+        Passed to :class:`galgan_ray.sky.SkyConfig`.
+    """
+
+    seed: int = 0
+    n_tiles_x: int = 2
+    n_tiles_y: int = 2
+    tile_inner_arcsec: float = 32.4
+    border_arcsec: float = 3.96
+    ra_center_deg: float = 150.1
+    dec_center_deg: float = 2.2
+    hr_band: str = "hst/F775W"
+    lr_pixel_scale_arcsec: float = 0.18
+    galaxy_density_arcmin2: float = 120.0
+    mag_bright: float = 18.0
+    mag_faint: float = 27.0
+    star_fraction: float = 0.04
+
+    def __post_init__(self):
+        if self.n_tiles_x < 1 or self.n_tiles_y < 1:
+            raise ConfigError("simulate.n_tiles_x", "need at least one tile along each axis")
+        if not self.tile_inner_arcsec > 0 or self.border_arcsec < 0:
+            raise ConfigError("simulate.tile_inner_arcsec", "need tile_inner_arcsec > 0 and border_arcsec >= 0")
+        if "/" not in self.hr_band:
+            raise ConfigError("simulate.hr_band", f"expected survey/name, got {self.hr_band!r}")
+
+
+def make_simulated_field(config: FieldSimConfig, out_url: str, *, storage_options: Mapping | None = None
+                         ) -> dict[str, Any]:
+    """Simulate an HST-like field and write it as overlapping high-resolution tiles with truth.
+
+    The mosaic covers ``n * inner + 2 * border`` on each side; tile ``(i, j)`` (``TILEID = j *
+    n_tiles_x + i``) covers inner region ``(i, j)`` plus the border, so neighbours overlap by two
+    borders and share those pixels exactly. Each tile's ``TRUTH`` holds the catalogued sources
+    centred on it; ``TRACTX0/TRACTY0`` place it on the mosaic grid.
+
+    Parameters
+    ----------
+    config : FieldSimConfig
+    out_url : str
+        Directory URL; tiles are written as ``tile_<TILEID>.fits``.
+    storage_options : mapping, optional
+        fsspec options (e.g. ``endpoint_url``).
+
+    Returns
+    -------
+    dict
+        ``tiles``: list of tile URLs; ``n_truth``: catalogued sources; ``area_deg2``: the union
+        of the inner regions; ``hr_pixel_scale_arcsec``; ``seconds``.
+    """
+    t0 = time.perf_counter()
+    survey, name = config.hr_band.split("/", 1)
+    band = get_band(survey, name)
+    s_hr = band.pixel_scale_arcsec
+    ratio = config.lr_pixel_scale_arcsec / s_hr
+    r = int(round(ratio))
+    if abs(ratio - r) > 1e-6:
+        raise ConfigError("simulate.lr_pixel_scale_arcsec", f"must be a whole multiple of the HR scale {s_hr}\"")
+    inner_lr = int(round(config.tile_inner_arcsec / config.lr_pixel_scale_arcsec))
+    border_lr = int(round(config.border_arcsec / config.lr_pixel_scale_arcsec))
+    inner, border = inner_lr * r, border_lr * r  # HR px
+    tile_px = inner + 2 * border
+    nx_px, ny_px = config.n_tiles_x * inner + 2 * border, config.n_tiles_y * inner + 2 * border
+    n_side = max(nx_px, ny_px)
+    sky_cfg = SkyConfig(seed=config.seed, size_pixels=n_side, pixel_scale_arcsec=s_hr,
+                        ra_center_deg=config.ra_center_deg, dec_center_deg=config.dec_center_deg, survey=survey,
+                        bands=(name,), reference_band=name, galaxy_density_arcmin2=config.galaxy_density_arcmin2,
+                        mag_bright=config.mag_bright, mag_faint=config.mag_faint, star_fraction=config.star_fraction,
+                        catalog_bands=(name,))
+    images, wcs, cat = simulate_sky(sky_cfg)
+    mosaic = images[name]
+    psf = draw_psf(band.psf, pixel_scale_arcsec=s_hr)
+    sigma_hr = band.sky_sigma
+    mag = np.asarray(cat[f"MAG_TRUE_{name}"], dtype=np.float64)
+    truth_all = {
+        "truthId": np.asarray(cat["ID"], dtype=np.int64),
+        "ra": np.asarray(cat["RA"], dtype=np.float64), "dec": np.asarray(cat["DEC"], dtype=np.float64),
+        "x": np.asarray(cat["X_PIX"], dtype=np.float64), "y": np.asarray(cat["Y_PIX"], dtype=np.float64),
+        "mag": mag.astype(np.float32),
+        "flux_njy": np.where(np.isfinite(mag), 10.0 ** (-0.4 * (mag - NJY_ZEROPOINT)), 0.0),
+        "hlr_arcsec": np.asarray(cat["HLR_TRUE_ARCSEC"], dtype=np.float32),
+        "flux_radius_arcsec": (np.asarray(cat["FLUX_RADIUS"]) * s_hr).astype(np.float32),
+        "fwhm_arcsec": (np.asarray(cat["FWHM_IMAGE"]) * s_hr).astype(np.float32),
+        "redshift": np.asarray(cat["ZBEST"], dtype=np.float32),
+        "is_star": np.asarray(cat["IS_STAR"], dtype=bool),
+    }
+    urls = []
+    for j in range(config.n_tiles_y):
+        for i in range(config.n_tiles_x):
+            x0, y0 = i * inner, j * inner
+            tid = j * config.n_tiles_x + i
+            tw = make_tan_wcs(config.ra_center_deg, config.dec_center_deg, pixel_scale_arcsec=s_hr,
+                              shape=(n_side, n_side))
+            tw.wcs.crpix = np.asarray(tw.wcs.crpix) - [x0, y0]
+            tw.pixel_shape = (tile_px, tile_px)
+            img = mosaic[y0:y0 + tile_px, x0:x0 + tile_px].astype(np.float32)[None]
+            sel = ((truth_all["x"] >= x0 - 0.5) & (truth_all["x"] < x0 + tile_px - 0.5)
+                   & (truth_all["y"] >= y0 - 0.5) & (truth_all["y"] < y0 + tile_px - 0.5))
+            truth = {k: v[sel] for k, v in truth_all.items()}
+            truth["x"] = truth["x"] - x0
+            truth["y"] = truth["y"] - y0
+            lo, hi = border - 0.5, border + inner - 0.5
+            tile = Tile(tile_id=tid, source="", image=img, variance=np.full_like(img, sigma_hr**2),
+                        mask=np.zeros(img.shape, np.int32), psf=psf[None].astype(np.float64),
+                        wcs_header=tw.to_header(relax=True).tostring(), bands=(config.hr_band,),
+                        inner=(lo, hi, lo, hi), tract_origin=(x0, y0), truth=truth, simulated=True)
+            url = out_url.rstrip("/") + f"/tile_{tid:06d}.fits"
+            urls.append(write_tile(tile, url, storage_options=storage_options))
+    area = (config.n_tiles_x * inner * s_hr / 3600.0) * (config.n_tiles_y * inner * s_hr / 3600.0)
+    inside = ((truth_all["x"] >= border - 0.5) & (truth_all["x"] < border + config.n_tiles_x * inner - 0.5)
+              & (truth_all["y"] >= border - 0.5) & (truth_all["y"] < border + config.n_tiles_y * inner - 0.5))
+    return {"tiles": urls, "n_truth": int(inside.sum()), "area_deg2": float(area), "hr_pixel_scale_arcsec": s_hr,
+            "tile_side_arcsec": tile_px * s_hr, "seconds": time.perf_counter() - t0}

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -41,7 +42,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import InputError
+from .config import config_json, from_dict
+from .errors import ConfigError, InputError
 
 __all__ = ["SOMConfig", "SOM", "fit_som", "load_som"]
 
@@ -97,8 +99,6 @@ class SOMConfig:
     device: str | None = None
 
     def __post_init__(self):
-        from .errors import ConfigError
-
         if len(self.shape) != 2 or min(self.shape) < 2:
             raise ConfigError("som.shape", f"must be two sides >= 2, got {self.shape}")
         if self.epochs < 1 or self.batch_size < 1 or self.min_steps_per_epoch < 1:
@@ -308,16 +308,12 @@ class SOM:
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the map to an ``.npz`` file (weights, standardisation, config as JSON)."""
-        from .config import config_json
-
         np.savez(path, weights_std=self.weights_std, mean=self.mean, scale=self.scale,
                  config=np.array(config_json(self.config)), history=np.array(json.dumps(self.history)))
 
 
 def load_som(path: str | Path) -> SOM:
     """Read a map written by :meth:`SOM.save`."""
-    from .config import from_dict
-
     try:
         with np.load(path, allow_pickle=False) as z:
             cfg = from_dict(SOMConfig, json.loads(str(z["config"])), where=str(path))
@@ -382,8 +378,6 @@ def fit_som(data, *, config: SOMConfig = SOMConfig()) -> SOM:
         The trained map: ``weights`` ``(H, W, D)``, ``bmu``, ``quantization_error``,
         ``topographic_error``, ``cell_stats``, ``save``.
     """
-    import time
-
     arr = _as_data(data, "fit_som.data")
     n, d = arr.shape
     if n < 2:

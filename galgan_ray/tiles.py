@@ -1,5 +1,4 @@
-"""Tiles: the unit of work of the field pipeline -- the FITS layout, reading and validation, and
-simulated fields.
+"""Tiles: the unit of work of the field pipeline -- the FITS layout, reading and validation.
 
 A *field* is a set of overlapping tiles (survey coadd patches). One tile is a multi-extension FITS
 file, as survey coadd patches come:
@@ -32,7 +31,7 @@ non-finite PSF, shape mismatches, variance <= 0, band count). Tiles can also com
 way and names a truncated file. Whether a tile suits the model (bands, pixel scale) is checked by
 :func:`galgan_ray.field.check_tile`.
 
-:func:`make_simulated_field` draws one CANDELS-like HST mosaic (:mod:`galgan_ray.sky`) over the
+:func:`galgan_ray.sky.make_simulated_field` draws one CANDELS-like HST mosaic over the
 whole field and cuts it into overlapping high-resolution tiles that carry their truth catalog; the
 pipeline degrades them to HSC-like tiles itself (simulation mode). Tiles share pixels in their
 overlaps (one sky), with a border of ``border_arcsec`` on every side.
@@ -42,17 +41,28 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from astropy.io import fits
+from astropy.io.fits.verify import VerifyWarning
+from astropy.table import Table
+from astropy.wcs import WCS
 
-from .errors import ConfigError, InputError
+from .errors import InputError
+from .geometry import pixel_scale_of
+from .instrument import NJY_ZEROPOINT
+from .psf import normalize_psf
+from .shards import write_atomic, write_table
 
-__all__ = ["Tile", "FieldSimConfig", "read_tile", "tile_to_fits_bytes", "write_tile", "list_tile_sources",
+__all__ = ["Tile", "read_tile", "tile_to_fits_bytes", "write_tile", "list_tile_sources",
            "read_tile_source", "read_url_bytes", "write_tiles_parquet", "pack_arrays", "unpack_arrays", "pack_tile",
-           "unpack_tile", "make_simulated_field", "TRUTH_COLUMNS"]
+           "unpack_tile", "pack_tile_arrays", "tile_from_arrays", "TRUTH_COLUMNS"]
 
 #: Columns of a tile's truth table (simulated tiles).
 TRUTH_COLUMNS: tuple[str, ...] = ("truthId", "ra", "dec", "x", "y", "mag", "flux_njy", "hlr_arcsec",
@@ -61,7 +71,6 @@ _TRUTH_DTYPES = {"truthId": np.int64, "ra": np.float64, "dec": np.float64, "x": 
                  "mag": np.float32, "flux_njy": np.float64, "hlr_arcsec": np.float32,
                  "flux_radius_arcsec": np.float32, "fwhm_arcsec": np.float32, "redshift": np.float32,
                  "is_star": bool}
-_NJY_ZP = 31.4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,17 +127,12 @@ class Tile:
     def wcs(self):
         """The tile's celestial :class:`astropy.wcs.WCS` (built once)."""
         if self._wcs is None:
-            from astropy.io import fits
-            from astropy.wcs import WCS
-
             self._wcs = WCS(fits.Header.fromstring(self.wcs_header)).celestial
         return self._wcs
 
     @property
     def pixel_scale_arcsec(self) -> float:
         """Mean pixel scale of the WCS (arcsec)."""
-        from .geometry import pixel_scale_of
-
         return pixel_scale_of(self.wcs)
 
     @property
@@ -211,7 +215,6 @@ def _check_psf(psf: np.ndarray, n_bands: int, source: str) -> np.ndarray:
         raise InputError(source, f"PSF has {psf.shape[0]} planes for {n_bands} band(s)")
     if psf.shape[1] != psf.shape[2] or psf.shape[1] % 2 == 0:
         raise InputError(source, f"PSF planes must be square with odd sides, got {psf.shape[1:]}")
-    from .psf import normalize_psf
 
     return np.stack([normalize_psf(p, source=source) for p in np.broadcast_to(psf, (n_bands,) + psf.shape[1:])])
 
@@ -219,8 +222,6 @@ def _check_psf(psf: np.ndarray, n_bands: int, source: str) -> np.ndarray:
 def _check_pixel_scale(wcs, source: str) -> float:
     """The mean pixel scale of a celestial WCS (arcsec), or InputError when it has none that is usable."""
     try:
-        from .geometry import pixel_scale_of
-
         scale = pixel_scale_of(wcs)
     except Exception as exc:  # noqa: BLE001
         raise InputError(source, f"the IMAGE WCS has no usable pixel scale: {exc}") from None
@@ -290,13 +291,6 @@ def read_tile(data: bytes, *, source: str) -> Tile:
         an unmasked pixel, a band whose pixels are all zero, a PSF that is not finite, or a band list
         that does not match the planes.
     """
-    import warnings
-
-    from astropy.io import fits
-    from astropy.io.fits.verify import VerifyWarning
-    from astropy.table import Table
-    from astropy.wcs import WCS
-
     if not data:
         raise InputError(source, "is empty (0 bytes)")
     try:
@@ -356,9 +350,9 @@ def read_tile(data: bytes, *, source: str) -> Tile:
     if bunit.lower() != "njy":
         if zp is None:
             raise InputError(source, f"BUNIT is {bunit!r}, not nJy, and there is no MAGZERO to convert")
-        factor = 10.0 ** (-0.4 * (float(zp) - _NJY_ZP))
-    elif zp is not None and abs(float(zp) - _NJY_ZP) > 1e-6:
-        raise InputError(source, f"BUNIT is nJy but MAGZERO is {zp}, not {_NJY_ZP}")
+        factor = 10.0 ** (-0.4 * (float(zp) - NJY_ZEROPOINT))
+    elif zp is not None and abs(float(zp) - NJY_ZEROPOINT) > 1e-6:
+        raise InputError(source, f"BUNIT is nJy but MAGZERO is {zp}, not {NJY_ZEROPOINT}")
     else:
         factor = 1.0
 
@@ -414,9 +408,6 @@ def read_tile(data: bytes, *, source: str) -> Tile:
 
 def tile_to_fits_bytes(tile: Tile, *, extra_header: Mapping[str, Any] | None = None) -> bytes:
     """The FITS bytes of a tile in the layout of the module docstring (inverse of :func:`read_tile`)."""
-    from astropy.io import fits
-    from astropy.table import Table
-
     primary = fits.PrimaryHDU()
     ph = primary.header
     ph["TILEID"] = (int(tile.tile_id), "tile id, unique in the field")
@@ -447,8 +438,6 @@ def tile_to_fits_bytes(tile: Tile, *, extra_header: Mapping[str, Any] | None = N
 
 def write_tile(tile: Tile, url: str, *, storage_options: Mapping | None = None) -> str:
     """Write a tile FITS file to any fsspec URL (through a temporary name, then moved)."""
-    from .shards import write_atomic
-
     data = tile_to_fits_bytes(tile)
     write_atomic(url, lambda fh: fh.write(data), storage_options=storage_options)
     return url
@@ -457,7 +446,7 @@ def write_tile(tile: Tile, url: str, *, storage_options: Mapping | None = None) 
 # ------------------------------------------------------------------------------------------------
 # Parquet tiles (one row per tile) and the packing used between pipeline stages
 # ------------------------------------------------------------------------------------------------
-def _tile_arrays(tile: Tile) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def pack_tile_arrays(tile: Tile) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     arrays = {"image": tile.image, "variance": tile.variance, "mask": tile.mask, "psf": tile.psf}
     if tile.truth is not None:
         arrays.update({f"truth.{k}": np.asarray(v) for k, v in tile.truth.items()})
@@ -468,7 +457,7 @@ def _tile_arrays(tile: Tile) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return arrays, meta
 
 
-def _tile_from(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], source: str | None = None) -> Tile:
+def tile_from_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], source: str | None = None) -> Tile:
     truth_keys = [k for k in arrays if k.startswith("truth.")]
     truth = {k[len("truth."):]: np.asarray(arrays[k]) for k in truth_keys} or None
     return Tile(tile_id=int(meta["tile_id"]), source=source or meta["source"], image=np.asarray(arrays["image"]),
@@ -502,7 +491,7 @@ def unpack_arrays(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 def pack_tile(tile: Tile, *, extra: Mapping[str, np.ndarray] | None = None,
               info: Mapping[str, Any] | None = None) -> bytes:
     """A tile plus pipeline products (``extra`` arrays, ``info`` dict) as bytes (:func:`pack_arrays`)."""
-    arrays, meta = _tile_arrays(tile)
+    arrays, meta = pack_tile_arrays(tile)
     arrays = {f"tile.{k}": v for k, v in arrays.items()}
     arrays.update({f"x.{k}": v for k, v in (extra or {}).items()})
     return pack_arrays(arrays, {"tile": meta, "info": dict(info or {})})
@@ -511,7 +500,7 @@ def pack_tile(tile: Tile, *, extra: Mapping[str, np.ndarray] | None = None,
 def unpack_tile(data: bytes) -> tuple[Tile, dict[str, np.ndarray], dict[str, Any]]:
     """Inverse of :func:`pack_tile`: ``(tile, extra, info)``."""
     arrays, meta = unpack_arrays(data)
-    tile = _tile_from({k[5:]: v for k, v in arrays.items() if k.startswith("tile.")}, meta["tile"])
+    tile = tile_from_arrays({k[5:]: v for k, v in arrays.items() if k.startswith("tile.")}, meta["tile"])
     extra = {k[2:]: v for k, v in arrays.items() if k.startswith("x.")}
     return tile, extra, meta.get("info", {})
 
@@ -519,10 +508,6 @@ def unpack_tile(data: bytes) -> tuple[Tile, dict[str, np.ndarray], dict[str, Any
 def write_tiles_parquet(tiles: Sequence[Tile], url: str, *, storage_options: Mapping | None = None) -> str:
     """Write tiles as one Parquet file, one row per tile (a ``tile`` binary column of
     :func:`pack_tile` bytes beside ``tileId`` and ``bands``)."""
-    import pyarrow as pa
-
-    from .shards import write_table
-
     table = pa.table({"tileId": pa.array([int(t.tile_id) for t in tiles], pa.int64()),
                       "bands": pa.array([",".join(t.bands) for t in tiles]),
                       "tile": pa.array([pack_tile(t) for t in tiles], pa.binary())})
@@ -543,8 +528,6 @@ def _protocol_prefix(fs) -> str:
 def _parquet_rows(fs, path: str) -> int | None:
     """Rows of a Parquet file of tiles, or None when it cannot be read (kept as one source, which then
     becomes a failure row naming the problem instead of stopping the listing)."""
-    import pyarrow.parquet as pq
-
     try:
         with fs.open(path, "rb") as fh:
             return int(pq.ParquetFile(fh).metadata.num_rows)
@@ -631,8 +614,6 @@ def read_url_bytes(url: str, *, storage_options: Mapping | None = None) -> bytes
 
 
 def _read_parquet_row(source: str, storage_options: Mapping | None) -> Tile:
-    import pyarrow.parquet as pq
-
     url, row = source.rsplit("#row=", 1) if "#row=" in source else (source, None)
     try:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -688,149 +669,3 @@ def read_tile_source(source: str, *, storage_options: Mapping | None = None) -> 
     if "#row=" in source or source.lower().endswith(".parquet"):
         return _read_parquet_row(source, storage_options)
     return read_tile(read_url_bytes(source, storage_options=storage_options), source=source)
-
-
-# ------------------------------------------------------------------------------------------------
-# Simulated fields
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FieldSimConfig:
-    """A small simulated field: one CANDELS-like HST mosaic cut into overlapping tiles.
-
-    Attributes
-    ----------
-    seed : int
-        Seed of the sky (galaxies and HST noise).
-    n_tiles_x, n_tiles_y : int
-        Tiles along x (RA) and y (Dec).
-    tile_inner_arcsec : float
-        Side of each tile's inner (owned) region; rounded to whole low-resolution pixels.
-    border_arcsec : float
-        Overlap border on each side of a tile (rounded likewise); should exceed half a 22 px
-        cutout (2"), plus the degradation kernel (1.9"), so owned sources never touch the tile edge.
-    ra_center_deg, dec_center_deg : float
-        Centre of the field.
-    hr_band : str
-        Band key of the HST-like mosaic (``survey/name``).
-    lr_pixel_scale_arcsec : float
-        The low-resolution grid the tiles will be degraded to (tile sides are whole multiples of it).
-    galaxy_density_arcmin2, mag_bright, mag_faint, star_fraction : float
-        Passed to :class:`galgan_ray.sky.SkyConfig`.
-    """
-
-    seed: int = 0
-    n_tiles_x: int = 2
-    n_tiles_y: int = 2
-    tile_inner_arcsec: float = 32.4
-    border_arcsec: float = 3.96
-    ra_center_deg: float = 150.1
-    dec_center_deg: float = 2.2
-    hr_band: str = "hst/F775W"
-    lr_pixel_scale_arcsec: float = 0.18
-    galaxy_density_arcmin2: float = 120.0
-    mag_bright: float = 18.0
-    mag_faint: float = 27.0
-    star_fraction: float = 0.04
-
-    def __post_init__(self):
-        if self.n_tiles_x < 1 or self.n_tiles_y < 1:
-            raise ConfigError("simulate.n_tiles_x", "need at least one tile along each axis")
-        if not self.tile_inner_arcsec > 0 or self.border_arcsec < 0:
-            raise ConfigError("simulate.tile_inner_arcsec", "need tile_inner_arcsec > 0 and border_arcsec >= 0")
-        if "/" not in self.hr_band:
-            raise ConfigError("simulate.hr_band", f"expected survey/name, got {self.hr_band!r}")
-
-
-def make_simulated_field(config: FieldSimConfig, out_url: str, *, storage_options: Mapping | None = None
-                         ) -> dict[str, Any]:
-    """Simulate an HST-like field and write it as overlapping high-resolution tiles with truth.
-
-    The mosaic covers ``n * inner + 2 * border`` on each side; tile ``(i, j)`` (``TILEID = j *
-    n_tiles_x + i``) covers inner region ``(i, j)`` plus the border, so neighbours overlap by two
-    borders and share those pixels exactly. Each tile's ``TRUTH`` holds the catalogued sources
-    centred on it; ``TRACTX0/TRACTY0`` place it on the mosaic grid.
-
-    Parameters
-    ----------
-    config : FieldSimConfig
-    out_url : str
-        Directory URL; tiles are written as ``tile_<TILEID>.fits``.
-    storage_options : mapping, optional
-        fsspec options (e.g. ``endpoint_url``).
-
-    Returns
-    -------
-    dict
-        ``tiles``: list of tile URLs; ``n_truth``: catalogued sources; ``area_deg2``: the union
-        of the inner regions; ``hr_pixel_scale_arcsec``; ``seconds``.
-    """
-    import time
-
-    from .geometry import make_tan_wcs
-    from .instrument import get_band
-    from .psf import draw_psf
-    from .sky import SkyConfig, simulate_sky
-
-    t0 = time.perf_counter()
-    survey, name = config.hr_band.split("/", 1)
-    band = get_band(survey, name)
-    s_hr = band.pixel_scale_arcsec
-    ratio = config.lr_pixel_scale_arcsec / s_hr
-    r = int(round(ratio))
-    if abs(ratio - r) > 1e-6:
-        raise ConfigError("simulate.lr_pixel_scale_arcsec", f"must be a whole multiple of the HR scale {s_hr}\"")
-    inner_lr = int(round(config.tile_inner_arcsec / config.lr_pixel_scale_arcsec))
-    border_lr = int(round(config.border_arcsec / config.lr_pixel_scale_arcsec))
-    inner, border = inner_lr * r, border_lr * r  # HR px
-    tile_px = inner + 2 * border
-    nx_px, ny_px = config.n_tiles_x * inner + 2 * border, config.n_tiles_y * inner + 2 * border
-    n_side = max(nx_px, ny_px)
-    sky_cfg = SkyConfig(seed=config.seed, size_pixels=n_side, pixel_scale_arcsec=s_hr,
-                        ra_center_deg=config.ra_center_deg, dec_center_deg=config.dec_center_deg, survey=survey,
-                        bands=(name,), reference_band=name, galaxy_density_arcmin2=config.galaxy_density_arcmin2,
-                        mag_bright=config.mag_bright, mag_faint=config.mag_faint, star_fraction=config.star_fraction,
-                        catalog_bands=(name,))
-    images, wcs, cat = simulate_sky(sky_cfg)
-    mosaic = images[name]
-    psf = draw_psf(band.psf, pixel_scale_arcsec=s_hr)
-    sigma_hr = band.sky_sigma
-    mag = np.asarray(cat[f"MAG_TRUE_{name}"], dtype=np.float64)
-    truth_all = {
-        "truthId": np.asarray(cat["ID"], dtype=np.int64),
-        "ra": np.asarray(cat["RA"], dtype=np.float64), "dec": np.asarray(cat["DEC"], dtype=np.float64),
-        "x": np.asarray(cat["X_PIX"], dtype=np.float64), "y": np.asarray(cat["Y_PIX"], dtype=np.float64),
-        "mag": mag.astype(np.float32),
-        "flux_njy": np.where(np.isfinite(mag), 10.0 ** (-0.4 * (mag - _NJY_ZP)), 0.0),
-        "hlr_arcsec": np.asarray(cat["HLR_TRUE_ARCSEC"], dtype=np.float32),
-        "flux_radius_arcsec": (np.asarray(cat["FLUX_RADIUS"]) * s_hr).astype(np.float32),
-        "fwhm_arcsec": (np.asarray(cat["FWHM_IMAGE"]) * s_hr).astype(np.float32),
-        "redshift": np.asarray(cat["ZBEST"], dtype=np.float32),
-        "is_star": np.asarray(cat["IS_STAR"], dtype=bool),
-    }
-    urls = []
-    for j in range(config.n_tiles_y):
-        for i in range(config.n_tiles_x):
-            x0, y0 = i * inner, j * inner
-            tid = j * config.n_tiles_x + i
-            tw = make_tan_wcs(config.ra_center_deg, config.dec_center_deg, pixel_scale_arcsec=s_hr,
-                              shape=(n_side, n_side))
-            tw.wcs.crpix = np.asarray(tw.wcs.crpix) - [x0, y0]
-            tw.pixel_shape = (tile_px, tile_px)
-            img = mosaic[y0:y0 + tile_px, x0:x0 + tile_px].astype(np.float32)[None]
-            sel = ((truth_all["x"] >= x0 - 0.5) & (truth_all["x"] < x0 + tile_px - 0.5)
-                   & (truth_all["y"] >= y0 - 0.5) & (truth_all["y"] < y0 + tile_px - 0.5))
-            truth = {k: v[sel] for k, v in truth_all.items()}
-            truth["x"] = truth["x"] - x0
-            truth["y"] = truth["y"] - y0
-            lo, hi = border - 0.5, border + inner - 0.5
-            tile = Tile(tile_id=tid, source="", image=img, variance=np.full_like(img, sigma_hr**2),
-                        mask=np.zeros(img.shape, np.int32), psf=psf[None].astype(np.float64),
-                        wcs_header=tw.to_header(relax=True).tostring(), bands=(config.hr_band,),
-                        inner=(lo, hi, lo, hi), tract_origin=(x0, y0), truth=truth, simulated=True)
-            url = out_url.rstrip("/") + f"/tile_{tid:06d}.fits"
-            urls.append(write_tile(tile, url, storage_options=storage_options))
-    area = (config.n_tiles_x * inner * s_hr / 3600.0) * (config.n_tiles_y * inner * s_hr / 3600.0)
-    inside = ((truth_all["x"] >= border - 0.5) & (truth_all["x"] < border + config.n_tiles_x * inner - 0.5)
-              & (truth_all["y"] >= border - 0.5) & (truth_all["y"] < border + config.n_tiles_y * inner - 0.5))
-    return {"tiles": urls, "n_truth": int(inside.sum()), "area_deg2": float(area), "hr_pixel_scale_arcsec": s_hr,
-            "tile_side_arcsec": tile_px * s_hr, "seconds": time.perf_counter() - t0}

@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import to_dict
+from .degrade import DegradeConfig, TorchDegrader
 from .errors import ConfigError, InputError
 from .models import (
     DCGANConfig,
@@ -523,8 +525,6 @@ def _restore(state: TrainState, start: Mapping[str, Any]) -> None:
     where = str(start.get("path", "start_state"))
     saved_cfg = (start.get("meta") or {}).get("model", {}).get("config")
     if saved_cfg is not None:
-        from .config import to_dict
-
         if saved_cfg != to_dict(state.model_cfg):
             raise ConfigError(where, "the checkpoint was trained with another model config; "
                                      f"saved {saved_cfg}, requested {to_dict(state.model_cfg)}")
@@ -598,11 +598,6 @@ def _run(kind: str, state: TrainState, g_run: nn.Module, d_run: nn.Module, devic
 # SR GAN
 # ----------------------------------------------------------------------------------------------
 def _default_degrader() -> nn.Module:
-    try:
-        from .degrade import DegradeConfig, TorchDegrader  # written beside this module
-    except ImportError as exc:
-        raise ConfigError("train.flux_weight", "flux_weight > 0 needs degrader=TorchDegrader(...) "
-                                               f"(galgan_ray.degrade unavailable: {exc})") from exc
     try:
         return TorchDegrader(DegradeConfig())
     except TypeError as exc:

@@ -2,6 +2,8 @@
 GAN (or the DCGAN) locally or data-parallel on Ray, and write a self-describing checkpoint.
 
 ``galgan train --config galgan_ray/data/train_default.yaml`` reproduces the shipped default model.
+Data-parallel training (``use_ray``) is the Ray shell's: the caller passes its trainer as ``train_on_ray``
+(:func:`galgan_ray.commands.train.train_on_ray`), so this module never imports Ray.
 """
 from __future__ import annotations
 
@@ -10,15 +12,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
+import fsspec
 import numpy as np
 
 from .blends import BlendConfig
-from .catalog import SelectionConfig
-from .checkpoint import save_checkpoint
+from .checkpoint import checkpoint_file, save_checkpoint
 from .config import to_dict
-from .dataset import BandsConfig, DatasetConfig, clean_neighbours, make_training_pairs, simulated_galaxy_sets
+from .dataset import SkySampleConfig, clean_neighbours, make_training_pairs, simulated_galaxy_sets
+from .degrade import TorchDegrader
 from .errors import ConfigError
 from .evaluation import select_detectable
 from .flags import without_flags
@@ -27,53 +30,41 @@ from .provenance import provenance
 from .psf import draw_psf
 from .training import TrainConfig, train_dcgan, train_srgan
 
-__all__ = ["TrainDataConfig", "TrainJobConfig", "make_training_data", "run_training"]
+__all__ = ["TrainDataConfig", "TrainJobConfig", "RayTrainFn", "make_training_data", "run_training"]
 
 log = logging.getLogger(__name__)
 
+#: Data-parallel training of the SR GAN, from the Ray shell: ``train_on_ray(pairs, *, job, bands,
+#: degrader_factory)`` -> (URL of the last epoch's checkpoint, a file or a directory holding one; that
+#: epoch's metrics).
+RayTrainFn = Callable[..., tuple[str, dict[str, Any]]]
+
 
 @dataclass(frozen=True)
-class TrainDataConfig:
+class TrainDataConfig(SkySampleConfig):
     """The training sample: simulated sky tiles, cuts, cleaned cutouts, random blends and singles.
+
+    The sky, cuts, cleaning, blends (their shifts/separations) and the high-resolution cut are the keys
+    of :class:`galgan_ray.dataset.SkySampleConfig`; ``min_high_significance`` > 0 trains on the galaxies
+    the benchmark scores.
 
     Attributes
     ----------
-    seed : int
-    bands : BandsConfig
-    sky_size_arcsec, n_sky_tiles : float, int
-        ``n_sky_tiles`` tiles of ``sky_size_arcsec`` squared (about 90 galaxies/arcmin^2 pass the cuts).
-    selection : SelectionConfig
     test_fraction : float
         Southern share held out (the evaluation uses another seed's sky anyway).
-    clean_neighbours : bool
-        Replace neighbours in the cutouts by noise (:func:`dataset.clean_neighbours`).
-    blends : BlendConfig
-        Shifts/separations of the training blends.
     n_pairs : int
         (LR, HR) pairs made from the galaxies.
     blend_fraction : float
         Share of the pairs that are blends (the rest isolated galaxies).
-    min_high_significance : float
-        Train only on galaxies that the high-resolution image detects on their own: the benchmark's
-        cut (:func:`galgan_ray.evaluation.select_detectable`, matched-filter significance within
-        ``match_radius_arcsec`` of the centre). 0 keeps every galaxy that passes ``selection``.
-    match_radius_arcsec : float
-        The radius of that cut.
     """
 
     seed: int = 1000
-    bands: BandsConfig = field(default_factory=BandsConfig)
-    sky_size_arcsec: float = 60.0
     n_sky_tiles: int = 24
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    test_fraction: float = 0.05
-    clean_neighbours: bool = True
     blends: BlendConfig = field(default_factory=lambda: BlendConfig(sep_scale_arcsec=0.6, min_sep_arcsec=0.1,
                                                                     max_sep_arcsec=1.5, exclude_flags=("EDGE",)))
+    test_fraction: float = 0.05
     n_pairs: int = 12000
     blend_fraction: float = 0.6
-    min_high_significance: float = 0.0
-    match_radius_arcsec: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -126,8 +117,7 @@ def make_training_data(cfg: TrainDataConfig, *, work_dir: str | Path) -> tuple[d
     info : dict
         Counts and the dec split, as :func:`dataset.build_galaxy_sets` reports them.
     """
-    ds = DatasetConfig(seed=cfg.seed, bands=cfg.bands, sky_size_arcsec=cfg.sky_size_arcsec,
-                       n_sky_tiles=cfg.n_sky_tiles, selection=cfg.selection, test_fraction=cfg.test_fraction)
+    ds = cfg.dataset_config(test_fraction=cfg.test_fraction)
     t0 = time.perf_counter()
     train, _, info = simulated_galaxy_sets(ds, work_dir=work_dir)
     if cfg.clean_neighbours:
@@ -145,8 +135,16 @@ def make_training_data(cfg: TrainDataConfig, *, work_dir: str | Path) -> tuple[d
     return pairs, train, info
 
 
-def run_training(cfg: TrainJobConfig, *, out: str, work_dir: str | Path = "runs/train") -> dict[str, Any]:
-    """Make the data, train, write the checkpoint to ``out``; returns a summary (history included)."""
+def run_training(cfg: TrainJobConfig, *, out: str, work_dir: str | Path = "runs/train",
+                 train_on_ray: RayTrainFn | None = None) -> dict[str, Any]:
+    """Make the data, train, write the checkpoint to ``out``; returns a summary (history included).
+
+    ``train_on_ray`` trains the SR GAN when ``cfg.use_ray`` is set (the Ray shell's
+    :func:`galgan_ray.commands.train.train_on_ray`); its checkpoint file is copied to ``out``.
+    """
+    if cfg.use_ray and cfg.kind == "srgan" and train_on_ray is None:
+        raise ConfigError("use_ray", "data-parallel training runs from the Ray shell: `galgan train` or "
+                                     "jobs/train_gan.py (or pass train_on_ray)")
     t0 = time.perf_counter()
     pairs, galaxies, info = make_training_data(cfg.data, work_dir=work_dir)
     log.info("training data: %d pairs from %d galaxies in %.0f s", len(pairs["image_lr"]),
@@ -166,24 +164,14 @@ def run_training(cfg: TrainJobConfig, *, out: str, work_dir: str | Path = "runs/
         state, history = train_dcgan(data, model_cfg=cfg.dcgan, train_cfg=cfg.train)
         model_cfg = cfg.dcgan
     elif cfg.use_ray:
-        from .degrade import TorchDegrader
-        from .ray_shell.train import RayTrainConfig, train_with_ray
-
-        result = train_with_ray(pairs, model_cfg=cfg.model, train_cfg=cfg.train,
-                                ray_cfg=RayTrainConfig(num_workers=cfg.ray_workers, storage_path=cfg.ray_storage_path),
-                                bands=bands, degrader_factory=(lambda: TorchDegrader(degrade_cfg))
-                                if cfg.train.flux_weight > 0 else None)
-        from .checkpoint import checkpoint_file
-        import fsspec
-
-        src = checkpoint_file(result.checkpoint.path)
-        with fsspec.open(src, "rb") as fi, fsspec.open(out, "wb") as fo:
+        ray_checkpoint, metrics = train_on_ray(pairs, job=cfg, bands=bands,
+                                               degrader_factory=(lambda: TorchDegrader(degrade_cfg))
+                                               if cfg.train.flux_weight > 0 else None)
+        with fsspec.open(checkpoint_file(ray_checkpoint), "rb") as fi, fsspec.open(out, "wb") as fo:
             fo.write(fi.read())
-        summary = {"out": out, "metrics": result.metrics, "seconds": time.perf_counter() - t0, "data": info}
+        summary = {"out": out, "metrics": metrics, "seconds": time.perf_counter() - t0, "data": info}
         return summary
     else:
-        from .degrade import TorchDegrader
-
         degrader = TorchDegrader(degrade_cfg) if cfg.train.flux_weight > 0 else None
         state, history = train_srgan(pairs, model_cfg=cfg.model, train_cfg=cfg.train, degrader=degrader)
         model_cfg = cfg.model

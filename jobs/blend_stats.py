@@ -118,8 +118,12 @@ def _plot_binned(panels: dict[str, dict], names: tuple[str, ...], *, path: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from galgan_ray.ray_shell.field import (FieldComputeConfig, StorageConfig, figures_dir, init_ray,
-                                             read_run_dataset)
+    # Imports here, not at the top: a job script sets its environment (above) before Ray is imported.
+    from galgan_ray.instrument import NJY_ZEROPOINT
+    from galgan_ray.outputs import figures_dir
+    from galgan_ray.ray_shell.job import FieldComputeConfig, init_ray
+    from galgan_ray.ray_shell.reading import read_run_dataset
+    from galgan_ray.storage import StorageConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", nargs="?", default="output", help="output URL of a field run (default ./output)")
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         def parent_cols(batch):
             flux = np.asarray(batch["flux"], dtype=np.float64)
             with np.errstate(invalid="ignore", divide="ignore"):
-                mag = np.where(flux > 0, 31.4 - 2.5 * np.log10(np.maximum(flux, 1e-30)), np.nan)
+                mag = np.where(flux > 0, NJY_ZEROPOINT - 2.5 * np.log10(np.maximum(flux, 1e-30)), np.nan)
             return {"mag": mag, "single": np.asarray(batch["n_low"]) <= 1,
                     "split": (np.asarray(batch["n_low"]) <= 1) & (np.asarray(batch["n_enh"]) >= 2)}
 

@@ -36,9 +36,12 @@ def _auto_shape(n: int) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from galgan_ray.ray_shell.field import (FieldComputeConfig, StorageConfig, figures_dir, init_ray,
-                                             read_run_dataset)
+    # Imports here, not at the top: a job script sets its environment (above) before Ray is imported.
+    from galgan_ray.outputs import figures_dir
+    from galgan_ray.ray_shell.job import FieldComputeConfig, init_ray
+    from galgan_ray.ray_shell.reading import read_run_dataset
     from galgan_ray.som import SOMConfig, fit_som
+    from galgan_ray.storage import StorageConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", nargs="?", default="output", help="output URL of a simulated field run (default ./output)")
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     fig_dir = figures_dir(args.run, args.figures)
     init_ray(FieldComputeConfig())
 
-    ds = read_run_dataset(args.run, what="blends", storage=storage, columns=PARAMS + OUTCOMES)
+    ds = read_run_dataset(args.run, what="blends", storage=storage, columns=list(PARAMS + OUTCOMES))
     if ds is None:
         print(f"error: {args.run} has no blends/ table (a simulated field run makes one)", file=sys.stderr)
         return 2

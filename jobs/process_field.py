@@ -18,31 +18,29 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib import resources
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from galgan_ray.config import load_config
+    # Imports here, not at the top: a job script sets its environment (above) before Ray is imported.
+    from galgan_ray.commands._common import add_config_arguments, config_from_args
     from galgan_ray.errors import InputError
-    from galgan_ray.ray_shell.field import FieldJobConfig, run_field
+    from galgan_ray.ray_shell.job import FieldJobConfig, run_field
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", metavar="YAML", help="job config (default: galgan_ray/data/field_default.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set field.detect.nsigma=4 (repeatable)")
+    add_config_arguments(p, what="job", default="field_default.yaml")
     p.add_argument("--input", action="append", default=[], metavar="URL", help="tile URL(s); same as --set inputs=[...]")
     p.add_argument("--output", metavar="URL", help="output URL; same as --set output=URL")
     args = p.parse_args(argv)
-    config_path = args.config or str(resources.files("galgan_ray").joinpath("data", "field_default.yaml"))
-    overrides = list(args.overrides)
+    overrides = []
     if args.input:
         overrides.append("inputs=[" + ",".join(repr(u) for u in args.input) + "]")
     if args.output:
         overrides.append(f"output={args.output!r}")
     try:
-        config = load_config(FieldJobConfig, config_path, overrides)
+        args.overrides += overrides  # --input / --output win over --set, as they always have
+        config = config_from_args(FieldJobConfig, args)
         summary = run_field(config)
     except InputError as exc:
         hint = ("\n(the field job takes a model with --set checkpoint=PATH_OR_URL)"

@@ -15,29 +15,27 @@ import argparse
 import json
 import os
 import sys
-from importlib import resources
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import ray
+
+from galgan_ray.commands._common import add_config_arguments, config_from_args
+from galgan_ray.commands.train import train_on_ray
+from galgan_ray.errors import InputError
+from galgan_ray.training_job import TrainJobConfig, run_training
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init, not at import
 
 
 def main(argv: list[str] | None = None) -> int:
-    from galgan_ray.config import load_config
-    from galgan_ray.errors import InputError
-    from galgan_ray.training_job import TrainJobConfig, run_training
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="TrainJobConfig YAML (default: galgan_ray/data/train_default.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(p, what="training job (TrainJobConfig)", default="train_default.yaml")
     p.add_argument("--out", default="runs/sr_model.pt", help="checkpoint path or URL")
     p.add_argument("--work-dir", default="runs/train_job")
     args = p.parse_args(argv)
-    path = args.config or str(resources.files("galgan_ray").joinpath("data", "train_default.yaml"))
     try:
-        import ray
-
         ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else "local", ignore_reinit_error=True)
-        cfg = load_config(TrainJobConfig, path, ["use_ray=true", *args.overrides])
-        summary = run_training(cfg, out=args.out, work_dir=args.work_dir)
+        cfg = config_from_args(TrainJobConfig, args, overrides=["use_ray=true"])
+        summary = run_training(cfg, out=args.out, work_dir=args.work_dir, train_on_ray=train_on_ray)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -31,8 +31,9 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray")
 
-from galgan_ray.ray_shell.field import FieldComputeConfig, FieldJobConfig, read_catalog, run_field  # noqa: E402
-from galgan_ray.tiles import FieldSimConfig, make_simulated_field  # noqa: E402
+from galgan_ray.outputs import read_run_table  # noqa: E402
+from galgan_ray.ray_shell.job import FieldComputeConfig, FieldJobConfig, run_field  # noqa: E402
+from galgan_ray.sky import FieldSimConfig, make_simulated_field  # noqa: E402
 
 pytestmark = pytest.mark.ray
 SIM = FieldSimConfig(seed=3, n_tiles_x=2, n_tiles_y=2, tile_inner_arcsec=14.4, border_arcsec=3.96,
@@ -156,5 +157,5 @@ def test_field_on_an_autoscaling_cluster_starting_from_zero_workers(cluster, ckp
     n = SIM.n_tiles_x * SIM.n_tiles_y
     assert summary["tiles"] == {"total": n, "done": n, "failed": 0, "skipped": 0}
     assert len(list((out / "catalog").glob("tile=*/_COMMITTED"))) == n
-    ids = read_catalog(str(out)).column("objectId").to_pylist()
+    ids = read_run_table(str(out)).column("objectId").to_pylist()
     assert len(ids) == len(set(ids)) == summary["sources"] > 0

@@ -47,7 +47,8 @@ from galgan_ray.checkpoint import load_checkpoint
 from galgan_ray.cli import main
 from galgan_ray.config import apply_overrides, load_config
 from galgan_ray.errors import CheckpointError, ConfigError, InputError
-from galgan_ray.field import FieldConfig, ModelGrid, check_tile
+from galgan_ray.checkpoint import ModelGrid
+from galgan_ray.field import FieldConfig, check_tile
 from galgan_ray.geometry import make_tan_wcs
 from galgan_ray.instrument import get_band
 from galgan_ray.psf import draw_psf
@@ -391,7 +392,7 @@ def test_tampered_checkpoint_is_refused(how, ckpt, tmp_path):
             Enhancer(str(bad), device="cpu")
         else:  # the job stops before any tile is read (and before Ray starts)
             pytest.importorskip("ray")
-            from galgan_ray.ray_shell.field import FieldJobConfig, run_field
+            from galgan_ray.ray_shell.job import FieldJobConfig, run_field
 
             run_field(FieldJobConfig(inputs=(str(tmp_path),), output=str(tmp_path / "out"), checkpoint=str(bad)),
                       verbose=False)
@@ -411,7 +412,7 @@ def test_truncated_checkpoint_is_refused(ckpt, tmp_path):
 @pytest.mark.parametrize("how", ["yaml", "override"])
 def test_config_with_an_unknown_key_is_refused(how, tmp_path):
     pytest.importorskip("ray")
-    from galgan_ray.ray_shell.field import FieldJobConfig
+    from galgan_ray.ray_shell.job import FieldJobConfig
 
     path = tmp_path / "field.yaml"
     path.write_text("output: out\nfield:\n  detect:\n    nsigmaa: 3\n" if how == "yaml" else "output: out\n")
@@ -456,7 +457,8 @@ def test_bad_shard_is_refused(kind, tmp_path):
 @pytest.fixture(scope="module")
 def field_run(tmp_path_factory, s3_endpoint, ckpt):
     ray = pytest.importorskip("ray")
-    from galgan_ray.ray_shell.field import FieldJobConfig, StorageConfig, run_field
+    from galgan_ray.ray_shell.job import FieldJobConfig, run_field
+    from galgan_ray.storage import StorageConfig
 
     root = tmp_path_factory.mktemp("bad_field")
     ctx = Ctx(root / "tiles", root / "elsewhere", s3_endpoint)
@@ -482,10 +484,10 @@ def field_run(tmp_path_factory, s3_endpoint, ckpt):
 
 
 def _failures(run) -> dict[str, list[dict]]:
-    from galgan_ray.ray_shell.field import read_catalog
+    from galgan_ray.outputs import read_run_table
 
     rows: dict[str, list[dict]] = {}
-    for r in read_catalog(str(run["out"]), what="failures").to_pylist():
+    for r in read_run_table(str(run["out"]), what="failures").to_pylist():
         rows.setdefault(r["source"], []).append(r)
     return rows
 
@@ -505,10 +507,10 @@ def test_field_bad_tile_is_one_failure_row_naming_its_problem(kind, field_run):
 
 @pytest.mark.ray
 def test_field_good_tiles_are_committed_with_their_sources(field_run):
-    from galgan_ray.ray_shell.field import read_catalog
+    from galgan_ray.outputs import read_run_table
 
     out = field_run["out"]
-    cat = read_catalog(str(out)).to_pandas()
+    cat = read_run_table(str(out)).to_pandas()
     for tile_id, source in field_run["good"].items():
         marker = out / "catalog" / f"tile={tile_id:06d}" / "_COMMITTED"
         assert json.loads(marker.read_text())["source"] == source
@@ -523,7 +525,7 @@ def test_field_good_tiles_are_committed_with_their_sources(field_run):
 def test_field_nothing_is_dropped(field_run):
     """committed + failed = inputs: every input is accounted for, once."""
     from galgan_ray.schema import failure_schema, validate_table
-    from galgan_ray.ray_shell.field import read_catalog
+    from galgan_ray.outputs import read_run_table
 
     run, summary = field_run, field_run["summary"]
     n_inputs = len(run["good"]) + len(run["bads"])
@@ -532,5 +534,5 @@ def test_field_nothing_is_dropped(field_run):
     assert summary["tiles"] == {"total": n_inputs, "done": len(run["good"]), "failed": len(run["bads"]), "skipped": 0}
     assert len(committed) + sum(len(v) for v in failures.values()) == n_inputs
     assert set(failures) == {b.source for b in run["bads"].values()}
-    validate_table(read_catalog(str(run["out"]), what="failures").replace_schema_metadata(None), failure_schema())
+    validate_table(read_run_table(str(run["out"]), what="failures").replace_schema_metadata(None), failure_schema())
     assert sorted(f["source"] for f in summary["failures"]) == sorted(failures)

@@ -5,7 +5,8 @@ import pytest
 
 from galgan_ray.config import apply_overrides, dump_config, from_dict, load_config, to_dict
 from galgan_ray.errors import ConfigError
-from galgan_ray.instrument import BandConfig, PSFConfig, get_band
+from galgan_ray.instrument import BandConfig, get_band
+from galgan_ray.psf import PSFConfig
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from galgan_ray.detect import DetectConfig, find_peaks, find_peaks_batch, matche
 from galgan_ray.errors import InputError
 from galgan_ray.flags import flag_bit
 from galgan_ray.geometry import make_tan_wcs
-from galgan_ray.instrument import PSFConfig, get_band
-from galgan_ray.psf import draw_psf, measure_fwhm, psf_profile
+from galgan_ray.instrument import get_band
+from galgan_ray.psf import PSFConfig, draw_psf, measure_fwhm, psf_profile
 
 LR = get_band("hsc", "i")  # Moffat 0.6" on 0.18"/px
 HR = get_band("hst", "F775W")  # Airy + jitter on 0.06"/px

@@ -61,8 +61,7 @@ def test_select_detectable_keeps_what_high_resolution_sees_and_drops_the_rest():
     """A bright and a faint point source at the centre, and an empty stamp: the cut at 10 sigma keeps the
     bright one only, with every column reduced alike."""
     from galgan_ray.evaluation import central_significance, select_detectable
-    from galgan_ray.instrument import PSFConfig
-    from galgan_ray.psf import draw_psf
+    from galgan_ray.psf import PSFConfig, draw_psf
 
     psf = draw_psf(PSFConfig(kind="moffat", fwhm_arcsec=0.12, beta=3.5), pixel_scale_arcsec=0.06)
     h = 64
@@ -100,7 +99,8 @@ def test_enhanced_noise_model_recovers_a_known_output_noise():
     of find_peaks_batch is divided by it."""
     from galgan_ray.dataset import BandsConfig
     from galgan_ray.detect import DetectConfig
-    from galgan_ray.evaluation import EnhancedNoiseModel, enhanced_noise_model, peaks_at_resolution
+    from galgan_ray.evaluation import peaks_at_resolution
+    from galgan_ray.noise import EnhancedNoiseModel, enhanced_noise_model
     from galgan_ray.psf import draw_psf
 
     dc = BandsConfig().degrade_config()

@@ -34,10 +34,12 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray")
 
-from galgan_ray.field import FieldConfig, enhanced_noise_scale, process_tile  # noqa: E402
-from galgan_ray.ray_shell.field import (FieldComputeConfig, FieldJobConfig, read_catalog,  # noqa: E402
-                                        resolve_model_grid, run_field)
-from galgan_ray.tiles import FieldSimConfig, list_tile_sources, make_simulated_field, read_tile_source  # noqa: E402
+from galgan_ray.field import FieldConfig, process_tile  # noqa: E402
+from galgan_ray.noise import enhanced_noise_scale  # noqa: E402
+from galgan_ray.outputs import read_run_table  # noqa: E402
+from galgan_ray.ray_shell.job import FieldComputeConfig, FieldJobConfig, resolve_model_grid, run_field  # noqa: E402
+from galgan_ray.sky import FieldSimConfig, make_simulated_field  # noqa: E402
+from galgan_ray.tiles import list_tile_sources, read_tile_source  # noqa: E402
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +77,7 @@ def reference(ckpt, sim) -> dict[int, float]:
     out: dict[int, float] = {}
     for source in list_tile_sources(str(sim)):
         cat = process_tile(read_tile_source(source), model=model, enhance_fn=enhancer.enhance_cutouts, rho=rho,
-                           config=config, compute=compute.photometry)["catalog"]
+                           config=config, compute=compute.photometry).catalog.columns
         out.update(zip(cat["objectId"].tolist(), cat["i_gmmFlux"].tolist()))
     assert len(out) > N_TILES
     return out
@@ -104,7 +106,7 @@ def assert_complete_catalog(out: Path, reference: dict[int, float]) -> None:
     """Every tile committed once; the catalog is the reference's, with no objectId twice."""
     assert len(committed(out)) == N_TILES
     assert len(list((out / "catalog").glob("tile=*/part-0.parquet"))) == N_TILES
-    cat = read_catalog(str(out))
+    cat = read_run_table(str(out))
     ids = cat.column("objectId").to_pylist()
     assert len(ids) == len(set(ids)), "duplicate objectId"
     assert set(ids) == set(reference)

@@ -7,13 +7,37 @@ import pickle
 import numpy as np
 import pytest
 
+from galgan_ray.checkpoint import ModelGrid
+from galgan_ray.degrade import degrade_tile
+from galgan_ray.detect import find_peaks_tiled
 from galgan_ray.errors import InputError
-from galgan_ray.field import (ID_SHIFT, PARENT_BIT, TILE_STEPS, FieldConfig, FootprintConfig, ModelGrid, TruthConfig, check_tile,
-                              cut_cutouts, degrade_tile, enhanced_noise_scale, find_footprints, process_tile,
-                              score_truth)
+from galgan_ray.field import (
+    ID_SHIFT,
+    PARENT_BIT,
+    STEPS,
+    TILE_STEPS,
+    Children,
+    CutoutConfig,
+    FieldConfig,
+    FootprintConfig,
+    TileState,
+    TruthConfig,
+    check_tile,
+    cut_footprint_cutouts,
+    find_footprints,
+    pack_output,
+    pack_state,
+    process_tile,
+    score_truth,
+    unpack_output,
+    unpack_state,
+)
+from galgan_ray.field import measure as field_measure
+from galgan_ray.field.measure import _size_classes
 from galgan_ray.flags import flag_bit
 from galgan_ray.geometry import make_tan_wcs
 from galgan_ray.instrument import get_band
+from galgan_ray.noise import enhanced_noise_scale
 from galgan_ray.psf import draw_psf
 from galgan_ray.tiles import Tile
 
@@ -62,7 +86,7 @@ def point_tile(positions, fluxes, *, n=100, tile_id=3, inner=None, sigma=None, s
 
 
 def test_configs_pickle():
-    for obj in (FieldConfig(), FootprintConfig(), TruthConfig(), MODEL):
+    for obj in (FieldConfig(), FootprintConfig(), CutoutConfig(), TruthConfig(), MODEL):
         assert pickle.loads(pickle.dumps(obj)) == obj
 
 
@@ -126,26 +150,25 @@ def test_footprints_cutouts_and_large_footprints():
     # A big bright blob: an extended source needing a grid of cutouts.
     yy, xx = np.indices((100, 100))
     t.image[0] += (3000.0 * np.exp(-0.5 * ((xx - 50) ** 2 + (yy - 75) ** 2) / 6.0**2) / (2 * np.pi * 36)).astype(np.float32)
-    fp = find_footprints(t, config=FieldConfig())
-    labels = fp["seg"][[25, 30, 31, 75], [25, 70, 72, 50]]
+    cfg = FieldConfig()
+    fp = find_footprints(t, config=cfg.footprints, detect=cfg.detect)
+    labels = fp.seg[[25, 30, 31, 75], [25, 70, 72, 50]]
     assert labels[0] > 0 and labels[1] == labels[2] and len(set(labels)) == 3
-    k_single = int(np.flatnonzero(fp["fp.label"] == labels[0])[0])
-    k_big = int(np.flatnonzero(fp["fp.label"] == labels[3])[0])
-    assert fp["fp.n_peaks_low"][k_single] == 1
-    cut = cut_cutouts(fp["image_sub"], t.variance, fp, config=FootprintConfig())
-    assert cut["fp.n_cutouts"][k_single] == 1 and cut["fp.n_cutouts"][k_big] > 1
-    i = int(np.flatnonzero(cut["cut.fp"] == k_single)[0])
-    ox, oy = cut["cut.origin"][i]
+    k_single = int(np.flatnonzero(fp.label == labels[0])[0])
+    k_big = int(np.flatnonzero(fp.label == labels[3])[0])
+    assert fp.n_peaks_low[k_single] == 1
+    cut = cut_footprint_cutouts(fp, t.variance, config=CutoutConfig())
+    assert cut.n_per_footprint[k_single] == 1 and cut.n_per_footprint[k_big] > 1
+    i = int(np.flatnonzero(cut.fp == k_single)[0])
+    ox, oy = cut.origin[i]
     assert abs(ox + 10.5 - 25.0) <= 1.0 and abs(oy + 10.5 - 25.0) <= 1.0
-    assert cut["cut.image"].shape[1:] == (1, 22, 22)
-    np.testing.assert_allclose(cut["cut.sigma"][i], HSC.sky_sigma, rtol=0.2)
-    few = cut_cutouts(fp["image_sub"], t.variance, fp, config=FootprintConfig(max_cutouts_per_footprint=1))
-    assert few["fp.n_cutouts"][k_big] == 0  # too large: not enhanced, flagged downstream
+    assert cut.image.shape[1:] == (1, 22, 22)
+    np.testing.assert_allclose(cut.sigma[i], HSC.sky_sigma, rtol=0.2)
+    few = cut_footprint_cutouts(fp, t.variance, config=CutoutConfig(max_per_footprint=1))
+    assert few.n_per_footprint[k_big] == 0  # too large: not enhanced, flagged downstream
 
 
 def test_size_classes_trade_padding_against_calls():
-    from galgan_ray.field import _size_classes
-
     sizes, n_src = [16, 16, 24, 48, 96], [1, 1, 2, 5, 12]
     assert _size_classes(sizes, n_src, loop_cost_px=0.0) == {16: 16, 24: 24, 48: 48, 96: 96}
     assert _size_classes(sizes, n_src, loop_cost_px=1e12) == {16: 96, 24: 96, 48: 96, 96: 96}
@@ -155,30 +178,31 @@ def test_size_classes_trade_padding_against_calls():
 
 def test_measure_children_padding_changes_no_flux(monkeypatch):
     """Boxes fitted in one padded call per size class, or each size on its own: the same catalog."""
-    import galgan_ray.field as field
-
     pos = [(20.3, 30.7), (23.0, 31.5), (60.0, 62.4), (80.6, 20.2), (40.0, 80.0), (44.0, 78.0), (41.5, 83.0)]
     t = point_tile(pos, [3000.0, 900.0, 1500.0, 800.0, 2500.0, 1200.0, 700.0], n=100)
     yy, xx = np.indices((100, 100))  # an extended source: a large footprint
     blob = 3000.0 * np.exp(-0.5 * ((xx - 70) ** 2 + (yy - 85) ** 2) / 5.0**2) / (2 * np.pi * 25)
     t.image[0] += blob.astype(np.float32)
     cfg = FieldConfig()
-    p = find_footprints(t, config=cfg)
+    p = find_footprints(t, config=cfg.footprints, detect=cfg.detect)
     # Children at the true positions (and the blob's centre), each in the footprint holding it.
     xy = np.array(pos + [(70.0, 85.0)])
-    row_of_label = {int(lab): i for i, lab in enumerate(p["fp.label"])}
-    fp = np.array([row_of_label[int(p["seg"][int(round(y)), int(round(x))])] for x, y in xy])
+    row_of_label = {int(lab): i for i, lab in enumerate(p.label)}
+    fp = np.array([row_of_label[int(p.seg[int(round(y)), int(round(x))])] for x, y in xy])
     order = np.argsort(fp, kind="stable")
-    p.update({"child.fp": fp[order].astype(np.int32), "child.x": xy[order, 0], "child.y": xy[order, 1]})
-    kw = dict(psf=t.psf, pixel_scale_arcsec=t.pixel_scale_arcsec, config=cfg)
-    monkeypatch.setattr(field, "_LOOP_COST_PX", 0.0)
-    alone = field.measure_children(p["image_sub"], t.variance, p, **kw)
-    monkeypatch.setattr(field, "_LOOP_COST_PX", 1e12)
-    pooled = field.measure_children(p["image_sub"], t.variance, p, **kw)
-    assert len(set(fp.tolist())) >= 4 and np.all(np.isfinite(alone["phot.flux"]))
-    np.testing.assert_allclose(pooled["phot.flux"], alone["phot.flux"], rtol=1e-8)
-    np.testing.assert_allclose(pooled["phot.flux_err"], alone["phot.flux_err"], rtol=1e-6)
-    np.testing.assert_array_equal(pooled["phot.flags"], alone["phot.flags"])
+    n = len(fp)
+    children = Children(fp=fp[order].astype(np.int32), x=xy[order, 0], y=xy[order, 1],
+                        significance=np.zeros(n, np.float32), flags=np.zeros(n, np.int64),
+                        n_peaks_enhanced=np.zeros(len(p), np.int32))
+    kw = dict(psf=t.psf, pixel_scale_arcsec=t.pixel_scale_arcsec, config=cfg.measure)
+    monkeypatch.setattr(field_measure, "_LOOP_COST_PX", 0.0)
+    alone = field_measure.measure_children(p, children, t.variance, **kw)
+    monkeypatch.setattr(field_measure, "_LOOP_COST_PX", 1e12)
+    pooled = field_measure.measure_children(p, children, t.variance, **kw)
+    assert len(set(fp.tolist())) >= 4 and np.all(np.isfinite(alone.flux))
+    np.testing.assert_allclose(pooled.flux, alone.flux, rtol=1e-8)
+    np.testing.assert_allclose(pooled.flux_err, alone.flux_err, rtol=1e-6)
+    np.testing.assert_array_equal(pooled.flags, alone.flags)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +221,7 @@ def test_process_tile_finds_each_source_once_with_its_flux(enhancer, rho):
     flux = [3000.0, 1500.0, 800.0, 2000.0]
     t = point_tile(pos, flux, n=100, inner=(9.5, 89.5, 9.5, 89.5))
     res = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_cutouts, rho=rho)
-    cat = res["catalog"]
+    cat = res.catalog.columns
     assert len(cat["objectId"]) >= 3
     for (x, y), f in zip(pos[:3], flux[:3]):
         d = np.hypot(cat["x"] - x, cat["y"] - y)
@@ -212,15 +236,16 @@ def test_process_tile_finds_each_source_once_with_its_flux(enhancer, rho):
     ra, dec = t.wcs.pixel_to_world_values(cat["x"], cat["y"])
     np.testing.assert_allclose(cat["coord_ra"], ra)
     kept = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_cutouts, rho=rho,
-                        config=FieldConfig(keep_not_primary=True))["catalog"]
+                        config=FieldConfig(keep_not_primary=True)).catalog.columns
     far = np.hypot(kept["x"] - 95.0, kept["y"] - 50.0) < 0.5
     assert far.sum() == 1 and kept["flags"][far][0] & flag_bit("NOT_PRIMARY")
     assert set(cat["objectId"]) <= set(kept["objectId"])  # ids do not depend on the ownership cut
     # The per-step clock (bench/bench_tile.py reads it): every step that ran is in exactly one pipeline stage.
-    assert list(res["steps"]) == ["degrade", "footprints", "cutouts", "enhance", "detect", "photometry",
-                                  "catalog+truth"]  # an LR tile: no HR peaks
+    assert list(res.steps) == [st.name for st in STEPS]
+    assert res.high is None and res.truth is None  # an LR tile: no HR peaks, no truth
     staged = [n for names in TILE_STEPS.values() for n in names]
-    assert len(staged) == len(set(staged)) and set(res["steps"]) <= set(staged)
+    assert staged == [st.name for st in STEPS]
+    assert set(res.timing) == set(TILE_STEPS)
 
 
 def test_score_truth_pairs_and_matches(enhancer, rho):
@@ -233,21 +258,20 @@ def test_score_truth_pairs_and_matches(enhancer, rho):
              "is_star": np.ones(3, bool)}
     t = point_tile(pos, [5000.0, 3000.0, 2000.0], n=100, truth=truth)
     res = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_cutouts, rho=rho)
-    tr, bl = res["truth"], res["blends"]
+    tr, bl = res.truth.truth, res.truth.blends
     assert tr["truthId"].tolist() == [10, 11, 12] and tr["matched_low"][2] and tr["matched_enhanced"][2]
     assert len(bl["blendId"]) == 1 and bl["truthId_primary"][0] == 10 and bl["truthId_secondary"][0] == 11
     assert bl["sep_arcsec"][0] == pytest.approx(3 * 0.18) and bl["delta_z"][0] == pytest.approx(0.5)
     assert bl["blended_low"][0]  # one low-resolution footprint holds both
     assert bl["n_found_low"][0] in (1, 2) and bl["found_enhanced"][0] == (bl["n_found_enhanced"][0] == 2)
     # A stand-alone call gives the same tables.
-    tr2, bl2 = score_truth(res["tile"], res["products"], res["catalog"], config=TruthConfig())
-    assert tr2["matched_enhanced"].tolist() == tr["matched_enhanced"].tolist()
+    again = score_truth(res.tile, high=res.high, footprints=res.footprints, children=res.children,
+                        catalog=res.catalog, config=TruthConfig())
+    assert again.truth["matched_enhanced"].tolist() == tr["matched_enhanced"].tolist()
 
 
 def test_tile_peak_finder_has_no_cap_and_no_block_seams():
     """More peaks than one image's ``max_peaks``, several on block boundaries: each found once."""
-    from galgan_ray.field import find_peaks_tiled
-
     pos = [(8.0 + 14 * i + 0.3 * j, 8.0 + 14 * j) for i in range(6) for j in range(6)]
     pos += [(31.5, 57.0), (57.0, 31.6)]  # on the edges between 32 px block cores
     t = point_tile(pos, [800.0] * len(pos), n=90, sigma=3.0)
@@ -255,3 +279,25 @@ def test_tile_peak_finder_has_no_cap_and_no_block_seams():
     assert len(pk["x"]) == len(pos) > FieldConfig().detect.max_peaks
     for x, y in pos:
         assert np.sum(np.hypot(pk["x"] - x, pk["y"] - y) < 1.0) == 1
+
+
+def test_a_tile_state_travels_between_stages_as_it_was(enhancer, rho):
+    """What crosses a process boundary between Ray stages (pack_state / pack_output) comes back equal."""
+    t = point_tile([(30.0, 30.0), (33.0, 30.0), (70.0, 70.0)], [5000.0, 3000.0, 2000.0], n=100)
+    res = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_cutouts, rho=rho)
+    mid = TileState(tile=res.tile, mode=res.mode, footprints=res.footprints, cutouts=res.cutouts,
+                    children=res.children, rho=res.rho, timing=dict(res.timing), steps=dict(res.steps))
+    back = unpack_state(pack_state(mid))
+    assert back.mode == "real" and back.rho == res.rho and back.steps == res.steps
+    np.testing.assert_array_equal(back.tile.image, res.tile.image)
+    assert back.footprints.n_segments == res.footprints.n_segments
+    for name in ("footprints", "cutouts", "children"):
+        a, b = getattr(res, name), getattr(back, name)
+        for f in dataclasses.fields(a):
+            if isinstance(getattr(a, f.name), np.ndarray):
+                np.testing.assert_array_equal(getattr(b, f.name), getattr(a, f.name))
+    np.testing.assert_array_equal(back.footprints.peaks.x, res.footprints.peaks.x)
+    out = unpack_output(pack_output(res.output()))
+    assert out.tile_id == 3 and out.bands == ("hsc/i",) and out.stats == res.stats and out.truth is None
+    for k, v in res.catalog.columns.items():
+        np.testing.assert_array_equal(out.catalog.columns[k], v)

@@ -19,8 +19,7 @@ from galgan_ray.gmm import (
     profile_coefficients,
     render_mixture,
 )
-from galgan_ray.instrument import PSFConfig
-from galgan_ray.psf import draw_psf, measure_fwhm, read_psf
+from galgan_ray.psf import PSFConfig, draw_psf, measure_fwhm, read_psf
 
 LR_SCALE = 0.18
 

@@ -5,7 +5,7 @@ from numpy.testing import assert_allclose
 from galgan_ray.errors import ConfigError, InputError
 from galgan_ray.geometry import hr_to_lr_pixels, low_res_side, lr_to_hr_pixels, make_tan_wcs, pixel_scale_of
 from galgan_ray.instrument import HSC_BANDS, HST_BANDS, get_band, list_bands
-from galgan_ray.psf import draw_psf, measure_fwhm, normalize_psf
+from galgan_ray.psf import PSFConfig, draw_psf, measure_fwhm, normalize_psf
 from galgan_ray.scaling import ArcsinhScaling
 
 
@@ -26,8 +26,6 @@ def test_every_band_is_defined():
 
 @pytest.mark.parametrize("kind,fwhm", [("moffat", 0.6), ("gaussian", 0.6), ("kolmogorov", 0.7)])
 def test_psf_fwhm_matches_config(kind, fwhm):
-    from galgan_ray.instrument import PSFConfig
-
     img = draw_psf(PSFConfig(kind=kind, fwhm_arcsec=fwhm), pixel_scale_arcsec=0.01, size=301)
     assert_allclose(measure_fwhm(img, pixel_scale_arcsec=0.01), fwhm, rtol=0.02)
 

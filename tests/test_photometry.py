@@ -13,14 +13,13 @@ from galgan_ray.config import from_dict, to_dict
 from galgan_ray.errors import ConfigError, InputError
 from galgan_ray.flags import flag_bit
 from galgan_ray.gmm import GaussianMixture, convolve, fit_psf_mixture, galaxy_mixture, render_mixture
-from galgan_ray.instrument import PSFConfig
 from galgan_ray.photometry import (
     PhotometryComputeConfig,
     PhotometryConfig,
     fit_fluxes,
     measure_input_fluxes,
 )
-from galgan_ray.psf import draw_psf
+from galgan_ray.psf import PSFConfig, draw_psf
 
 LR_SCALE, HR_SCALE = 0.18, 0.06
 N_LR = 22

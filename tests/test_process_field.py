@@ -17,13 +17,18 @@ ray = pytest.importorskip("ray")
 
 from galgan_ray.config import load_config  # noqa: E402
 from galgan_ray.errors import ConfigError  # noqa: E402
-from galgan_ray.field import TILE_STEPS, FieldConfig, ModelGrid  # noqa: E402
+from galgan_ray.checkpoint import ModelGrid  # noqa: E402
+from galgan_ray.field import TILE_STEPS, FieldConfig  # noqa: E402
 from galgan_ray.instrument import get_band  # noqa: E402
-from galgan_ray.ray_shell.field import (CommitStage, DegradeStage, DetectStage, EnhanceStage, FieldJobConfig,  # noqa: E402
-                                        FootprintStage, MeasureStage, PhotometerStage, PrepareStage, StorageConfig,
-                                        read_catalog, run_field)
+from galgan_ray.outputs import read_run_table  # noqa: E402
+from galgan_ray.ray_shell.commit import CommitStage  # noqa: E402
+from galgan_ray.ray_shell.job import FieldJobConfig, run_field  # noqa: E402
+from galgan_ray.ray_shell.stages import (DegradeStage, DetectStage, EnhanceStage, FootprintStage,  # noqa: E402
+                                         MeasureStage, PhotometerStage, PrepareStage)
+from galgan_ray.storage import StorageConfig  # noqa: E402
 from galgan_ray.schema import failure_schema, object_schema, validate_table  # noqa: E402
-from galgan_ray.tiles import FieldSimConfig, make_simulated_field, tile_to_fits_bytes, read_tile_source  # noqa: E402
+from galgan_ray.sky import FieldSimConfig, make_simulated_field  # noqa: E402
+from galgan_ray.tiles import read_tile_source, tile_to_fits_bytes  # noqa: E402
 
 pytestmark = pytest.mark.ray
 HST, HSC = get_band("hst", "F775W"), get_band("hsc", "i")
@@ -114,7 +119,7 @@ def test_end_to_end_catalog_schema_provenance(full_run):
     assert summary["newly_resolved_blends"] >= 0 and summary["throughput"]["sources_per_s"] > 0
     assert json.loads((out / "summary.json").read_text())["sources"] == summary["sources"]
     assert not list((out / "failures").glob("*.parquet")) if (out / "failures").exists() else True
-    blends = read_catalog(str(out), what="blends")
+    blends = read_run_table(str(out), what="blends")
     assert blends.num_rows == summary["truth"]["n_blends"]
 
 
@@ -127,8 +132,8 @@ def test_no_gaps_no_duplicates_across_tile_borders(full_run, sim):
     from scipy.spatial import cKDTree
 
     out, _ = full_run
-    truth = read_catalog(str(out), what="truth").to_pandas()
-    cat = read_catalog(str(out)).to_pandas()
+    truth = read_run_table(str(out), what="truth").to_pandas()
+    cat = read_run_table(str(out)).to_pandas()
     assert truth["truthId"].is_unique and len(truth) == sim["n_truth"]
     ra0, dec0 = SIM.ra_center_deg, SIM.dec_center_deg
     tx, ty = _tangent(truth["coord_ra"], truth["coord_dec"], ra0, dec0)
@@ -150,7 +155,7 @@ def test_no_gaps_no_duplicates_across_tile_borders(full_run, sim):
 
 def test_resume_processes_only_uncommitted_tiles_and_gives_the_same_catalog(full_run, ckpt, sim, tmp_path):
     """A run that committed tiles 0 and 1, then died while writing tile 3 (after tile 2 had failed)."""
-    from galgan_ray.ray_shell.field import _failure_url
+    from galgan_ray.outputs import failure_url as _failure_url
 
     ref_out, ref_summary = full_run
     out = tmp_path / "out"
@@ -197,7 +202,7 @@ def test_bad_tiles_become_failure_rows_and_the_field_completes(ray_local, ckpt, 
     out = tmp_path / "out"
     summary = run_field(job(ckpt, [src, missing], out), verbose=False)
     assert summary["tiles"]["done"] == 1 and summary["tiles"]["failed"] == 4
-    failures = read_catalog(str(out), what="failures")
+    failures = read_run_table(str(out), what="failures")
     validate_table(failures.replace_schema_metadata(None), failure_schema())
     rows = {Path(r["source"]).name: r for r in failures.to_pylist()}
     assert set(rows) == {"truncated.fits", "nan.fits", "wrongband.fits", "missing.fits"}

@@ -13,9 +13,11 @@ pytest.importorskip("moto")
 s3fs = pytest.importorskip("s3fs")
 
 from conftest import moto_s3  # noqa: E402
-from galgan_ray.ray_shell.field import FieldJobConfig, StorageConfig, read_catalog, run_field  # noqa: E402
+from galgan_ray.outputs import read_run_table  # noqa: E402
+from galgan_ray.ray_shell.job import FieldJobConfig, run_field  # noqa: E402
+from galgan_ray.storage import StorageConfig  # noqa: E402
 from galgan_ray.schema import object_schema, validate_table  # noqa: E402
-from galgan_ray.tiles import FieldSimConfig, make_simulated_field  # noqa: E402
+from galgan_ray.sky import FieldSimConfig, make_simulated_field  # noqa: E402
 
 pytestmark = pytest.mark.ray
 BUCKET = "galgan-field"
@@ -62,8 +64,8 @@ def test_field_job_reads_and_writes_s3(endpoint, ckpt):
         assert SECRET not in text and "testing" not in text  # credentials never stored
         assert json.loads(text)["config"]["storage"]["endpoint_url"] == endpoint
     assert n == summary["sources"] > 0
-    assert read_catalog(out, storage=storage).num_rows == n
-    assert read_catalog(out, storage=storage, what="failures").num_rows == 1
+    assert read_run_table(out, storage=storage).num_rows == n
+    assert read_run_table(out, storage=storage, what="failures").num_rows == 1
     with fs.open(f"{BUCKET}/runs/one/summary.json", "rb") as fh:
         assert json.loads(fh.read())["sources"] == n
     with fs.open(f"{BUCKET}/runs/one/config.yaml", "rb") as fh:

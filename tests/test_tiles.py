@@ -9,7 +9,8 @@ from astropy.io import fits
 
 from galgan_ray.errors import InputError
 from galgan_ray.geometry import make_tan_wcs
-from galgan_ray.tiles import (TRUTH_COLUMNS, FieldSimConfig, Tile, list_tile_sources, make_simulated_field,
+from galgan_ray.sky import FieldSimConfig, make_simulated_field
+from galgan_ray.tiles import (TRUTH_COLUMNS, Tile, list_tile_sources,
                               pack_tile, read_tile, read_tile_source, tile_to_fits_bytes, unpack_tile, write_tile,
                               write_tiles_parquet)
 

@@ -240,3 +240,13 @@ def test_training_galaxies_pass_the_benchmarks_high_resolution_cut(tmp_path):
     assert info["high_significance_cut"]["kept"] == int((sig >= cut).sum()) == len(kept["image_hr"]) > 0
     assert kept["objectId"].tolist() == everything["objectId"][sig >= cut].tolist()
     assert {k for k, v in kept.items() if np.ndim(v)} == {k for k, v in everything.items() if np.ndim(v)}
+
+
+def test_data_parallel_training_needs_the_ray_shell(tmp_path):
+    """The core never imports Ray: `use_ray` without the shell's trainer is a config error, raised before the
+    training data are made (nothing is written)."""
+    from galgan_ray.training_job import TrainJobConfig, run_training
+
+    with pytest.raises(ConfigError, match="use_ray"):
+        run_training(TrainJobConfig(use_ray=True), out=str(tmp_path / "m.pt"), work_dir=tmp_path)
+    assert not any(tmp_path.iterdir())

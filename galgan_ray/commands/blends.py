@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from ..dataset import DatasetConfig, make_blend_set, real_galaxy_set, write_blend_set
 from ..errors import InputError
+from ..figures import plot_blend_set
 from ..provenance import provenance
 from ..shards import read_shards
 from ._common import add_config_arguments, config_from_args, print_json
@@ -29,8 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     cfg = config_from_args(DatasetConfig, args)
     if args.cutouts:
         galaxies, _ = read_shards(args.cutouts)
@@ -43,8 +43,6 @@ def run(args: argparse.Namespace) -> int:
                           n_isolated=cfg.n_isolated, seed=cfg.seed)
     written = write_blend_set(made, args.out, metadata=provenance(cfg, source=args.cutouts or args.real_galaxies))
     if args.figure:
-        from ..figures import plot_blend_set
-
         plot_blend_set(made, out=args.figure)
         written["figure"] = args.figure
     n_flag = int((made["blend_batch"]["flags"] != 0).sum()) if "blend_batch" in made else 0

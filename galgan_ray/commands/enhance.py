@@ -4,11 +4,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import warnings
 from typing import Any
 
 import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
 
+from .. import __version__
 from ..errors import InputError
 
 __all__ = ["register", "run", "read_image", "read_psf_planes", "write_enhanced"]
@@ -107,9 +111,6 @@ def read_image(path: str, *, hdu: int | None = None, band_index: list[int] | Non
     InputError
         Naming the file: unreadable, no image, wrong rank, no celestial WCS, bad plane index.
     """
-    from astropy.io import fits
-    from astropy.wcs import WCS, FITSFixedWarning
-
     try:
         with _strict_fits(), fits.open(path) as hdul:
             if hdu is None:
@@ -163,8 +164,6 @@ def read_image(path: str, *, hdu: int | None = None, band_index: list[int] | Non
 
 def read_psf_planes(path: str, *, planes: list[int] | None, n_bands: int) -> np.ndarray:
     """PSF image(s) from FITS: ``(n, n)`` or the cube planes matching the image's, as ``(C, n, n)``."""
-    from astropy.io import fits
-
     try:
         with _strict_fits(), fits.open(path) as hdul:
             data = next((np.asarray(h.data, dtype=np.float64) for h in hdul if getattr(h, "data", None) is not None
@@ -195,10 +194,6 @@ def read_psf_planes(path: str, *, planes: list[int] | None, n_bands: int) -> np.
 def write_enhanced(path: str, image_hr: np.ndarray, wcs_hr, *, info: dict, header_in=None,
                    source: str = "", planes: list[int] | None = None) -> None:
     """Write the enhanced image with its WCS, the input's BUNIT and provenance keywords (overwrites)."""
-    from astropy.io import fits
-
-    from .. import __version__
-
     hdr = wcs_hr.to_header()
     if header_in is not None and "BUNIT" in header_in:
         hdr["BUNIT"] = (header_in["BUNIT"], "copied from the input (per output pixel)")
@@ -250,8 +245,8 @@ def _psf_text(p: dict) -> str:
 # Command
 # ----------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    import sys
-
+    # Imported here: galgan_ray.enhance pulls in scipy.signal (~0.5 s), and every `galgan` command imports
+    # this module to register itself.
     from ..enhance import Enhancer, enhance_image
 
     enhancer = Enhancer(args.model, device=args.device)

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     spec = load_config(EvalSpec, spec_path, args.overrides)
     models = {"enhanced": args.model}
     if args.compare is None:
-        from ..enhance import model_available
+        from ..enhance import model_available  # here, not at the top: it imports scipy.signal (~0.5 s)
 
         if args.model == "default" and model_available("default-fluxcons"):
             models["enhanced_fluxcons"] = "default-fluxcons"

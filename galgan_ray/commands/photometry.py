@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..evaluation import EvalSpec, evaluate
+from ..photometry_eval import plot_photometry
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,8 +29,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..photometry_eval import plot_photometry
-
     spec_path = args.spec or str(resources.files("galgan_ray").joinpath("data/benchmark_default.yaml"))
     spec = load_config(EvalSpec, spec_path, ["baselines=[]", *args.overrides])
     out = evaluate(spec, models={"enhanced": args.model}, work_dir=args.work_dir, photometry=True)

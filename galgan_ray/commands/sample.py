@@ -6,8 +6,13 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..checkpoint import load_checkpoint
 from ..errors import InputError
+from ..figures import _plt, asinh_display
+from ..models import DCGANConfig
+from ..shards import read_shards
 
 __all__ = ["register", "run", "sample_galaxies", "real_galaxies", "plot_sample_grid"]
 
@@ -51,11 +56,6 @@ def sample_galaxies(checkpoint: str, *, n: int, seed: int = 0, device: str | Non
     meta : dict
         The checkpoint metadata.
     """
-    import torch
-
-    from ..checkpoint import load_checkpoint
-    from ..models import DCGANConfig
-
     if n < 1:
         raise InputError("--n", f"must be >= 1, got {n}")
     gen, meta = load_checkpoint(checkpoint, device=device)
@@ -78,8 +78,6 @@ def real_galaxies(url: str, *, n: int, seed: int = 0) -> np.ndarray:
     numpy.ndarray
         float32 ``(min(n, N), C, H, W)``.
     """
-    from ..shards import read_shards
-
     batch, _ = read_shards(url)
     if "image_hr" not in batch:
         raise InputError(url, f"has no image_hr column (columns: {sorted(batch)})")
@@ -102,8 +100,6 @@ def real_galaxies(url: str, *, n: int, seed: int = 0) -> np.ndarray:
 
 def _mosaic(images: np.ndarray, *, gap: int = 2) -> np.ndarray:
     """Display-stretched ``(N, H, W)`` stamps on a near-square grid, NaN gaps between them."""
-    from ..figures import asinh_display
-
     n, h, w = images.shape
     cols = int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
@@ -132,11 +128,7 @@ def plot_sample_grid(generated: np.ndarray, real: np.ndarray | None = None, *, o
     -------
     pathlib.Path
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     for name, arr in (("generated", generated), ("real", real)):
         if arr is not None and not 0 <= band < arr.shape[1]:
             raise InputError("--band", f"{name} images have {arr.shape[1]} band(s), band {band} requested")

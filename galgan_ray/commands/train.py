@@ -4,9 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
 
 from ..training_job import TrainJobConfig, run_training
 from ._common import add_config_arguments, config_from_args
+
+__all__ = ["register", "run", "train_on_ray"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,9 +29,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def train_on_ray(pairs: dict[str, np.ndarray], *, job: TrainJobConfig, bands: dict[str, list],
+                 degrader_factory: Callable[[], Any] | None) -> tuple[str, dict[str, Any]]:
+    """Train the SR GAN data-parallel with Ray Train (``job.ray_workers`` workers, ``job.ray_storage_path``):
+    the :data:`galgan_ray.training_job.RayTrainFn` that :func:`~galgan_ray.training_job.run_training` calls.
+
+    Returns
+    -------
+    checkpoint : str
+        Path of the last epoch's checkpoint directory (holds ``checkpoint.pt``).
+    metrics : dict
+        That epoch's metrics.
+    """
+    # Imported here, not at the top: Ray Train takes ~0.8 s to import, and every `galgan` command
+    # imports this module to register itself; only `--set use_ray=true` needs it.
+    from ..ray_shell.train import RayTrainConfig, train_with_ray
+
+    result = train_with_ray(pairs, model_cfg=job.model, train_cfg=job.train,
+                            ray_cfg=RayTrainConfig(num_workers=job.ray_workers, storage_path=job.ray_storage_path),
+                            bands=bands, degrader_factory=degrader_factory)
+    return result.checkpoint.path, result.metrics
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(TrainJobConfig, args)
-    summary = run_training(cfg, out=args.out, work_dir=args.work_dir)
+    summary = run_training(cfg, out=args.out, work_dir=args.work_dir, train_on_ray=train_on_ray)
     if args.summary:
         Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary).write_text(json.dumps(summary, indent=2, default=str))

@@ -20,13 +20,13 @@ builder scans the run directory for the newest ``checkpoint_epoch_*`` holding a 
 """
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import tempfile
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
-import logging
 import numpy as np
 import ray
 import ray.train
@@ -227,8 +227,8 @@ def _ddp_kwargs() -> dict[str, Any]:
 
 def _train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: resolve rank, data and checkpoint, run the pure-torch loop, report per epoch."""
-    import torch
     import ray.train.torch as rtt
+    import torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -1,0 +1,227 @@
+"""Step 6 of the field pipeline: Gaussian-mixture photometry of the children on the low-resolution image.
+
+:func:`galgan_ray.photometry.fit_fluxes` on the LR image at the enhanced positions (centres fixed
+by default: forced photometry), all children of a footprint fitted simultaneously in a box around
+the footprint, with the pixels of other footprints given zero weight; the PSF is a Gaussian mixture
+fitted to the tile's PSF image (once per PSF and process). The boxes of a tile are padded with
+zero-weight pixels to a few common sizes and fitted in one batched call per size. Extra bands are
+fitted in ``forced`` mode with the reference band's shapes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..flags import flag_bit
+from ..geometry import extract_box
+from ..gmm import fit_psf_mixture
+from ..photometry import PhotometryComputeConfig, PhotometryConfig, fit_fluxes
+from .children import Children
+from .footprints import Footprints
+
+__all__ = ["MeasureConfig", "Fluxes", "measure_children"]
+
+_EDGE = flag_bit("EDGE")
+
+_BOX_SIZES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+#: What one more Levenberg-Marquardt loop (one more :func:`~galgan_ray.photometry.fit_fluxes` call)
+#: costs, in source-pixels evaluated per iteration: about 1.3 ms of fixed work per iteration (some
+#: hundred small torch operations) against 60-70 ns per source and pixel, on one CPU thread. It
+#: decides which box sizes of a tile share one padded fit; on the default field's tiles 1.5e4-3e4
+#: are equally fast, no merging is 15% slower, one class for all 25-40% slower (bench/bench_tile.py).
+_LOOP_COST_PX = 20000.0
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """The photometry of the children.
+
+    Attributes
+    ----------
+    photometry : PhotometryConfig
+        Defaults to fixed centres (forced at the enhanced positions), free size and shape.
+    margin_px : int
+        Pixels around a footprint's box in its fit.
+    max_fit_children : int
+        Footprints with more children than this (a bright galaxy shredded into knots) are fitted
+        in ``forced`` mode (fluxes only, round profiles of ``hlr_init_arcsec``): the nonlinear fit of
+        dozens of overlapping sources costs seconds and is ill-posed anyway.
+    psf_n_gauss : int
+        Gaussians in the PSF mixture fitted to each tile's PSF.
+    """
+
+    photometry: PhotometryConfig = field(default_factory=lambda: PhotometryConfig(fit_centre=False))
+    margin_px: int = 4
+    max_fit_children: int = 6
+    psf_n_gauss: int = 3
+
+    def __post_init__(self):
+        if self.psf_n_gauss < 1 or self.margin_px < 0 or self.max_fit_children < 1:
+            raise ConfigError("measure.psf_n_gauss", "need psf_n_gauss >= 1, margin_px >= 0, max_fit_children >= 1")
+
+
+@dataclass(frozen=True, eq=False)
+class Fluxes:
+    """The photometry of the children (N rows, as :class:`~galgan_ray.field.children.Children`).
+
+    Attributes
+    ----------
+    flux, flux_err : numpy.ndarray
+        float64 ``(N, C)`` (nJy).
+    flags : numpy.ndarray
+        int64: OR of the bands' fit flags, less the box-edge ``EDGE`` bit.
+    hlr_arcsec : numpy.ndarray
+        float64: half-light radius in the reference band.
+    """
+
+    flux: np.ndarray
+    flux_err: np.ndarray
+    flags: np.ndarray
+    hlr_arcsec: np.ndarray
+
+
+@lru_cache(maxsize=64)
+def _psf_mixture_cached(key: bytes, shape: tuple[int, int], scale: float, n_gauss: int):
+    img = np.frombuffer(key, dtype=np.float64).reshape(shape)
+    mix, _ = fit_psf_mixture(img, n_gauss=n_gauss, pixel_scale_arcsec=scale, source="tile PSF")
+    return mix
+
+
+def _psf_mixture(psf: np.ndarray, scale: float, n_gauss: int):
+    psf = np.ascontiguousarray(psf, dtype=np.float64)
+    return _psf_mixture_cached(psf.tobytes(), psf.shape, float(scale), int(n_gauss))
+
+
+def _size_classes(sizes: Sequence[int], n_sources: Sequence[int], *, loop_cost_px: float) -> dict[int, int]:
+    """The box size each size is padded to, so that a tile's fits run in few batched calls.
+
+    Each call costs ``loop_cost_px`` plus its sources times the pixels of its (largest) box; the
+    sorted sizes are split into the contiguous classes of least total cost (dynamic programming
+    over at most a dozen sizes).
+    """
+    weight: dict[int, int] = {}
+    for sz, n in zip(sizes, n_sources):
+        weight[int(sz)] = weight.get(int(sz), 0) + int(n)
+    u = sorted(weight)
+    best = [0.0] + [math.inf] * len(u)
+    cut = [0] * (len(u) + 1)
+    for j in range(1, len(u) + 1):
+        n = 0
+        for i in range(j, 0, -1):  # class u[i-1] .. u[j-1], padded to u[j-1]
+            n += weight[u[i - 1]]
+            cost = best[i - 1] + loop_cost_px + n * float(u[j - 1]) ** 2
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    out: dict[int, int] = {}
+    j = len(u)
+    while j > 0:
+        for sz in u[cut[j]:j]:
+            out[sz] = u[j - 1]
+        j = cut[j]
+    return out
+
+
+def measure_children(footprints: Footprints, children: Children, variance: np.ndarray, *, psf: np.ndarray,
+                     pixel_scale_arcsec: float, config: MeasureConfig,
+                     compute: PhotometryComputeConfig = PhotometryComputeConfig()) -> Fluxes:
+    """Gaussian-mixture photometry of all children on the LR image, footprint by footprint (module docstring).
+
+    Every footprint is fitted in its own box (its bounding box and children plus ``margin_px``,
+    rounded up to a size of ``_BOX_SIZES``); boxes are then padded with zero-weight pixels to a few
+    common sizes (:func:`_size_classes`) so that a tile takes one or two batched
+    :func:`~galgan_ray.photometry.fit_fluxes` calls instead of one per box size. Padding changes no
+    fit: the pixels added carry no weight.
+
+    Parameters
+    ----------
+    footprints : Footprints
+        Its ``image_sub`` is the image measured.
+    children : Children
+    variance : numpy.ndarray
+        ``(C, H, W)`` variance plane of the tile.
+    psf : numpy.ndarray
+        ``(C, P, P)`` PSF of the tile.
+    pixel_scale_arcsec : float
+    config : MeasureConfig
+    compute : PhotometryComputeConfig
+
+    Returns
+    -------
+    Fluxes
+    """
+    image_sub = footprints.image_sub
+    c = image_sub.shape[0]
+    seg, labels, bbox = footprints.seg, footprints.label, footprints.bbox
+    cfp, cx, cy = children.fp, children.x, children.y
+    n = len(cfp)
+    flux = np.full((n, c), np.nan)
+    err = np.full((n, c), np.nan)
+    flags = np.zeros(n, dtype=np.int64)
+    hlr = np.full(n, np.nan)
+    if n == 0:
+        return Fluxes(flux=flux, flux_err=err, flags=flags, hlr_arcsec=hlr)
+    mixes = [_psf_mixture(psf[ci], pixel_scale_arcsec, config.psf_n_gauss) for ci in range(c)]
+    margin = config.margin_px
+    phot = config.photometry
+    # 1. One box per footprint.
+    items = []
+    for k in np.unique(cfp):
+        rows = np.flatnonzero(cfp == k)
+        x0 = min(int(bbox[k, 0]), int(np.floor(cx[rows].min()))) - margin
+        x1 = max(int(bbox[k, 1]), int(np.ceil(cx[rows].max()))) + margin
+        y0 = min(int(bbox[k, 2]), int(np.floor(cy[rows].min()))) - margin
+        y1 = max(int(bbox[k, 3]), int(np.ceil(cy[rows].max()))) + margin
+        need = max(x1 - x0 + 1, y1 - y0 + 1)
+        size = next((s for s in _BOX_SIZES if s >= need), need)
+        ox = int(np.floor((x0 + x1) / 2.0 - (size - 1) / 2.0 + 0.5))
+        oy = int(np.floor((y0 + y1) / 2.0 - (size - 1) / 2.0 + 0.5))
+        items.append((int(k), rows, ox, oy, size, len(rows) > config.max_fit_children))
+    # 2. Group the boxes: by fit mode, then by padded size.
+    groups: dict[tuple[int, bool], list] = {}
+    for many in (False, True):
+        sel = [it for it in items if it[5] == many]
+        if not sel:
+            continue
+        # Forced fits (many children) are linear: one evaluation, so a loop costs little.
+        loop = _LOOP_COST_PX / (phot.max_iter if many or phot.mode == "forced" else 1)
+        pad_to = _size_classes([it[4] for it in sel], [len(it[1]) for it in sel], loop_cost_px=loop)
+        for it in sel:
+            groups.setdefault((pad_to[it[4]], many), []).append(it)
+    # 3. One fit per group: each box in the corner of a zero-weight array of the group's size.
+    for (size, many), group in groups.items():
+        ref_cfg = replace(phot, mode="forced") if many else phot
+        imgs = np.zeros((len(group), c, size, size), dtype=np.float64)
+        var = np.full((len(group), c, size, size), np.inf)
+        centres = []
+        for i, (k, rows, ox, oy, bs, _) in enumerate(group):
+            s = extract_box(seg, ox, oy, bs, -1)
+            other = (s != 0) & (s != labels[k])  # other footprints, and off-tile pixels (-1)
+            v = np.where(other[None], np.inf, extract_box(variance, ox, oy, bs, np.inf).astype(np.float64))
+            var[i, :, :bs, :bs] = v
+            imgs[i, :, :bs, :bs] = np.where(np.isfinite(v), extract_box(image_sub, ox, oy, bs, 0.0), 0.0)
+            centres.append(np.c_[cx[rows] - ox, cy[rows] - oy])
+        ref = fit_fluxes(imgs[:, 0], centres=centres, psf_mixture=mixes[0], variance=var[:, 0],
+                         pixel_scale_arcsec=pixel_scale_arcsec, config=ref_cfg, compute=compute)
+        per_band = [ref]
+        if c > 1:
+            shapes = {"hlr_arcsec": ref["hlr_arcsec"], "e1": ref["e1"], "e2": ref["e2"]}
+            fit_c = [np.c_[ref["x"][i, :len(it[1])], ref["y"][i, :len(it[1])]] for i, it in enumerate(group)]
+            forced = replace(ref_cfg, mode="forced")
+            for ci in range(1, c):
+                per_band.append(fit_fluxes(imgs[:, ci], centres=fit_c, psf_mixture=mixes[ci], variance=var[:, ci],
+                                           pixel_scale_arcsec=pixel_scale_arcsec, shapes=shapes, config=forced,
+                                           compute=compute))
+        for i, (k, rows, *_) in enumerate(group):
+            s = len(rows)
+            for ci, res in enumerate(per_band):
+                flux[rows, ci] = res["flux"][i, :s]
+                err[rows, ci] = res["flux_err"][i, :s]
+                flags[rows] |= res["flags"][i, :s].astype(np.int64) & ~np.int64(_EDGE)
+            hlr[rows] = ref["hlr_arcsec"][i, :s]
+    return Fluxes(flux=flux, flux_err=err, flags=flags, hlr_arcsec=hlr)

@@ -1,0 +1,466 @@
+"""The field pipeline, spelled once: the steps in order, grouped into the stages the Ray job runs.
+
+:data:`STEPS` is the one list of what happens to a tile. :func:`process_tile` runs every stage on
+one tile in this process (a notebook, a test, ``galgan deblend``); the Ray job
+(:mod:`galgan_ray.ray_shell.stages`) runs the same :func:`run_stage` calls, one stage per
+``<Verb>Stage`` actor, and moves the :class:`TileState` between them as bytes (:func:`pack_state`).
+After the last stage only the :class:`TileOutput` (the tables and counts) travels on, to the commit.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from ..checkpoint import ModelGrid
+from ..degrade import degrade_tile
+from ..detect import DetectConfig
+from ..errors import ConfigError, InputError
+from ..photometry import PhotometryComputeConfig
+from ..tiles import Tile, pack_arrays, pack_tile_arrays, tile_from_arrays, unpack_arrays
+from .catalog import Catalog, TileStats, build_catalog, tile_stats
+from .children import Children, find_children
+from .cutouts import CutoutConfig, Cutouts, cut_footprint_cutouts
+from .footprints import FootprintConfig, Footprints, LowPeaks, find_footprints
+from .measure import Fluxes, MeasureConfig, measure_children
+from .truth import HighPeaks, TruthConfig, TruthScores, find_high_peaks, score_truth
+
+__all__ = ["FieldConfig", "TileContext", "TileState", "TileOutput", "Step", "STEPS", "STAGES", "TILE_STEPS",
+           "check_tile", "run_stage", "process_tile", "pack_state", "unpack_state", "pack_output", "unpack_output"]
+
+EnhanceFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class FieldConfig:
+    """Science parameters of the field processor (compute knobs live in the Ray shell's config).
+
+    Attributes
+    ----------
+    seed : int
+        Seeds the simulated degradation noise (per field-grid block or per tile) and the noise
+        calibration of enhanced images.
+    footprints : FootprintConfig
+    cutouts : CutoutConfig
+    detect : DetectConfig
+        The peak finder, identical at every resolution (LR tile, enhanced cutouts, HR tile). The
+        tile's background is subtracted before, so ``background`` is ``zero`` here, and
+        ``min_prominence`` is 3: on whole fields, noise bumps on bright extended galaxies otherwise
+        become peaks (5-10 per bright galaxy on enhanced images), which isolated-blend benchmarks
+        never meet.
+    measure : MeasureConfig
+    truth : TruthConfig
+    noise_realizations : int
+        Pure-noise cutouts used to calibrate the noise of enhanced images.
+    degrade_add_noise : bool
+        Add LR sky noise when degrading simulated tiles.
+    keep_not_primary : bool
+        Keep sources outside the tile's inner region, flagged ``NOT_PRIMARY`` (default: drop them;
+        the tile that owns them reports them).
+    """
+
+    seed: int = 0
+    footprints: FootprintConfig = field(default_factory=FootprintConfig)
+    cutouts: CutoutConfig = field(default_factory=CutoutConfig)
+    detect: DetectConfig = field(default_factory=lambda: DetectConfig(background="zero", min_prominence=3.0))
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    truth: TruthConfig = field(default_factory=TruthConfig)
+    noise_realizations: int = 64
+    degrade_add_noise: bool = True
+    keep_not_primary: bool = False
+
+    def __post_init__(self):
+        if self.noise_realizations < 2:
+            raise ConfigError("field.noise_realizations", f"must be >= 2, got {self.noise_realizations}")
+
+
+# ------------------------------------------------------------------------------------------------
+# What a step sees: the tile's state so far, and the context of the run
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileContext:
+    """What the steps need besides the tile: the model's grids, the science config and, for the
+    enhancement stage, the enhancer.
+
+    Attributes
+    ----------
+    model : ModelGrid
+    config : FieldConfig
+    compute : PhotometryComputeConfig
+    enhance_fn : callable or None
+        ``(image_lr (M, C, 22, 22), sigma_lr (M, C)) -> (M, C, 64, 64)`` nJy (only the enhancement
+        stage needs it).
+    rho : float or None
+        Noise scale of ``enhance_fn``'s outputs (:func:`galgan_ray.noise.enhanced_noise_scale`).
+    enhance_device : str or None
+        Where ``enhance_fn`` runs (recorded in the run summary).
+    """
+
+    model: ModelGrid
+    config: FieldConfig = field(default_factory=FieldConfig)
+    compute: PhotometryComputeConfig = field(default_factory=PhotometryComputeConfig)
+    enhance_fn: EnhanceFn | None = None
+    rho: float | None = None
+    enhance_device: str | None = None
+    psf_hr: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "psf_hr", self.model.psf_high())
+
+
+@dataclass(eq=False)
+class TileState:
+    """One tile on its way through the steps: the tile and what each step has made of it so far.
+
+    Attributes
+    ----------
+    tile : Tile
+        The input tile; the low-resolution tile from the ``degrade`` step on.
+    mode : {"simulation", "real"} or None
+        From :func:`check_tile`.
+    source_pixel_scale_arcsec : float or None
+        Pixel scale of the tile as read.
+    high : HighPeaks or None
+        Peaks of the simulated HR tile (simulations).
+    footprints : Footprints or None
+    cutouts : Cutouts or None
+    enhanced : numpy.ndarray or None
+        ``(M, C, 64, 64)`` enhanced cutouts (between the enhancement and detection stages only).
+    rho : float or None
+        Noise scale of the enhanced cutouts.
+    enhance_device : str or None
+    children : Children or None
+    fluxes : Fluxes or None
+    catalog : Catalog or None
+    truth : TruthScores or None
+        Simulations only.
+    stats : TileStats or None
+    timing : dict of str to float
+        Wall seconds per stage (``<stage>_s``).
+    steps : dict of str to (float, float)
+        Per step ``(process CPU s, wall s)`` (``bench/bench_tile.py`` reads them).
+    """
+
+    tile: Tile
+    mode: Literal["simulation", "real"] | None = None
+    source_pixel_scale_arcsec: float | None = None
+    high: HighPeaks | None = None
+    footprints: Footprints | None = None
+    cutouts: Cutouts | None = None
+    enhanced: np.ndarray | None = None
+    rho: float | None = None
+    enhance_device: str | None = None
+    children: Children | None = None
+    fluxes: Fluxes | None = None
+    catalog: Catalog | None = None
+    truth: TruthScores | None = None
+    stats: TileStats | None = None
+    timing: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def output(self) -> "TileOutput":
+        """What the commit writes (after the last stage)."""
+        if self.catalog is None or self.stats is None:
+            raise InputError(self.tile.source, "the tile has not been through the photometry stage")
+        return TileOutput(tile_id=int(self.tile.tile_id), bands=tuple(self.tile.bands), catalog=self.catalog,
+                          truth=self.truth, stats=self.stats,
+                          info={"timing": dict(self.timing), "mode": self.mode, "rho": self.rho,
+                                "enhance_device": self.enhance_device})
+
+
+@dataclass(frozen=True, eq=False)
+class TileOutput:
+    """The tables and counts of one processed tile.
+
+    Attributes
+    ----------
+    tile_id : int
+    bands : tuple of str
+        Band keys of the catalog's flux columns.
+    catalog : Catalog
+    truth : TruthScores or None
+        Simulations only.
+    stats : TileStats
+    info : dict
+        ``timing`` (wall s per stage), ``mode``, ``rho``, ``enhance_device``.
+    """
+
+    tile_id: int
+    bands: tuple[str, ...]
+    catalog: Catalog
+    truth: TruthScores | None
+    stats: TileStats
+    info: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation against the model
+# ------------------------------------------------------------------------------------------------
+def check_tile(tile: Tile, *, model: ModelGrid) -> Literal["simulation", "real"]:
+    """Decide how a tile is processed, or raise naming the tile and the problem.
+
+    A simulated tile on the model's HR grid is degraded first (``"simulation"``); a tile on the
+    model's LR grid is processed as it is (``"real"``).
+
+    Raises
+    ------
+    InputError
+        Wrong band count or bands, a pixel scale matching neither grid (1% tolerance), or a tile
+        smaller than one cutout.
+    """
+    n = len(model.low)
+    if tile.n_bands != n:
+        raise InputError(tile.source, f"wrong band count: the tile has {tile.n_bands} band(s) {list(tile.bands)}, "
+                                      f"the model takes {n} {list(model.band_keys_low)}")
+    scale = tile.pixel_scale_arcsec
+    s_lo, s_hi = model.low[0].pixel_scale_arcsec, model.high[0].pixel_scale_arcsec
+    if tile.simulated and abs(scale / s_hi - 1) < 0.01:
+        if tuple(tile.bands) != model.band_keys_high:
+            raise InputError(tile.source, f"simulated tile bands {list(tile.bands)} differ from the model's "
+                                          f"high-resolution bands {list(model.band_keys_high)}")
+        mode: Literal["simulation", "real"] = "simulation"
+        min_side = model.hr_size
+    elif abs(scale / s_lo - 1) < 0.01:
+        if tuple(tile.bands) != model.band_keys_low:
+            raise InputError(tile.source, f"tile bands {list(tile.bands)} differ from the model's low-resolution "
+                                          f"bands {list(model.band_keys_low)}")
+        mode = "real"
+        min_side = model.lr_size
+    else:
+        raise InputError(tile.source, f"wrong pixel scale for the model: {scale:.4f}\"/px, the model takes "
+                                      f"{s_lo}\"/px tiles (or simulated {s_hi}\"/px tiles)")
+    if min(tile.shape) < min_side:
+        raise InputError(tile.source, f"wrong shape: {tile.shape[0]}x{tile.shape[1]} px is smaller than one "
+                                      f"{min_side} px cutout")
+    return mode
+
+
+# ------------------------------------------------------------------------------------------------
+# The steps
+# ------------------------------------------------------------------------------------------------
+def _check(s: TileState, ctx: TileContext) -> None:
+    s.mode = check_tile(s.tile, model=ctx.model)
+    s.source_pixel_scale_arcsec = s.tile.pixel_scale_arcsec
+
+
+def _high_peaks(s: TileState, ctx: TileContext) -> None:
+    if s.mode == "simulation":
+        s.high = find_high_peaks(s.tile, detect=ctx.config.detect, ratio=int(round(ctx.model.ratio)),
+                                 block_px=3 * ctx.config.footprints.peak_block_px)
+
+
+def _degrade(s: TileState, ctx: TileContext) -> None:
+    if s.mode == "simulation":
+        s.tile = degrade_tile(s.tile, config=ctx.model.degrade_config(), seed=ctx.config.seed,
+                              add_noise=ctx.config.degrade_add_noise)
+
+
+def _footprints(s: TileState, ctx: TileContext) -> None:
+    s.footprints = find_footprints(s.tile, config=ctx.config.footprints, detect=ctx.config.detect)
+
+
+def _cutouts(s: TileState, ctx: TileContext) -> None:
+    s.cutouts = cut_footprint_cutouts(s.footprints, s.tile.variance, config=ctx.config.cutouts,
+                                      side=ctx.model.lr_size)
+
+
+def _enhance(s: TileState, ctx: TileContext) -> None:
+    if ctx.enhance_fn is None or ctx.rho is None:
+        raise ConfigError("enhance", "the enhancement stage needs an enhancer and its noise scale rho")
+    cut = s.cutouts
+    s.enhanced = (np.asarray(ctx.enhance_fn(cut.image, cut.sigma)) if len(cut)
+                  else np.zeros((0, s.tile.n_bands, ctx.model.hr_size, ctx.model.hr_size), np.float32))
+    s.rho, s.enhance_device = float(ctx.rho), ctx.enhance_device
+
+
+def _detect(s: TileState, ctx: TileContext) -> None:
+    s.children = find_children(s.enhanced, s.footprints, s.cutouts, tile_shape=s.tile.shape, psf_hr=ctx.psf_hr,
+                               rho=float(s.rho), detect=ctx.config.detect, ratio=ctx.model.ratio,
+                               edge_px=ctx.config.footprints.edge_px, lr_size=ctx.model.lr_size)
+    s.enhanced = None  # used: it does not travel further
+
+
+def _photometry(s: TileState, ctx: TileContext) -> None:
+    s.fluxes = measure_children(s.footprints, s.children, s.tile.variance, psf=s.tile.psf,
+                                pixel_scale_arcsec=s.tile.pixel_scale_arcsec, config=ctx.config.measure,
+                                compute=ctx.compute)
+
+
+def _catalog(s: TileState, ctx: TileContext) -> None:
+    s.catalog = build_catalog(s.tile, s.footprints, s.children, s.fluxes,
+                              keep_not_primary=ctx.config.keep_not_primary)
+    s.stats = tile_stats(s.tile, s.footprints, s.cutouts, s.children, s.catalog)
+
+
+def _truth(s: TileState, ctx: TileContext) -> None:
+    if s.tile.truth is not None:
+        s.truth = score_truth(s.tile, high=s.high, footprints=s.footprints, children=s.children, catalog=s.catalog,
+                              config=ctx.config.truth)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the pipeline: its name, the stage (Ray actor pool) it runs in, and its function."""
+
+    name: str
+    stage: str
+    run: Callable[[TileState, TileContext], None]
+
+
+#: The pipeline, in order. ``high_peaks`` and ``degrade`` act on simulated tiles only; ``truth`` on
+#: tiles with a truth table.
+STEPS: tuple[Step, ...] = (
+    Step("check", "degrade", _check),
+    Step("high_peaks", "degrade", _high_peaks),
+    Step("degrade", "degrade", _degrade),
+    Step("footprints", "footprints", _footprints),
+    Step("cutouts", "footprints", _cutouts),
+    Step("enhance", "enhance", _enhance),
+    Step("detect", "detect", _detect),
+    Step("photometry", "photometry", _photometry),
+    Step("catalog", "photometry", _catalog),
+    Step("truth", "photometry", _truth),
+)
+#: The stages in order (the ``stage`` of a failure row; ``<stage>_s`` timing keys).
+STAGES: tuple[str, ...] = tuple(dict.fromkeys(st.stage for st in STEPS))
+#: The steps under each stage's ``<stage>_s`` timing key (``bench/bench_tile.py`` reports them in order).
+TILE_STEPS: dict[str, tuple[str, ...]] = {f"{g}_s": tuple(st.name for st in STEPS if st.stage == g) for g in STAGES}
+
+
+def run_stage(stage: str, state: TileState, context: TileContext) -> TileState:
+    """Run the steps of ``stage`` on ``state`` (in place; returned), timing each step and the stage."""
+    if stage not in STAGES:
+        raise ConfigError("stage", f"unknown stage {stage!r}; the stages are {list(STAGES)}")
+    t_stage = time.perf_counter()
+    for st in STEPS:
+        if st.stage != stage:
+            continue
+        c0, w0 = time.process_time(), time.perf_counter()
+        st.run(state, context)
+        state.steps[st.name] = (time.process_time() - c0, time.perf_counter() - w0)
+    state.timing[f"{stage}_s"] = time.perf_counter() - t_stage
+    return state
+
+
+def process_tile(tile: Tile, *, model: ModelGrid, enhance_fn: EnhanceFn, rho: float,
+                 config: FieldConfig = FieldConfig(),
+                 compute: PhotometryComputeConfig = PhotometryComputeConfig()) -> TileState:
+    """Run every stage on one tile, in this process (what the Ray pipeline does stage by stage).
+
+    Parameters
+    ----------
+    tile : Tile
+        A tile (LR, or simulated HR: it is degraded first).
+    model : ModelGrid
+        Bands and grids of the enhancer.
+    enhance_fn : callable
+        ``(image_lr (M, C, 22, 22), sigma_lr (M, C)) -> (M, C, 64, 64)`` nJy.
+    rho : float
+        :func:`galgan_ray.noise.enhanced_noise_scale` of ``enhance_fn``.
+    config : FieldConfig
+    compute : PhotometryComputeConfig
+
+    Returns
+    -------
+    TileState
+        Every step's result (``catalog``, ``truth``, ``stats``, the intermediate products, the LR
+        ``tile``), ``timing`` per stage and ``steps`` per step.
+    """
+    context = TileContext(model=model, config=config, compute=compute, enhance_fn=enhance_fn, rho=rho)
+    state = TileState(tile=tile)
+    for stage in STAGES:
+        run_stage(stage, state, context)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Between processes: a state or an output as bytes (no pickle)
+# ------------------------------------------------------------------------------------------------
+_PRODUCTS: dict[str, type] = {"high": HighPeaks, "footprints": Footprints, "cutouts": Cutouts,
+                              "children": Children, "fluxes": Fluxes}
+_NESTED: dict[tuple[type, str], type] = {(Footprints, "peaks"): LowPeaks}
+_META = ("mode", "source_pixel_scale_arcsec", "rho", "enhance_device", "timing", "steps")
+
+
+def _flatten(obj, prefix: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        key = f"{prefix}.{f.name}"
+        if isinstance(v, np.ndarray):
+            arrays[key] = v
+        elif is_dataclass(v):
+            _flatten(v, key, arrays, meta)
+        else:
+            meta[key] = v
+
+
+def _rebuild(cls: type, prefix: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]):
+    kw = {}
+    for f in fields(cls):
+        key = f"{prefix}.{f.name}"
+        nested = _NESTED.get((cls, f.name))
+        kw[f.name] = (_rebuild(nested, key, arrays, meta) if nested is not None
+                      else arrays[key] if key in arrays else meta[key])
+    return cls(**kw)
+
+
+def _columns(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k[len(prefix) + 1:]: v for k, v in arrays.items() if k.startswith(prefix + ".")}
+
+
+def pack_state(state: TileState) -> bytes:
+    """A :class:`TileState` as bytes (:func:`galgan_ray.tiles.pack_arrays`); :func:`unpack_state` inverts it."""
+    arrays, tile_meta = pack_tile_arrays(state.tile)
+    arrays = {f"tile.{k}": v for k, v in arrays.items()}
+    meta: dict[str, Any] = {"tile": tile_meta, "present": []}
+    for name, cls in _PRODUCTS.items():
+        obj = getattr(state, name)
+        if obj is not None:
+            meta["present"].append(name)
+            _flatten(obj, name, arrays, meta)
+    if state.enhanced is not None:
+        arrays["enhanced"] = state.enhanced
+    for k in _META:
+        meta[k] = getattr(state, k)
+    if state.catalog is not None or state.truth is not None or state.stats is not None:
+        raise InputError(state.tile.source, "a state past the catalog step travels as pack_output(state.output())")
+    return pack_arrays(arrays, meta)
+
+
+def unpack_state(data: bytes) -> TileState:
+    """Inverse of :func:`pack_state`."""
+    arrays, meta = unpack_arrays(data)
+    tile = tile_from_arrays(_columns("tile", arrays), meta["tile"])
+    state = TileState(tile=tile, enhanced=arrays.get("enhanced"))
+    for name in meta["present"]:
+        setattr(state, name, _rebuild(_PRODUCTS[name], name, arrays, meta))
+    for k in _META:
+        setattr(state, k, meta[k])
+    state.steps = {k: tuple(v) for k, v in state.steps.items()}
+    return state
+
+
+def pack_output(output: TileOutput) -> bytes:
+    """A :class:`TileOutput` as bytes; :func:`unpack_output` inverts it."""
+    arrays = {f"cat.{k}": v for k, v in output.catalog.columns.items()}
+    arrays["all.objectId"] = output.catalog.all_object_id
+    arrays["all.primary"] = output.catalog.all_primary
+    if output.truth is not None:
+        arrays.update({f"truth.{k}": v for k, v in output.truth.truth.items()})
+        arrays.update({f"blend.{k}": v for k, v in output.truth.blends.items()})
+    meta = {"tile_id": output.tile_id, "bands": list(output.bands), "stats": output.stats.to_dict(),
+            "info": output.info, "simulated": output.truth is not None}
+    return pack_arrays(arrays, meta)
+
+
+def unpack_output(data: bytes) -> TileOutput:
+    """Inverse of :func:`pack_output`."""
+    arrays, meta = unpack_arrays(data)
+    catalog = Catalog(columns=_columns("cat", arrays), all_object_id=arrays["all.objectId"],
+                      all_primary=arrays["all.primary"])
+    truth = (TruthScores(truth=_columns("truth", arrays), blends=_columns("blend", arrays))
+             if meta["simulated"] else None)
+    return TileOutput(tile_id=int(meta["tile_id"]), bands=tuple(meta["bands"]), catalog=catalog, truth=truth,
+                      stats=TileStats(**meta["stats"]), info=meta["info"])

@@ -1,0 +1,302 @@
+"""The field job: its config, the Ray Data pipeline built from the stages, and the run from inputs to summary.
+
+Pipeline (one row per tile from end to end, :mod:`galgan_ray.ray_shell.rows`)::
+
+    TileDatasource (one read task per tile: fsspec bytes -> astropy -> validated Tile)
+      -> DegradeStage     (simulation mode only: HR tile -> HSC-like tile, truth carried along)
+      -> FootprintStage   (sep footprints + LR peaks on the LR tile, 22x22 cutouts around them)
+      -> EnhanceStage     (the GAN, checkpoint loaded once per actor; GPU when the cluster has one)
+      -> DetectStage      (peaks on the enhanced cutouts -> children on the tile grid, RA/Dec)
+      -> PhotometerStage  (Gaussian-mixture photometry on the LR image; catalog, truth scores)
+      -> CommitStage      (per-tile files under deterministic names, then the _COMMITTED marker)
+
+Ray Data runs them as four fixed-size actor pools::
+
+    ReadTile->MapBatches(PrepareStage)   read + DegradeStage + FootprintStage   stage_actors
+    MapBatches(EnhanceStage)                                                    enhance_actors (GPU)
+    MapBatches(MeasureStage)             DetectStage + PhotometerStage          stage_actors
+    MapBatches(CommitStage)                                                     commit_actors
+
+The read tasks ask for the CPUs of a PrepareStage actor, which lets Ray Data fuse them into that
+pool, so no Ray task (and no short-lived worker process) is left in the pipeline. A stage that
+raises on a tile turns that row into a failure (stage and reason); the commit writes it to
+``OUT/failures/``, so the rest of the field completes and nothing is dropped silently. The outputs'
+layout is :mod:`galgan_ray.outputs`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import ray
+import ray.data
+
+from ..checkpoint import ModelGrid, read_checkpoint
+from ..config import config_json, dump_config, from_dict, to_dict
+from ..enhance import resolve_model
+from ..errors import ConfigError
+from ..field import FieldConfig
+from ..photometry import PhotometryComputeConfig
+from ..provenance import provenance
+from ..sky import FieldSimConfig, make_simulated_field
+from ..storage import StorageConfig, join_url, open_fs, scrub_url, write_bytes_atomic
+from ..tiles import list_tile_sources
+from .commit import CommitStage, fingerprint, read_markers
+from .reading import TileDatasource
+from .stages import EnhanceStage, MeasureStage, PrepareStage
+from .summary import format_summary, summarise
+
+__all__ = ["FieldComputeConfig", "FieldJobConfig", "init_ray", "resolve_model_grid", "build_pipeline", "run_field"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FieldComputeConfig:
+    """Compute knobs of the field job (no effect on the catalog).
+
+    Attributes
+    ----------
+    ray_address : str or None
+        Cluster to join (``"auto"``, ``"HOST:PORT"``, ``"ray://..."``); None: ``RAY_ADDRESS`` when set
+        (``ray job submit``), else (or ``"local"``) a new local instance of ``num_cpus`` CPUs.
+    num_cpus : int
+        CPUs of a local instance.
+    object_store_mb : int
+        Object store of a local instance (MB).
+    stage_num_cpus : float
+        CPUs reserved per stage actor (the reads run in the PrepareStage actors). Keep the sum
+        over the actors (``2 stage_actors + enhance_actors`` of these and the commit actors)
+        below the cluster's CPUs, or the pipeline starves (STACK.md).
+    stage_actors : int
+        Actors of each CPU pool (:class:`PrepareStage`, :class:`MeasureStage`).
+    enhance_actors : int
+        Actors of the enhancement stage.
+    enhance_num_gpus : float or None
+        GPUs per enhancement actor; None (auto): 1 when the cluster has a GPU, else 0 (CPU).
+    enhance_resources : dict of str to float
+        Custom Ray resources per enhancement actor (e.g. ``{"accelerator": 1}``).
+    enhance_batch_size : int
+        Cutouts per forward pass.
+    io_num_cpus : float
+        CPUs reserved per commit actor.
+    commit_actors : int
+        Actors of the commit stage. A commit writes a few small files (~10 ms per tile on local
+        disk, against a second or more of stage work per tile), so one keeps up with many cores;
+        raise it where many nodes commit to object storage (each file is a few round trips).
+    torch_threads : int
+        ``torch.set_num_threads`` in every stage actor.
+    photometry : PhotometryComputeConfig
+        Device, precision and batch of the photometry.
+    """
+
+    ray_address: str | None = None
+    num_cpus: int = 2
+    object_store_mb: int = 300
+    stage_num_cpus: float = 0.25
+    stage_actors: int = 1
+    enhance_actors: int = 1
+    enhance_num_gpus: float | None = None
+    enhance_resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    enhance_batch_size: int = 256
+    io_num_cpus: float = 0.25
+    commit_actors: int = 1
+    torch_threads: int = 1
+    photometry: PhotometryComputeConfig = dataclasses.field(default_factory=lambda: PhotometryComputeConfig(device="cpu"))
+
+    def __post_init__(self):
+        if min(self.stage_actors, self.enhance_actors, self.commit_actors, self.enhance_batch_size) < 1:
+            raise ConfigError("compute", "stage_actors, enhance_actors, commit_actors and enhance_batch_size must "
+                                         "be >= 1")
+        if self.stage_num_cpus < 0 or self.io_num_cpus < 0 or self.torch_threads < 1:
+            raise ConfigError("compute", "CPUs must be >= 0 and torch_threads >= 1")
+
+
+@dataclass(frozen=True)
+class FieldJobConfig:
+    """The field job: inputs, output, model, science and compute (``field_default.yaml`` mirrors it).
+
+    Attributes
+    ----------
+    inputs : tuple of str
+        Tile URLs (files, directories, globs; FITS or Parquet). Empty: simulate a field
+        (``simulate``) into ``OUTPUT/input/`` and process it.
+    output : str
+        Output URL (local path, ``s3://...``, ``gs://...``, ``memory://...``).
+    checkpoint : str
+        ``"default"`` (the shipped model, :func:`galgan_ray.enhance.default_checkpoint`) or a path/URL.
+    overwrite : bool
+        Reprocess committed tiles (and accept markers made with another config or model).
+    simulate : FieldSimConfig
+        The simulated field made when ``inputs`` is empty.
+    field : FieldConfig
+        Science parameters.
+    storage : StorageConfig
+    compute : FieldComputeConfig
+    """
+
+    inputs: tuple[str, ...] = ()
+    output: str = "output"
+    checkpoint: str = "default"
+    overwrite: bool = False
+    simulate: FieldSimConfig = dataclasses.field(default_factory=FieldSimConfig)
+    field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+    compute: FieldComputeConfig = dataclasses.field(default_factory=FieldComputeConfig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray and the model
+# ------------------------------------------------------------------------------------------------
+def init_ray(compute: FieldComputeConfig) -> bool:
+    """Connect to a cluster (``compute.ray_address``, or ``RAY_ADDRESS`` under ``ray job submit``) or
+    start a small local instance. Returns True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = compute.ray_address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address if compute.ray_address else "auto", log_to_driver=True)
+    else:
+        # address="local": a new instance even where `ray start` left its address in /tmp/ray (a bare
+        # ray.init() would join that cluster, then refuse num_cpus).
+        ray.init(address="local", num_cpus=compute.num_cpus,
+                 object_store_memory=int(compute.object_store_mb) * 1024 * 1024, include_dashboard=False,
+                 log_to_driver=True)
+    return True
+
+
+def resolve_model_grid(checkpoint: str, *, storage: StorageConfig = StorageConfig()) -> tuple[str, ModelGrid, dict]:
+    """Checkpoint path/URL, the model's grids and its identity (``path``, ``sha256``)."""
+    storage.apply_defaults()
+    path = resolve_model(checkpoint)
+    _, meta = read_checkpoint(path)
+    return path, ModelGrid.from_checkpoint_meta(meta, source=path), {"path": scrub_url(meta["path"]),
+                                                                       "sha256": meta["sha256"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+def simulate_inputs(config: FieldJobConfig) -> tuple[list[str], dict]:
+    """Make the simulated field under ``OUTPUT/input/`` once (reused when its config matches)."""
+    url = join_url(config.output, "input")
+    storage = config.storage
+    fs, path = open_fs(url, storage)
+    stamp = posixpath.join(path, "_SIMULATION.json")
+    want = config_json(config.simulate)
+    if fs.exists(stamp):
+        with fs.open(stamp, "rb") as fh:
+            have = json.loads(fh.read())
+        if have.get("simulate") == want:
+            return [url], have.get("info", {})
+    info = make_simulated_field(config.simulate, url, storage_options=storage.options_for(url))
+    info = {k: v for k, v in info.items() if k != "tiles"}
+    write_bytes_atomic(join_url(url, "_SIMULATION.json"), json.dumps({"simulate": want, "info": info}).encode(), storage)
+    return [url], info
+
+
+def build_pipeline(sources: Sequence[str], *, config: FieldJobConfig, checkpoint: str, model: ModelGrid,
+                   metadata_json: str, fingerprint: str) -> ray.data.Dataset:
+    """The lazy Ray dataset of the run: read -> stages -> commit (one summary row per tile), as the
+    four actor pools of the module docstring."""
+    c = config.compute
+    gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+    enhance_gpus = (1.0 if gpus >= 1 else 0.0) if c.enhance_num_gpus is None else float(c.enhance_num_gpus)
+    common = dict(batch_size=1, num_cpus=c.stage_num_cpus, zero_copy_batch=False)
+    kw = dict(torch_threads=c.torch_threads)
+    # 1. Reads with the CPUs of a PrepareStage actor, and PrepareStage with batch_size=None (a batch
+    #    is one block, i.e. one tile: a read task yields one 1-row block): Ray Data then fuses the
+    #    reads into that pool (it fuses a task-pool map into a following actor pool when their remote
+    #    args match and the actor pool asks for no batch size), so tiles are read in warm actors.
+    ds = ray.data.read_datasource(TileDatasource(sources, storage=config.storage), override_num_blocks=len(sources),
+                                  num_cpus=c.stage_num_cpus)
+    ds = ds.map_batches(PrepareStage, fn_constructor_args=(model, config.field), fn_constructor_kwargs=kw,
+                        compute=ray.data.ActorPoolStrategy(size=c.stage_actors), **{**common, "batch_size": None})
+    # 2. The model, on a GPU where the cluster has one.
+    enh_args = dict(batch_size=1, zero_copy_batch=False, num_cpus=c.stage_num_cpus, num_gpus=enhance_gpus)
+    if c.enhance_resources:
+        enh_args["resources"] = dict(c.enhance_resources)
+    ds = ds.map_batches(EnhanceStage, fn_constructor_args=(checkpoint, config.field),
+                        fn_constructor_kwargs=dict(batch_size=c.enhance_batch_size, storage=config.storage, **kw),
+                        compute=ray.data.ActorPoolStrategy(size=c.enhance_actors), **enh_args)
+    # 3. Children and photometry.
+    ds = ds.map_batches(MeasureStage, fn_constructor_args=(model, config.field),
+                        fn_constructor_kwargs=dict(compute=c.photometry, **kw),
+                        compute=ray.data.ActorPoolStrategy(size=c.stage_actors), **common)
+    # 4. The commit, in warm actors too (as Ray tasks, each commit started a worker that imported the stack).
+    ds = ds.map_batches(CommitStage, fn_constructor_kwargs=dict(output=config.output, storage=config.storage,
+                                                                metadata_json=metadata_json, fingerprint=fingerprint),
+                        compute=ray.data.ActorPoolStrategy(size=c.commit_actors), batch_size=1,
+                        num_cpus=c.io_num_cpus, zero_copy_batch=False)
+    return ds
+
+
+def run_field(config: FieldJobConfig, *, verbose: bool = True) -> dict[str, Any]:
+    """Process a field end to end on Ray (see the module docstring).
+
+    Parameters
+    ----------
+    config : FieldJobConfig
+    verbose : bool
+        Print the summary.
+
+    Returns
+    -------
+    dict
+        The summary (also written to ``OUT/summary.json``): ``tiles`` (``total``, ``done``,
+        ``failed``, ``skipped``), ``sources``, ``footprints``, ``newly_resolved_blends``,
+        ``throughput`` (``sources_per_s``, ``deg2_per_hour``, ``wall_s``), ``model``, ``outputs``,
+        ``failures`` (list of ``{tileId, source, stage, reason}``), ``truth`` (simulations).
+    """
+    t_start = time.perf_counter()
+    storage = config.storage
+    checkpoint, model, model_id = resolve_model_grid(config.checkpoint, storage=storage)
+    sim_info = None
+    if config.inputs:
+        inputs = list(config.inputs)
+    else:
+        inputs, sim_info = simulate_inputs(config)
+    sources = []
+    for url in inputs:
+        sources += list_tile_sources(url, storage_options=storage.options_for(url))
+    sources = sorted(dict.fromkeys(sources))
+    fprint = fingerprint(config.field, model_id)
+    markers = {} if config.overwrite else read_markers(config.output, storage)
+    stale = sorted(s for s, m in markers.items() if m.get("fingerprint") != fprint)
+    if stale:
+        raise ConfigError(config.output, f"{len(stale)} committed tile(s) (e.g. {stale[0]}) were made with another "
+                                         f"config or model; use a new output or set overwrite=true")
+    todo = [s for s in sources if s not in markers]
+    skipped = [markers[s] for s in sources if s in markers]
+    scrubbed = from_dict(FieldJobConfig, {**to_dict(config), "inputs": [scrub_url(u) for u in config.inputs]})
+    metadata = provenance(scrubbed, checkpoint=model_id, fingerprint=fprint)
+    metadata_json = json.dumps(metadata, sort_keys=True, default=str)
+    write_bytes_atomic(join_url(config.output, "config.yaml"), dump_config(scrubbed).encode(), storage)
+
+    results: list[dict[str, Any]] = []
+    t_run = time.perf_counter()
+    if todo:
+        init_ray(config.compute)
+        ds = build_pipeline(todo, config=config, checkpoint=checkpoint, model=model, metadata_json=metadata_json,
+                            fingerprint=fprint)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(batch["source"])):
+                results.append({k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i])
+                                for k in ("tileId", "source", "status", "stage", "reason", "stats")})
+    wall = time.perf_counter() - t_run
+    summary = summarise(config, results, skipped, model_id=model_id, wall_s=wall,
+                         total_s=time.perf_counter() - t_start, n_sources_total=len(sources), sim_info=sim_info)
+    write_bytes_atomic(join_url(config.output, "summary.json"), json.dumps(summary, indent=2, sort_keys=True,
+                                                                          default=str).encode(), storage)
+    if verbose:
+        print(format_summary(summary))
+    return summary
+
+
