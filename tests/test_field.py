@@ -268,6 +268,11 @@ def test_score_truth_pairs_and_matches(enhancer, rho):
     again = score_truth(res.tile, high=res.high, footprints=res.footprints, children=res.children,
                         catalog=res.catalog, config=TruthConfig())
     assert again.truth["matched_enhanced"].tolist() == tr["matched_enhanced"].tolist()
+    # Purity: every catalog row and every LR peak sits on one of the three true sources.
+    pur = res.truth.purity
+    assert pur["n_catalog"] == len(res.catalog) and pur["n_catalog_near_truth"] == pur["n_catalog"]
+    assert 1 <= pur["n_low_near_truth"] == pur["n_low_peaks"]
+    assert res.truth.counts()["n_catalog"] == len(res.catalog)
 
 
 def test_tile_peak_finder_has_no_cap_and_no_block_seams():

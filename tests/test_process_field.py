@@ -121,6 +121,9 @@ def test_end_to_end_catalog_schema_provenance(full_run):
     assert not list((out / "failures").glob("*.parquet")) if (out / "failures").exists() else True
     blends = read_run_table(str(out), what="blends")
     assert blends.num_rows == summary["truth"]["n_blends"]
+    # Purity beside completeness: every catalog row counted once, and some of them lie on a true object.
+    assert summary["truth"]["n_catalog"] == summary["sources"]
+    assert 0 < summary["truth"]["n_catalog_near_truth"] <= summary["truth"]["n_catalog"]
 
 
 def _tangent(ra, dec, ra0, dec0):

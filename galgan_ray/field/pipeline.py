@@ -451,7 +451,8 @@ def pack_output(output: TileOutput) -> bytes:
         arrays.update({f"truth.{k}": v for k, v in output.truth.truth.items()})
         arrays.update({f"blend.{k}": v for k, v in output.truth.blends.items()})
     meta = {"tile_id": output.tile_id, "bands": list(output.bands), "stats": output.stats.to_dict(),
-            "info": output.info, "simulated": output.truth is not None}
+            "info": output.info, "simulated": output.truth is not None,
+            "purity": output.truth.purity if output.truth is not None else {}}
     return pack_arrays(arrays, meta)
 
 
@@ -460,7 +461,7 @@ def unpack_output(data: bytes) -> TileOutput:
     arrays, meta = unpack_arrays(data)
     catalog = Catalog(columns=_columns("cat", arrays), all_object_id=arrays["all.objectId"],
                       all_primary=arrays["all.primary"])
-    truth = (TruthScores(truth=_columns("truth", arrays), blends=_columns("blend", arrays))
+    truth = (TruthScores(truth=_columns("truth", arrays), blends=_columns("blend", arrays), purity=meta["purity"])
              if meta["simulated"] else None)
     return TileOutput(tile_id=int(meta["tile_id"]), bands=tuple(meta["bands"]), catalog=catalog, truth=truth,
                       stats=TileStats(**meta["stats"]), info=meta["info"])

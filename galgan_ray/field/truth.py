@@ -11,7 +11,7 @@ found at high, low and enhanced resolution.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -41,14 +41,18 @@ class TruthConfig:
         Truth sources fainter than this (AB, the tile's band) are not scored.
     blend_max_sep_arcsec : float
         Truth pairs closer than this are blends (a row of the blends table).
+    purity_radius_arcsec : float
+        A catalog row (or an LR peak) counts as supported by the truth when a true object of any
+        magnitude, star or galaxy, lies within this distance: the purity of the run summary.
     """
 
     match_radius_arcsec: float = 0.3
     mag_limit: float = 25.5
     blend_max_sep_arcsec: float = 2.0
+    purity_radius_arcsec: float = 0.5
 
     def __post_init__(self):
-        if not (self.match_radius_arcsec > 0 and self.blend_max_sep_arcsec > 0):
+        if not (self.match_radius_arcsec > 0 and self.blend_max_sep_arcsec > 0 and self.purity_radius_arcsec > 0):
             raise ConfigError("truth.match_radius_arcsec", "radii must be > 0")
 
 
@@ -80,10 +84,15 @@ class TruthScores:
     blends : dict of numpy.ndarray
         One row per owned truth pair closer than ``blend_max_sep_arcsec``,
         :data:`galgan_ray.schema.BLEND_TABLE_COLUMNS`.
+    purity : dict of str to int
+        ``n_catalog`` (the tile's catalog rows) and ``n_catalog_near_truth`` (those within
+        ``purity_radius_arcsec`` of a true object of any magnitude); ``n_low_peaks`` /
+        ``n_low_near_truth`` likewise for the owned low-resolution peaks (the survey's own detection).
     """
 
     truth: dict[str, np.ndarray]
     blends: dict[str, np.ndarray]
+    purity: dict[str, int] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """The run summary's truth counts: scored sources and blends found at each resolution."""
@@ -93,6 +102,7 @@ class TruthScores:
             out[f"matched_{k}"] = int((np.asarray(self.truth.get(f"matched_{k}", np.zeros(0)), bool) & scored).sum())
             out[f"blends_found_{k}"] = int(np.asarray(self.blends.get(f"found_{k}", np.zeros(0)), bool).sum())
         out["n_blends"] = int(len(self.blends.get("sep_arcsec", ())))
+        out.update({k: int(v) for k, v in self.purity.items()})
         return out
 
 
@@ -165,7 +175,27 @@ def score_truth(tile: Tile, *, high: HighPeaks | None, footprints: Footprints, c
     truth["objectId"] = np.asarray(obj, dtype=np.int64)
     truth_out = {k: v[owned] for k, v in truth.items()}
     blends = _blend_rows(tile, truth, txy, sidx, owned, matched, footprints.seg, config)
-    return TruthScores(truth=truth_out, blends=blends)
+    return TruthScores(truth=truth_out, blends=blends, purity=_purity(tile, txy, footprints, catalog, config))
+
+
+def _purity(tile: Tile, txy: np.ndarray, footprints: Footprints, catalog: Catalog, config: TruthConfig
+            ) -> dict[str, int]:
+    """How many of the tile's catalog rows and owned LR peaks have a true object (any magnitude)
+    within ``purity_radius_arcsec``."""
+    radius = config.purity_radius_arcsec / tile.pixel_scale_arcsec
+    tree = cKDTree(txy) if len(txy) else None
+
+    def near(x, y) -> int:
+        if tree is None or len(x) == 0:
+            return 0
+        d, _ = tree.query(np.c_[x, y])
+        return int((d < radius).sum())
+
+    cols = catalog.columns
+    low = footprints.peaks
+    own = tile.owns(low.x, low.y) if len(low.x) else np.zeros(0, bool)
+    return {"n_catalog": len(catalog), "n_catalog_near_truth": near(cols["x"], cols["y"]),
+            "n_low_peaks": int(own.sum()), "n_low_near_truth": near(low.x[own], low.y[own])}
 
 
 def _blend_rows(tile: Tile, truth: dict, txy: np.ndarray, sidx: np.ndarray, owned: np.ndarray, matched: dict,

@@ -49,6 +49,7 @@ def summarise(config: Any, results: Sequence[Mapping[str, Any]], skipped: Sequen
     if truths:
         summary["outputs"].update({"truth": f"{out}/truth/", "blends": f"{out}/blends/"})
         t = {k: int(sum(x.get(k, 0) for x in truths)) for k in truths[0]}
+        t["purity_radius_arcsec"] = float(config.field.truth.purity_radius_arcsec)
         summary["truth"] = t
     if sim_info:
         summary["outputs"]["input"] = f"{out}/input/"
@@ -81,6 +82,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
                      f"low {tr['matched_low'] / n:.0%}, enhanced {tr['matched_enhanced'] / n:.0%}")
         lines.append(f"             {tr['n_blends']} close pairs, both found: high {tr['blends_found_high'] / nb:.0%}, "
                      f"low {tr['blends_found_low'] / nb:.0%}, enhanced {tr['blends_found_enhanced'] / nb:.0%}")
+        if tr.get("n_catalog"):
+            lines.append(f"  purity     catalog rows within {tr['purity_radius_arcsec']}\" of a true object (any magnitude): "
+                         f"{tr['n_catalog_near_truth'] / tr['n_catalog']:.0%} of {tr['n_catalog']}; "
+                         f"low-resolution peaks {tr['n_low_near_truth'] / max(tr['n_low_peaks'], 1):.0%} "
+                         f"of {tr['n_low_peaks']}")
     for f in summary.get("failures", [])[:5]:
         lines.append(f"  FAILED     tile {f['tileId']} at {f['stage']}: {f['reason'][:160]}")
     if len(summary.get("failures", [])) > 5:
