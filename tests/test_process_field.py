@@ -15,19 +15,26 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray")
 
+from galgan_ray.checkpoint import ModelGrid  # noqa: E402
 from galgan_ray.config import load_config  # noqa: E402
 from galgan_ray.errors import ConfigError  # noqa: E402
-from galgan_ray.checkpoint import ModelGrid  # noqa: E402
 from galgan_ray.field import TILE_STEPS, FieldConfig  # noqa: E402
 from galgan_ray.instrument import get_band  # noqa: E402
 from galgan_ray.outputs import read_run_table  # noqa: E402
 from galgan_ray.ray_shell.commit import CommitStage  # noqa: E402
 from galgan_ray.ray_shell.job import FieldJobConfig, run_field  # noqa: E402
-from galgan_ray.ray_shell.stages import (DegradeStage, DetectStage, EnhanceStage, FootprintStage,  # noqa: E402
-                                         MeasureStage, PhotometerStage, PrepareStage)
-from galgan_ray.storage import StorageConfig  # noqa: E402
+from galgan_ray.ray_shell.stages import (  # noqa: E402
+    DegradeStage,
+    DetectStage,
+    EnhanceStage,
+    FootprintStage,
+    MeasureStage,
+    PhotometerStage,
+    PrepareStage,
+)
 from galgan_ray.schema import failure_schema, object_schema, validate_table  # noqa: E402
 from galgan_ray.sky import FieldSimConfig, make_simulated_field  # noqa: E402
+from galgan_ray.storage import StorageConfig  # noqa: E402
 from galgan_ray.tiles import read_tile_source, tile_to_fits_bytes  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -217,3 +224,23 @@ def test_bad_tiles_become_failure_rows_and_the_field_completes(ray_local, ckpt, 
         assert r["reason"].startswith(r["source"]), r
     assert len(read_parts(out, "catalog")) == 1
     assert not any((out / "catalog").glob("*/_COMMITTED")) or len(list((out / "catalog").glob("*/_COMMITTED"))) == 1
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"stage_num_cpus": 5.0}, "compute.stage_num_cpus"),  # more than the 2-CPU node has
+    ({"enhance_num_gpus": 1.0}, "compute.enhance_num_gpus"),  # no GPU on this instance
+    ({"stage_actors": 4, "stage_num_cpus": 0.5}, "compute.stage_num_cpus"),  # 5 CPUs of pools on 2
+])
+def test_impossible_resources_fail_fast_naming_the_key(ray_local, ckpt, sim, tmp_path, override, key):
+    """On a Ray instance of fixed size, requests it can never place end as an error naming the key,
+    not as a pipeline that waits for ever."""
+    import dataclasses
+
+    from galgan_ray.ray_shell.job import FieldComputeConfig
+
+    compute = dataclasses.replace(FieldComputeConfig(), **override)
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        run_field(job(ckpt, [sim["dir"]], tmp_path / "out", compute=compute), verbose=False)
+    assert not (tmp_path / "out" / "catalog").exists()
+    with pytest.raises(ConfigError, match=r"^compute.num_cpus: "):
+        FieldComputeConfig(num_cpus=0)

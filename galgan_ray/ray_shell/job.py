@@ -52,7 +52,8 @@ from .reading import TileDatasource
 from .stages import EnhanceStage, MeasureStage, PrepareStage
 from .summary import format_summary, summarise
 
-__all__ = ["FieldComputeConfig", "FieldJobConfig", "init_ray", "resolve_model_grid", "build_pipeline", "run_field"]
+__all__ = ["FieldComputeConfig", "FieldJobConfig", "init_ray", "check_resources", "resolve_model_grid", "build_pipeline",
+           "run_field"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ class FieldComputeConfig:
     photometry: PhotometryComputeConfig = dataclasses.field(default_factory=lambda: PhotometryComputeConfig(device="cpu"))
 
     def __post_init__(self):
+        if self.num_cpus < 1:
+            raise ConfigError("compute.num_cpus", f"a local Ray instance needs at least 1 CPU, got {self.num_cpus}")
         if min(self.stage_actors, self.enhance_actors, self.commit_actors, self.enhance_batch_size) < 1:
             raise ConfigError("compute", "stage_actors, enhance_actors, commit_actors and enhance_batch_size must "
                                          "be >= 1")
@@ -172,6 +175,58 @@ def init_ray(compute: FieldComputeConfig) -> bool:
     return True
 
 
+def _can_autoscale(compute: FieldComputeConfig) -> bool:
+    """Whether the job joined a cluster by address (which may add nodes: ``ray job submit``,
+    ``cluster/*.yaml``); a local instance, or one the caller started in-process, has fixed resources."""
+    address = compute.ray_address or os.environ.get("RAY_ADDRESS")
+    return bool(address) and address != "local"
+
+
+def check_resources(compute: FieldComputeConfig, *, enhance_gpus: float) -> None:
+    """Fail fast on resource requests the connected Ray cluster can never satisfy, naming the key.
+
+    On a cluster with fixed resources the actor pools would wait for ever (Ray Data does not give
+    up on an actor that cannot be placed): an actor asking for more CPUs or GPUs than any node has,
+    or pools asking for more CPUs together than the cluster has. On a cluster joined by address the
+    autoscaler may add nodes, so waiting stays allowed and is logged.
+
+    Raises
+    ------
+    ConfigError
+        Naming the ``compute.*`` key that cannot be satisfied.
+    """
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    max_cpu = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
+    max_gpu = max((r.get("GPU", 0.0) for r in nodes), default=0.0)
+    total_cpu = float(sum(r.get("CPU", 0.0) for r in nodes))
+    pools = (2 * compute.stage_actors + compute.enhance_actors) * compute.stage_num_cpus \
+        + compute.commit_actors * compute.io_num_cpus
+    problems = []
+    if compute.stage_num_cpus > max_cpu:
+        problems.append(("compute.stage_num_cpus", f"{compute.stage_num_cpus} CPUs per stage actor, but the largest "
+                                                   f"node has {max_cpu:g}"))
+    if compute.io_num_cpus > max_cpu:
+        problems.append(("compute.io_num_cpus", f"{compute.io_num_cpus} CPUs per commit actor, but the largest node "
+                                                f"has {max_cpu:g}"))
+    if enhance_gpus > max_gpu:
+        problems.append(("compute.enhance_num_gpus", f"{enhance_gpus:g} GPU(s) per enhancement actor, but the "
+                                                     f"largest node has {max_gpu:g}"))
+    if pools > total_cpu:
+        problems.append(("compute.stage_num_cpus", f"the actor pools ask for {pools:g} CPUs together ((2 stage_actors "
+                                                   f"+ enhance_actors) x stage_num_cpus + commit_actors x io_num_cpus) "
+                                                   f"and the cluster has {total_cpu:g}; the pipeline would wait for "
+                                                   f"ever"))
+    if not problems:
+        return
+    if _can_autoscale(compute):
+        for key, what in problems:
+            log.warning("%s: %s; waiting for the autoscaler to add nodes", key, what)
+        return
+    key, what = problems[0]
+    raise ConfigError(key, what + " (a cluster of fixed size; lower the request or join an autoscaling cluster "
+                                  "with compute.ray_address)")
+
+
 def resolve_model_grid(checkpoint: str, *, storage: StorageConfig = StorageConfig()) -> tuple[str, ModelGrid, dict]:
     """Checkpoint path/URL, the model's grids and its identity (``path``, ``sha256``)."""
     storage.apply_defaults()
@@ -209,6 +264,8 @@ def build_pipeline(sources: Sequence[str], *, config: FieldJobConfig, checkpoint
     c = config.compute
     gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
     enhance_gpus = (1.0 if gpus >= 1 else 0.0) if c.enhance_num_gpus is None else float(c.enhance_num_gpus)
+    if ray.is_initialized():
+        check_resources(c, enhance_gpus=enhance_gpus)
     common = dict(batch_size=1, num_cpus=c.stage_num_cpus, zero_copy_batch=False)
     kw = dict(torch_threads=c.torch_threads)
     # 1. Reads with the CPUs of a PrepareStage actor, and PrepareStage with batch_size=None (a batch
