@@ -38,13 +38,14 @@ def summarise(config: Any, results: Sequence[Mapping[str, Any]], skipped: Sequen
                        "deg2_per_hour": area_new / (wall_s / 3600.0) if wall_s > 0 else 0.0},
         "model": model_id,
         "enhance_device": sorted({s.get("enhance_device") for s in stats_new if s.get("enhance_device")}),
-        "outputs": {"catalog": f"{out}/catalog/", "failures": f"{out}/failures/", "summary": f"{out}/summary.json",
-                    "config": f"{out}/config.yaml"},
+        "outputs": {"catalog": f"{out}/catalog/", "summary": f"{out}/summary.json", "config": f"{out}/config.yaml"},
         "failures": [{"tileId": r["tileId"], "source": scrub_url(r["source"]), "stage": r["stage"],
                       "reason": r["reason"]} for r in failed],
         "stage_seconds": {k: float(sum(s.get("timing", {}).get(k, 0.0) for s in stats_new))
                           for k in sorted({k for s in stats_new for k in s.get("timing", {})})},
     }
+    if failed:  # the failures table exists only where a tile failed
+        summary["outputs"]["failures"] = f"{out}/failures/"
     truths = [s["truth"] for s in stats_all if s.get("truth")]
     if truths:
         summary["outputs"].update({"truth": f"{out}/truth/", "blends": f"{out}/blends/"})
