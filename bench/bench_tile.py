@@ -80,9 +80,8 @@ def main(argv=None) -> None:
 
     from galgan_ray.config import from_dict
     from galgan_ray.enhance import Enhancer
-    from galgan_ray.field import FieldConfig
+    from galgan_ray.field import FieldConfig, enhancer_noise_scale
     from galgan_ray.flags import flag_bit
-    from galgan_ray.noise import enhanced_noise_scale
     from galgan_ray.photometry import PhotometryComputeConfig, PhotometryConfig
     from galgan_ray.sky import FieldSimConfig, make_simulated_field
     from galgan_ray.tiles import read_tile_source
@@ -101,10 +100,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     enhancer = Enhancer("default", device="cpu")
     model = enhancer.grid
-    psf_high = model.psf_high()
-    rho = enhanced_noise_scale(enhancer.enhance_cutouts, n_bands=enhancer.n_bands, psf_hr=psf_high,
-                               detect=config.detect, lr_size=model.lr_size, n_realizations=config.noise_realizations,
-                               seed=config.seed)
+    rho = enhancer_noise_scale(enhancer, config)
     print(f"model load + noise calibration: {time.perf_counter() - t0:.1f} s (once per worker; not timed below)")
     compute = PhotometryComputeConfig(device="cpu")
     kw = dict(model=model, enhancer=enhancer, rho=rho, config=config, compute=compute)

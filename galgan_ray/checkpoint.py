@@ -35,7 +35,7 @@ from .degrade import DegradeConfig
 from .errors import CheckpointError, InputError
 from .instrument import BandConfig
 from .models import DCGANConfig, SRGANConfig, build_generator
-from .provenance import git_revision
+from .provenance import git_revision as _current_git_revision
 from .psf import draw_psf
 from .scaling import ArcsinhScaling
 
@@ -66,14 +66,6 @@ def checkpoint_file(path_or_dir: str | os.PathLike) -> str:
     except Exception:  # noqa: BLE001 - an unreachable store is reported when the file is opened
         pass
     return p
-
-
-def _git_revision() -> str | None:
-    return git_revision()
-
-
-def _package_version() -> str:
-    return __version__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,8 +183,8 @@ def save_checkpoint(path_or_dir: str | os.PathLike, *, generator_state: Mapping[
         "epoch": int(epoch),
         "step": int(step),
         "metrics": to_dict(dict(metrics or {})),
-        "package_version": package_version or _package_version(),
-        "git_revision": git_revision if git_revision is not None else _git_revision(),
+        "package_version": package_version or __version__,
+        "git_revision": git_revision if git_revision is not None else _current_git_revision(),
         "torch_version": torch.__version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "extra": to_dict(dict(extra or {})),

@@ -34,8 +34,7 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray")
 
-from galgan_ray.field import FieldConfig, process_tile  # noqa: E402
-from galgan_ray.noise import enhanced_noise_scale  # noqa: E402
+from galgan_ray.field import FieldConfig, enhancer_noise_scale, process_tile  # noqa: E402
 from galgan_ray.outputs import read_run_table  # noqa: E402
 from galgan_ray.ray_shell.job import FieldComputeConfig, FieldJobConfig, resolve_model_grid, run_field  # noqa: E402
 from galgan_ray.sky import FieldSimConfig, make_simulated_field  # noqa: E402
@@ -71,9 +70,7 @@ def reference(ckpt, sim) -> dict[int, float]:
     config, compute = FieldConfig(), FieldComputeConfig()
     path, model, _ = resolve_model_grid(ckpt)
     enhancer = Enhancer(path, device="cpu", batch_size=compute.enhance_batch_size)
-    rho = enhanced_noise_scale(enhancer.enhance_cutouts, n_bands=enhancer.n_bands,
-                               psf_hr=np.asarray(enhancer.psf_high(0)), detect=config.detect,
-                               lr_size=enhancer.lr_size, n_realizations=config.noise_realizations, seed=config.seed)
+    rho = enhancer_noise_scale(enhancer, config)
     out: dict[int, float] = {}
     for source in list_tile_sources(str(sim)):
         cat = process_tile(read_tile_source(source), model=model, enhance_fn=enhancer.enhance_cutouts, rho=rho,

@@ -35,30 +35,17 @@ from .children import Children, find_children
 from .cutouts import CutoutConfig, Cutouts, cut_footprint_cutouts
 from .footprints import FootprintConfig, Footprints, LowPeaks, find_footprints
 from .measure import Fluxes, MeasureConfig, measure_children
-from .pipeline import (
-                       STAGES,
-                       STEPS,
-                       TILE_STEPS,
-                       FieldConfig,
-                       Step,
-                       TileContext,
-                       TileOutput,
-                       TileState,
-                       check_tile,
-                       pack_output,
-                       pack_state,
-                       process_tile,
-                       run_stage,
-                       unpack_output,
-                       unpack_state,
-)
+from .pipeline import (STAGES, STEPS, TILE_STEPS, FieldConfig, Step, TileContext, TileOutput, TileState, check_tile,
+                       enhancer_noise_scale, pack_output, pack_state, process_tile, run_stage, unpack_output,
+                       unpack_state)
 from .truth import HighPeaks, TruthConfig, TruthScores, find_high_peaks, score_truth
 
 __all__ = [
     "FieldConfig", "FootprintConfig", "CutoutConfig", "MeasureConfig", "TruthConfig",
     "Footprints", "LowPeaks", "Cutouts", "Children", "Fluxes", "Catalog", "TileStats", "HighPeaks", "TruthScores",
     "TileContext", "TileState", "TileOutput", "Step", "STEPS", "STAGES", "TILE_STEPS",
-    "check_tile", "find_high_peaks", "find_footprints", "cut_footprint_cutouts", "find_children", "measure_children",
+    "check_tile", "enhancer_noise_scale", "find_high_peaks", "find_footprints", "cut_footprint_cutouts",
+    "find_children", "measure_children",
     "build_catalog", "tile_stats", "score_truth", "run_stage", "process_tile",
     "pack_state", "unpack_state", "pack_output", "unpack_output", "ID_SHIFT", "PARENT_BIT",
 ]

@@ -18,6 +18,7 @@ from ..checkpoint import ModelGrid
 from ..degrade import degrade_tile
 from ..detect import DetectConfig
 from ..errors import ConfigError, InputError
+from ..noise import enhanced_noise_scale
 from ..photometry import PhotometryComputeConfig
 from ..tiles import Tile, pack_arrays, pack_tile_arrays, tile_from_arrays, unpack_arrays
 from .catalog import Catalog, TileStats, build_catalog, tile_stats
@@ -28,7 +29,7 @@ from .measure import Fluxes, MeasureConfig, measure_children
 from .truth import HighPeaks, TruthConfig, TruthScores, find_high_peaks, score_truth
 
 __all__ = ["FieldConfig", "TileContext", "TileState", "TileOutput", "Step", "STEPS", "STAGES", "TILE_STEPS",
-           "check_tile", "run_stage", "process_tile", "pack_state", "unpack_state", "pack_output", "unpack_output"]
+           "check_tile", "enhancer_noise_scale", "run_stage", "process_tile", "pack_state", "unpack_state", "pack_output", "unpack_output"]
 
 EnhanceFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -193,6 +194,14 @@ class TileOutput:
     truth: TruthScores | None
     stats: TileStats
     info: dict[str, Any]
+
+
+def enhancer_noise_scale(enhancer, config: FieldConfig) -> float:
+    """rho of an :class:`~galgan_ray.enhance.Enhancer` for this field's detector and seed
+    (:func:`galgan_ray.noise.enhanced_noise_scale`): calibrated once per process that enhances."""
+    return enhanced_noise_scale(enhancer.enhance_cutouts, n_bands=enhancer.n_bands,
+                                psf_hr=np.asarray(enhancer.psf_high(0)), detect=config.detect,
+                                lr_size=enhancer.lr_size, n_realizations=config.noise_realizations, seed=config.seed)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,12 +25,12 @@ from ..schema import blends_table, catalog_table, failure_table, truth_table
 from ..storage import StorageConfig, open_fs, parquet_bytes, scrub_url, write_bytes_atomic
 from .rows import batch_rows, failure_reason
 
-__all__ = ["commit_tiles", "CommitStage", "fingerprint", "read_markers"]
+__all__ = ["commit_tiles", "CommitStage", "run_fingerprint", "read_markers"]
 
 log = logging.getLogger(__name__)
 
 
-def fingerprint(field: FieldConfig, model_id: Mapping[str, str]) -> str:
+def run_fingerprint(field: FieldConfig, model_id: Mapping[str, str]) -> str:
     """What must not change between a run and its resumption: science config and model."""
     text = config_json(field) + "|" + model_id["sha256"]
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -47,7 +47,7 @@ from ..provenance import provenance
 from ..sky import FieldSimConfig, make_simulated_field
 from ..storage import StorageConfig, join_url, open_fs, scrub_url, write_bytes_atomic
 from ..tiles import list_tile_sources
-from .commit import CommitStage, fingerprint, read_markers
+from .commit import CommitStage, read_markers, run_fingerprint
 from .reading import TileDatasource
 from .stages import EnhanceStage, MeasureStage, PrepareStage
 from .summary import format_summary, summarise
@@ -324,7 +324,7 @@ def run_field(config: FieldJobConfig, *, verbose: bool = True) -> dict[str, Any]
     for url in inputs:
         sources += list_tile_sources(url, storage_options=storage.options_for(url))
     sources = sorted(dict.fromkeys(sources))
-    fprint = fingerprint(config.field, model_id)
+    fprint = run_fingerprint(config.field, model_id)
     markers = {} if config.overwrite else read_markers(config.output, storage)
     stale = sorted(s for s, m in markers.items() if m.get("fingerprint") != fprint)
     if stale:

@@ -24,8 +24,8 @@ import torch
 
 from ..checkpoint import ModelGrid
 from ..enhance import Enhancer
-from ..field import STAGES, FieldConfig, TileContext, pack_output, pack_state, run_stage, unpack_state
-from ..noise import enhanced_noise_scale
+from ..field import (STAGES, FieldConfig, TileContext, enhancer_noise_scale, pack_output, pack_state, run_stage,
+                     unpack_state)
 from ..photometry import PhotometryComputeConfig
 from ..storage import StorageConfig
 from .rows import batch_rows, failure_reason, make_row, rows_to_batch
@@ -127,10 +127,7 @@ class EnhanceStage(_TileStage):
             device = "cuda" if (ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available()) else "cpu"
         self.device = device
         self.enhancer = Enhancer(checkpoint, device=device, batch_size=batch_size)
-        self.rho = enhanced_noise_scale(self.enhancer.enhance_cutouts, n_bands=self.enhancer.n_bands,
-                                        psf_hr=np.asarray(self.enhancer.psf_high(0)), detect=config.detect,
-                                        lr_size=self.enhancer.lr_size, n_realizations=config.noise_realizations,
-                                        seed=config.seed)
+        self.rho = enhancer_noise_scale(self.enhancer, config)
         super().__init__(self.enhancer.grid, config, torch_threads=torch_threads,
                          enhance_fn=self.enhancer.enhance_cutouts, rho=self.rho, enhance_device=str(device))
 
