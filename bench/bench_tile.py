@@ -39,7 +39,7 @@ STAGES = tuple(step for steps in TILE_STEPS.values() for step in steps)
 
 def run_tile(tile, *, model, enhancer, rho, config, compute):
     """process_tile on one tile: ms per step as (cpu, wall), the tile's state, catalog rows."""
-    res = process_tile(tile, model=model, enhance_fn=enhancer.enhance_cutouts, rho=rho, config=config,
+    res = process_tile(tile, model=model, enhance_fn=enhancer.enhance_plane, rho=rho, config=config,
                        compute=compute)
     times = {s: tuple(1e3 * t for t in res.steps.get(s, (0.0, 0.0))) for s in STAGES}
     return times, res, len(res.catalog)

@@ -3,8 +3,12 @@
 A blend is built from HR cutouts of the galaxy set (each galaxy centred at ((n-1)/2, (n-1)/2), the
 catalog position): every galaxy is rotated about the cutout centre and shifted (cubic-spline
 interpolation, flux conserving to ~1e-4 for resolved galaxies), and the shifted cutouts are summed.
-The first galaxy lands near the centre with a small random offset, each further one at a drawn
-separation and a uniform random position angle from the first. Truth positions are where the
+With ``placement="centred"`` the first galaxy lands near the centre with a small random offset
+(the paper's blends), each further one at a drawn separation and a uniform random position angle
+from the first. With ``placement="anywhere"`` the same configuration of galaxies is moved as a whole
+to a uniformly random position where every galaxy stays ``edge_margin_arcsec`` inside the cutout:
+no position in the cutout is special, so a model trained on them cannot learn where galaxies sit
+and a benchmark made of them catches one that did. Truth positions are where the
 catalog position of each galaxy lands, so they follow the flux. The HR sum is then degraded with
 :mod:`galgan_ray.degrade`.
 
@@ -58,7 +62,12 @@ class BlendConfig:
         Limits of the separation. The second galaxy must stay inside the HR cutout
         (1.92" from the centre for 64 px at 0.06").
     center_offset_arcsec : float
-        The first galaxy is offset from the cutout centre uniformly within +-this along each axis.
+        ``placement="centred"``: the first galaxy is offset from the cutout centre uniformly within
+        +-this along each axis.
+    placement : {"centred", "anywhere"}
+        Where the blend goes in the cutout (module docstring).
+    edge_margin_arcsec : float
+        ``placement="anywhere"``: every galaxy's position stays this far inside the cutout's edges.
     subpixel_shifts : bool
         Random sub-pixel positions; ``False`` rounds every shift to whole HR pixels (no
         interpolation unless rotating by arbitrary angles).
@@ -87,6 +96,8 @@ class BlendConfig:
     min_sep_arcsec: float = 0.1
     max_sep_arcsec: float = 1.5
     center_offset_arcsec: float = 0.06
+    placement: Literal["centred", "anywhere"] = "centred"
+    edge_margin_arcsec: float = 0.3
     subpixel_shifts: bool = True
     rotation: Literal["quarter", "arbitrary", "none"] = "quarter"
     max_delta_mag: float | None = None
@@ -109,6 +120,10 @@ class BlendConfig:
             raise ConfigError("blends.separation", f"unknown distribution {self.separation!r}")
         if self.rotation not in ("quarter", "arbitrary", "none"):
             raise ConfigError("blends.rotation", f"unknown rotation {self.rotation!r}")
+        if self.placement not in ("centred", "anywhere"):
+            raise ConfigError("blends.placement", f"must be centred or anywhere, got {self.placement!r}")
+        if self.edge_margin_arcsec < 0:
+            raise ConfigError("blends.edge_margin_arcsec", f"must be >= 0, got {self.edge_margin_arcsec}")
         if self.center_offset_arcsec < 0:
             raise ConfigError("blends.center_offset_arcsec", "must be >= 0")
         if self.max_delta_mag is not None and not self.max_delta_mag >= 0:
@@ -261,10 +276,20 @@ def _simulate(gs: _GalaxySet, *, config: BlendConfig, degrade_config: DegradeCon
     n_side, c = gs.side, gs.c
     scale = degrade_config.scale_high_arcsec
     centre = (n_side - 1) / 2.0
-    reach = config.max_sep_arcsec / scale + config.center_offset_arcsec / scale if k > 1 else config.center_offset_arcsec / scale
-    if reach >= centre:
-        raise ConfigError("blends.max_sep_arcsec", f"galaxies up to {reach * scale:.2f}\" from the centre fall off "
-                                                   f"the {n_side * scale:.2f}\" cutout")
+    anywhere = config.placement == "anywhere"
+    margin = config.edge_margin_arcsec / scale
+    if anywhere:
+        span = (config.max_sep_arcsec / scale if k > 1 else 0.0) + 2 * margin
+        if span > n_side - 1:
+            raise ConfigError("blends.max_sep_arcsec", f"a pair {config.max_sep_arcsec}\" apart with "
+                                                       f"{config.edge_margin_arcsec}\" margins does not fit the "
+                                                       f"{n_side * scale:.2f}\" cutout")
+    else:
+        reach = config.max_sep_arcsec / scale + config.center_offset_arcsec / scale if k > 1 \
+            else config.center_offset_arcsec / scale
+        if reach >= centre:
+            raise ConfigError("blends.max_sep_arcsec", f"galaxies up to {reach * scale:.2f}\" from the centre fall "
+                                                       f"off the {n_side * scale:.2f}\" cutout")
     degrader = get_degrader(degrade_config)
     n_low = degrade_config.low_side(n_side)
     ratio = degrade_config.ratio
@@ -280,14 +305,20 @@ def _simulate(gs: _GalaxySet, *, config: BlendConfig, degrade_config: DegradeCon
         rng = np.random.default_rng([int(seed), int(blend_id), *stream])
         gens.append(rng)
         idx = gs.choose(rng, k, config.max_delta_mag, config.ref_band)
-        # 1. positions: first near the centre, the others at drawn separations and angles from it
+        # 1. positions: first near the centre, the others at drawn separations and angles from it;
+        #    "anywhere" then moves the whole configuration to a uniform position inside the margins
         off = config.center_offset_arcsec / scale
         pos = np.empty((k, 2))
-        pos[0] = centre + rng.uniform(-off, off, size=2) if off > 0 else centre
+        pos[0] = centre + rng.uniform(-off, off, size=2) if (off > 0 and not anywhere) else centre
         for g in range(1, k):
             s_px = _draw_separation(rng, config) / scale
             phi = rng.uniform(0.0, 2.0 * np.pi)
             pos[g] = pos[0] + s_px * np.array([np.cos(phi), np.sin(phi)])
+        if anywhere:
+            rel = pos - pos[0]
+            lo = margin - rel.min(axis=0)
+            hi = (n_side - 1 - margin) - rel.max(axis=0)
+            pos = rel + rng.uniform(lo, np.maximum(hi, lo))
         shifts = pos - centre
         if not config.subpixel_shifts:
             shifts = np.round(shifts)

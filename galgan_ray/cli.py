@@ -14,7 +14,7 @@ __all__ = ["main", "build_parser"]
 
 # Command modules, in the order `galgan --help` lists them (data -> learn -> measure -> scale).
 _COMMAND_MODULES = ("sky", "cutouts", "blends", "figures", "train", "sample", "enhance", "evaluate",
-                    "photometry")
+                    "photometry", "deblend", "flags")
 
 
 def build_parser() -> argparse.ArgumentParser:

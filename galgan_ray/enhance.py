@@ -5,7 +5,11 @@ Two levels:
 - :class:`Enhancer` loads a checkpoint once and maps model-grid cutouts, ``(N, C, 22, 22)`` at the
   model's low-resolution (LR) scale (0.18"/px), to ``(N, C, 64, 64)`` at its high-resolution (HR)
   scale (0.06"/px), following the normalisation contract of :mod:`galgan_ray.models` (divide by the
-  LR noise sigma, arcsinh stretch, generator, inverse stretch, multiply back).
+  LR noise sigma, arcsinh stretch, generator, inverse stretch, multiply back). The generator's
+  response to an empty input of the same shape is subtracted before the inverse stretch (a fixed map
+  of its biases, 0.04-0.16 sigma per HR pixel for the shipped models), so nothing in gives nothing
+  out. :meth:`Enhancer.enhance_plane` enhances whole images fully convolutionally, in windows that
+  reproduce one forward pass.
 - :func:`enhance_image` takes any image with a celestial WCS (e.g. one plane of an HSC coadd at
   0.168"/px), brings it onto the model's LR grid, matches its PSF to the one the model was trained on,
   tiles it, enhances every tile and blends the tiles into one HR mosaic with its own WCS.
@@ -58,7 +62,7 @@ from .psf import draw_psf, measure_fwhm, normalize_psf
 
 __all__ = ["DEFAULT_MODELS", "default_checkpoint", "resolve_model", "Enhancer", "enhance_image",
            "estimate_noise_sigma", "model_available", "NAMED_MODELS", "PSF_MATCH_TOLERANCE", "PSF_BROADER_WARN",
-           "PIXEL_SCALE_MAX_RATIO"]
+           "PIXEL_SCALE_MAX_RATIO", "PLANE_WINDOW_PX", "PLANE_HALO_PX"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,10 @@ PSF_BROADER_WARN = 0.10
 #: resampling it is no longer an enhancement (and a WCS in the wrong units, e.g. CDELT in arcsec read
 #: as degrees, would ask for an output of millions of pixels a side).
 PIXEL_SCALE_MAX_RATIO = 10.0
+#: :meth:`Enhancer.enhance_plane`: core window and context (LR pixels). The shipped U-Net's influence
+#: falls to 6e-6 of the peak at 32 px (4e-4 at 24, 6e-3 at 16): tests/test_model_properties.py.
+PLANE_WINDOW_PX = 256
+PLANE_HALO_PX = 32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,6 +205,7 @@ class Enhancer:
             raise InputError(target, f"pixel scales {self.pixel_scale_low_arcsec}\" / {self.pixel_scale_high_arcsec}\" "
                                      f"do not match the model's upsampling factor {cfg.factor}")
         self.lr_size, self.hr_size, self.factor = int(cfg.lr_size), int(cfg.hr_size), int(cfg.factor)
+        self._zero: dict[tuple, torch.Tensor] = {}
 
     # ---- what the model was made for
     @property
@@ -256,9 +265,112 @@ class Enhancer:
                 j = min(i + self.batch_size, arr.shape[0])
                 x, _ = prepare_batch(arr[i:j], None, sig[i:j], scaling, device=self.device)
                 x = x.contiguous(memory_format=torch.channels_last)
-                y = postprocess(self.generator(x).float().contiguous(), sig[i:j], scaling)
+                y = postprocess(self._generate(x), sig[i:j], scaling)
                 out[i:j] = y.cpu().numpy()
         return out
+
+    @property
+    def plane_step(self) -> int:
+        """LR pixels between the positions where the network computes the same thing (``2**depth``):
+        windows of an image start on multiples of it, so windowed inference equals whole-image inference."""
+        return 2 ** int(self.model_cfg.depth)
+
+    def _plane_input(self, plane, sigma) -> tuple[np.ndarray, np.ndarray, bool, tuple[int, int]]:
+        if self.model_cfg.architecture != "unet":
+            raise InputError(self.checkpoint, f"a {self.model_cfg.architecture!r} generator works on "
+                                              f"{self.lr_size} px cutouts only, not on whole images")
+        arr = np.asarray(plane, dtype=np.float32)
+        squeeze = arr.ndim == 2
+        if squeeze:
+            arr = arr[None]
+        if arr.ndim != 3 or arr.shape[0] != self.n_bands:
+            raise InputError("plane", f"expected ({self.n_bands}, H, W), got {np.shape(plane)}")
+        sig = np.broadcast_to(np.asarray(sigma, dtype=np.float32).reshape(-1), (self.n_bands,)).copy()
+        if not np.all(np.isfinite(sig) & (sig > 0)):
+            raise InputError("sigma", f"must be finite and > 0, got {sig.tolist()}")
+        q = self.plane_step
+        c, h, w = arr.shape
+        # the far edges padded by repeating the last row/column (as the bicubic skip treats the near edges)
+        padded = np.pad(np.where(np.isfinite(arr), arr, 0.0).astype(np.float32),
+                        ((0, 0), (0, -h % q), (0, -w % q)), mode="edge")
+        return padded, sig[None], squeeze, (h, w)
+
+    def _generate(self, x: torch.Tensor, *, crop: bool = True) -> torch.Tensor:
+        """The generator's output less its response to an empty input of the same shape (in the
+        scaled space): nothing in gives exactly nothing out, at every position, edges included.
+        The response is computed once per input shape."""
+        kw = {} if crop else {"crop": False}
+        key = (tuple(x.shape[1:]), crop)
+        if key not in self._zero:
+            zero = torch.zeros((1, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            self._zero[key] = self.generator(zero.contiguous(memory_format=torch.channels_last), **kw).float()
+        return (self.generator(x, **kw).float() - self._zero[key]).contiguous()
+
+    def _forward_full(self, x_lr: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
+        scaling = self.model_cfg.scaling
+        x, _ = prepare_batch(x_lr[None], None, sig_b, scaling, device=self.device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        return postprocess(self._generate(x, crop=False), sig_b, scaling)[0].cpu().numpy()
+
+    def enhance_plane(self, plane, sigma, *, need=None, window_px: int = PLANE_WINDOW_PX,
+                      halo_px: int = PLANE_HALO_PX) -> np.ndarray:
+        """Enhance a whole LR image on the model's grid, fully convolutionally and without seams.
+
+        The image (padded at its far edges to a multiple of :attr:`plane_step` by repeating its last
+        row and column) is cut into core
+        windows of ``window_px``; each is enhanced with ``halo_px`` of context on every side (less at
+        the image's edges, where the network then sees the edge exactly as on the whole image), and
+        its core is kept. Windows start on multiples of :attr:`plane_step`, so the strided layers see
+        the same phases as on the whole image, and with a halo wider than the network's reach the
+        result equals whole-image inference (:meth:`enhance_whole`; ``tests/test_enhance.py``
+        bounds the difference).
+
+        Parameters
+        ----------
+        plane : array_like ``(C, H, W)`` (or ``(H, W)`` for one band)
+            On the model's LR grid, flux per LR pixel; non-finite pixels count as 0.
+        sigma : float or array_like ``(C,)``
+            Noise sigma per LR pixel (the normalisation contract of :mod:`galgan_ray.models`).
+        need : array_like of bool ``(H, W)``, optional
+            LR pixels whose enhancement is wanted: core windows without any are skipped (left 0).
+        window_px, halo_px : int
+            Core window and context in LR pixels (rounded up to multiples of :attr:`plane_step`).
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(C, 3H, 3W)`` (``(3H, 3W)`` for a 2-D input) in the input's units per HR pixel:
+            HR pixels ``3y .. 3y + 2`` lie in LR pixel ``y``.
+        """
+        padded, sig_b, squeeze, (h, w) = self._plane_input(plane, sigma)
+        q, f = self.plane_step, self.factor
+        win, halo = -(-max(int(window_px), 1) // q) * q, -(-max(int(halo_px), 0) // q) * q
+        hp, wp = padded.shape[1:]
+        want = None
+        if need is not None:
+            want = np.zeros((hp, wp), dtype=bool)
+            want[:h, :w] = np.asarray(need, dtype=bool)
+        out = np.zeros((self.model_cfg.out_channels, f * hp, f * wp), dtype=np.float32)
+        with torch.inference_mode():
+            for y0 in range(0, hp, win):
+                for x0 in range(0, wp, win):
+                    y1, x1 = min(y0 + win, hp), min(x0 + win, wp)
+                    if want is not None and not want[y0:y1, x0:x1].any():
+                        continue
+                    ya, xa = max(y0 - halo, 0), max(x0 - halo, 0)
+                    yb, xb = min(y1 + halo, hp), min(x1 + halo, wp)
+                    y = self._forward_full(padded[:, ya:yb, xa:xb], sig_b)
+                    out[:, f * y0:f * y1, f * x0:f * x1] = y[:, f * (y0 - ya):f * (y1 - ya), f * (x0 - xa):f * (x1 - xa)]
+        out = out[:, :f * h, :f * w]
+        return out[0] if squeeze else out
+
+    def enhance_whole(self, plane, sigma) -> np.ndarray:
+        """What :meth:`enhance_plane` reproduces: one forward pass over the whole image (padded to a
+        multiple of :attr:`plane_step` the same way). Memory grows with the image: for tests and small images."""
+        padded, sig_b, squeeze, (h, w) = self._plane_input(plane, sigma)
+        with torch.inference_mode():
+            y = self._forward_full(padded, sig_b)[:, :self.factor * h, :self.factor * w]
+        return y[0] if squeeze else y
 
     def __reduce__(self):
         # Ray actors and process pools: ship the checkpoint path, reload (and re-verify) on arrival.
@@ -437,6 +549,44 @@ def _plan_psf(psf_b: np.ndarray | None, *, scale_psf: float, enhancer: Enhancer,
     return _PSFPlan(f_user, f_model, "matched", f_matched), kernel, msg
 
 
+def _enhance_tiled(lr: np.ndarray, sig: np.ndarray, *, enhancer: Enhancer, overlap_px: int, source: str
+                   ) -> tuple[np.ndarray, int]:
+    """Cutout-only generators: mirror-padded tiles of the model's input size, ``overlap_px`` apart
+    in overlap, blended with cosine-ramp weights that sum to one across every overlap."""
+    cfg = enhancer.model_cfg
+    n_bands = enhancer.n_bands
+    L, f, hr = cfg.lr_size, cfg.factor, cfg.hr_size
+    crop = cfg.crop
+    pad = int(overlap_px)
+    ny, nx = lr.shape[1:]
+    pad_y, pad_x = (pad, pad + max(L - (ny + 2 * pad), 0)), (pad, pad + max(L - (nx + 2 * pad), 0))
+    padded = np.pad(lr, ((0, 0), pad_y, pad_x), mode="symmetric")
+    py_, px_ = padded.shape[1:]
+    stride = L - int(overlap_px)
+    ys, xs = _tile_starts(py_, L, stride), _tile_starts(px_, L, stride)
+    starts = [(y, x) for y in ys for x in xs]
+    w1 = _cosine_ramp_window(hr, hr - f * stride)
+    w2 = np.outer(w1, w1).astype(np.float32)
+    acc = np.zeros((cfg.out_channels, f * py_, f * px_), dtype=np.float32)
+    wsum = np.zeros((f * py_, f * px_), dtype=np.float32)
+    sig32 = sig.astype(np.float32)
+    # Stream the tiles in enhancer-sized batches, so memory holds one batch of outputs, not all of them.
+    for i in range(0, len(starts), enhancer.batch_size):
+        chunk = starts[i:i + enhancer.batch_size]
+        tiles = np.stack([padded[:, y:y + L, x:x + L] for y, x in chunk]).astype(np.float32)
+        out = enhancer.enhance_cutouts(tiles, np.broadcast_to(sig32, (len(chunk), n_bands)))
+        for (y, x), tile in zip(chunk, out):
+            oy, ox = f * y + crop, f * x + crop  # HR pixel 0 of a tile: LR pixel y's first sub-pixel + crop
+            acc[:, oy:oy + hr, ox:ox + hr] += tile * w2
+            wsum[oy:oy + hr, ox:ox + hr] += w2
+    y0, x0 = f * pad_y[0], f * pad_x[0]
+    acc = acc[:, y0:y0 + f * ny, x0:x0 + f * nx]
+    wsum = wsum[y0:y0 + f * ny, x0:x0 + f * nx]
+    if not np.all(wsum > 0):  # cannot happen with pad >= 1 and overlap >= 1; guard the geometry
+        raise InputError(source, "internal tiling left HR pixels uncovered")
+    return acc / wsum, len(starts)
+
+
 def enhance_image(image, wcs: WCS, *, enhancer: Enhancer, sigma: float | Sequence[float] | None = None,
                   psf: np.ndarray | None = None, psf_pixel_scale_arcsec: float | None = None,
                   overlap_px: int = 6, surface_brightness: bool = False, source: str = "image"
@@ -455,9 +605,10 @@ def enhance_image(image, wcs: WCS, *, enhancer: Enhancer, sigma: float | Sequenc
        (:func:`galgan_ray.degrade.matching_kernel`). Broader by more than :data:`PSF_BROADER_WARN`:
        a warning in ``info["warnings"]`` (nothing can undo it).
     3. Noise sigma per LR pixel: given, or :func:`estimate_noise_sigma` of the image the model sees.
-    4. Tile the LR image (mirror-padded by ``overlap_px``) with the model's input size and
-       ``overlap_px`` overlap, enhance all tiles in batches, and blend the HR tiles with cosine-ramp
-       weights that sum to one across every overlap (no seams).
+    4. Enhance the whole LR image fully convolutionally (:meth:`Enhancer.enhance_plane`: windows
+       with context that reproduce whole-image inference, so no seams and no pattern at a tile
+       stride). Generators that take fixed-size cutouts only (``architecture: paper``) tile the
+       image (mirror-padded by ``overlap_px``) and blend the tiles with cosine-ramp weights.
     5. Crop to the LR grid's footprint x factor: an HR grid co-centred with the LR one.
 
     Parameters
@@ -476,7 +627,7 @@ def enhance_image(image, wcs: WCS, *, enhancer: Enhancer, sigma: float | Sequenc
     psf_pixel_scale_arcsec : float, optional
         Sampling of ``psf``; default the image's pixel scale.
     overlap_px : int
-        Overlap of neighbouring tiles in LR pixels (1 .. lr_size // 2).
+        Cutout-only generators: overlap of neighbouring tiles in LR pixels (1 .. lr_size // 2).
     surface_brightness : bool
         The image is surface brightness (intensive) rather than flux per pixel.
     source : str
@@ -577,37 +728,15 @@ def enhance_image(image, wcs: WCS, *, enhancer: Enhancer, sigma: float | Sequenc
         if not np.all(np.isfinite(sig) & (sig > 0)):
             raise InputError("sigma", f"must be finite and > 0, got {sig.tolist()}")
 
-    # ---- 4. tiles, enhance, blend
-    L, f, hr = cfg.lr_size, cfg.factor, cfg.hr_size
-    crop = cfg.crop
-    pad = int(overlap_px)
+    f = cfg.factor
+    # ---- 4. enhance: the whole LR image fully convolutionally (no seams, no pattern), or, for a
+    #         generator that takes fixed-size cutouts only, overlapping tiles blended by cosine ramps
     ny, nx = shape_lr
-    pad_y, pad_x = (pad, pad + max(L - (ny + 2 * pad), 0)), (pad, pad + max(L - (nx + 2 * pad), 0))
-    padded = np.pad(lr, ((0, 0), pad_y, pad_x), mode="symmetric")
-    py_, px_ = padded.shape[1:]
-    stride = L - int(overlap_px)
-    ys, xs = _tile_starts(py_, L, stride), _tile_starts(px_, L, stride)
-    starts = [(y, x) for y in ys for x in xs]
-    w1 = _cosine_ramp_window(hr, hr - f * stride)
-    w2 = np.outer(w1, w1).astype(np.float32)
-    acc = np.zeros((cfg.out_channels, f * py_, f * px_), dtype=np.float32)
-    wsum = np.zeros((f * py_, f * px_), dtype=np.float32)
-    sig32 = sig.astype(np.float32)
-    # Stream the tiles in enhancer-sized batches, so memory holds one batch of outputs, not all of them.
-    for i in range(0, len(starts), enhancer.batch_size):
-        chunk = starts[i:i + enhancer.batch_size]
-        tiles = np.stack([padded[:, y:y + L, x:x + L] for y, x in chunk]).astype(np.float32)
-        out = enhancer.enhance_cutouts(tiles, np.broadcast_to(sig32, (len(chunk), n_bands)))
-        for (y, x), tile in zip(chunk, out):
-            oy, ox = f * y + crop, f * x + crop  # HR pixel 0 of a tile: LR pixel y's first sub-pixel + crop
-            acc[:, oy:oy + hr, ox:ox + hr] += tile * w2
-            wsum[oy:oy + hr, ox:ox + hr] += w2
-    y0, x0 = f * pad_y[0], f * pad_x[0]
-    acc = acc[:, y0:y0 + f * ny, x0:x0 + f * nx]
-    wsum = wsum[y0:y0 + f * ny, x0:x0 + f * nx]
-    if not np.all(wsum > 0):  # cannot happen with pad >= 1 and overlap >= 1; guard the geometry
-        raise InputError(source, "internal tiling left HR pixels uncovered")
-    image_hr = acc / wsum
+    if cfg.architecture == "unet":
+        image_hr = enhancer.enhance_plane(lr.astype(np.float32), sig)
+        n_tiles = -(-ny // PLANE_WINDOW_PX) * -(-nx // PLANE_WINDOW_PX)
+    else:
+        image_hr, n_tiles = _enhance_tiled(lr, sig, enhancer=enhancer, overlap_px=int(overlap_px), source=source)
     if surface_brightness:
         image_hr *= np.float32(cfg.area_ratio)  # the model returns flux per HR pixel
 
@@ -619,7 +748,7 @@ def enhance_image(image, wcs: WCS, *, enhancer: Enhancer, sigma: float | Sequenc
         "bands_low": list(enhancer.band_keys_low), "bands_high": list(enhancer.band_keys_high),
         "pixel_scale_in_arcsec": scale_in, "pixel_scale_lr_arcsec": s_lr, "pixel_scale_hr_arcsec": s_hr,
         "shape_lr": shape_lr, "shape_hr": (f * ny, f * nx), "sigma_lr": [float(s) for s in sig],
-        "sigma_source": sigma_source, "psf": psf_info, "warnings": warnings_, "n_tiles": len(starts),
+        "sigma_source": sigma_source, "psf": psf_info, "warnings": warnings_, "n_tiles": n_tiles,
         "overlap_px": int(overlap_px), "n_nonfinite": n_nonfinite, "footprint_lr": foot.astype(np.float32),
         "surface_brightness": bool(surface_brightness),
     }

@@ -21,6 +21,7 @@ from .baselines import baseline_peaks
 from .blends import BlendConfig, simulate_blends, simulate_isolated
 from .config import from_dict, to_dict
 from .dataset import SkySampleConfig, clean_neighbours, concat_batches, real_galaxy_set, simulated_galaxy_sets
+from .degrade import get_degrader
 from .detect import DetectConfig, detection_images, find_peaks_batch, matched_filter
 from .errors import InputError
 from .evaluation_figures import plot_all
@@ -77,6 +78,9 @@ class EvalSpec(SkySampleConfig):
         Enhancement batch size.
     photometry_blends : int
         Blends (the first ones) measured in the Fig. 7 photometry experiment (0: none).
+    n_empty : int
+        Cutouts of empty sky (noise only, at the blends' depth): every peak any row finds on them is
+        invented (``invented_sources_per_arcmin2.{row}.empty_sky``).
     """
 
     seed: int = 5000
@@ -93,6 +97,7 @@ class EvalSpec(SkySampleConfig):
     baselines: tuple[str, ...] = ("sep", "richardson_lucy", "bicubic")
     batch_size: int = 256
     photometry_blends: int = 1500
+    n_empty: int = 0
 
 
 def benchmark_galaxies(spec: EvalSpec, *, work_dir: str | Path, real_galaxies: str | None = None,
@@ -126,6 +131,21 @@ def benchmark_galaxies(spec: EvalSpec, *, work_dir: str | Path, real_galaxies: s
     if spec.clean_neighbours:
         galaxies, _ = clean_neighbours(galaxies, seed=spec.seed)
     return galaxies, info, spec
+
+
+def empty_sky_batch(n: int, *, degrade_config, seed: int, n_high: int = 64) -> dict[str, np.ndarray] | None:
+    """``n`` cutouts of empty sky: HR white noise at the HR bands' depth, degraded like the blends
+    (so the LR noise is the blends' noise, HR noise carried through included). None when ``n`` is 0."""
+    if n <= 0:
+        return None
+    sigma_hr = np.array([b.sky_sigma for b in degrade_config.high], dtype=np.float32)
+    c = len(sigma_hr)
+    gens = [np.random.default_rng([int(seed), 31, i]) for i in range(n)]
+    image_hr = np.stack([g.standard_normal((c, n_high, n_high), dtype=np.float32) for g in gens])
+    image_hr *= sigma_hr[None, :, None, None]
+    out = get_degrader(degrade_config)(image_hr, rng=gens)
+    return {"image_hr": image_hr, "image_lr": out["image_lr"], "sigma_lr": out["sigma_lr"],
+            "sigma_hr": np.broadcast_to(sigma_hr, (n, c)).copy()}
 
 
 def _degrade_config_with_real_psf(spec: EvalSpec, band_configs) -> Any:
@@ -246,6 +266,7 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
                                           seed=spec.seed)
     ib, iso, iso_sources = simulate_isolated(galaxies, config=spec.blends, degrade_config=dc, n=spec.n_isolated,
                                              seed=spec.seed, first_id=10**7)
+    eb = empty_sky_batch(spec.n_empty, degrade_config=dc, seed=spec.seed)
     timing["blends_s"] = time.perf_counter() - t0
     n_b, n_i = len(bb["image_hr"]), len(ib["image_hr"])
     truth_hr = truth_positions(sources, bb["blendId"], grid="hr")
@@ -257,18 +278,24 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
 
     rows: dict[str, dict[str, Any]] = {}  # row -> {"blend": outcomes, "iso": outcomes, "peaks": ..., "grid": ...}
 
-    def add_row(name, pk_b, pk_i, grid):
+    def add_row(name, pk_b, pk_i, grid, pk_e=None):
         th, ti, r = (truth_hr, iso_hr, r_hr) if grid == "hr" else (truth_lr, iso_lr, r_lr)
         rows[name] = {"blend": score_blends(pk_b, th, n_items=n_b, radius_px=r, n_truth=n_truth),
                       "iso": score_blends(pk_i, ti, n_items=n_i, radius_px=r, n_truth=1),
+                      "empty": None if pk_e is None else int(len(pk_e["index"])),
                       "peaks": pk_b, "grid": grid}
 
     det = spec.detect
     t0 = time.perf_counter()
+    def on_empty(fn):
+        return fn(eb) if eb is not None else None
+
     add_row("high", peaks_at_resolution(bb["image_hr"], psf=psf_hr, noise_sigma=bb["sigma_hr"], detect=det),
-            peaks_at_resolution(ib["image_hr"], psf=psf_hr, noise_sigma=ib["sigma_hr"], detect=det), "hr")
+            peaks_at_resolution(ib["image_hr"], psf=psf_hr, noise_sigma=ib["sigma_hr"], detect=det), "hr",
+            on_empty(lambda e: peaks_at_resolution(e["image_hr"], psf=psf_hr, noise_sigma=e["sigma_hr"], detect=det)))
     add_row("low", peaks_at_resolution(bb["image_lr"], psf=psf_lr, noise_sigma=bb["sigma_lr"], detect=det),
-            peaks_at_resolution(ib["image_lr"], psf=psf_lr, noise_sigma=ib["sigma_lr"], detect=det), "lr")
+            peaks_at_resolution(ib["image_lr"], psf=psf_lr, noise_sigma=ib["sigma_lr"], detect=det), "lr",
+            on_empty(lambda e: peaks_at_resolution(e["image_lr"], psf=psf_lr, noise_sigma=e["sigma_lr"], detect=det)))
     timing["detect_high_low_s"] = time.perf_counter() - t0
 
     enhanced_images = {}
@@ -288,7 +315,9 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
                                      det=det)
         timing[f"{name}_enhance_s"] = time.perf_counter() - t0
         add_row(name, peaks_at_resolution(sr_b, psf=psf_hr, noise_sigma=bb["sigma_lr"], detect=det, noise_model=noise),
-                peaks_at_resolution(sr_i, psf=psf_hr, noise_sigma=ib["sigma_lr"], detect=det, noise_model=noise), "hr")
+                peaks_at_resolution(sr_i, psf=psf_hr, noise_sigma=ib["sigma_lr"], detect=det, noise_model=noise), "hr",
+                on_empty(lambda e: peaks_at_resolution(enh.enhance_cutouts(e["image_lr"], e["sigma_lr"]), psf=psf_hr,
+                                                       noise_sigma=e["sigma_lr"], detect=det, noise_model=noise)))
         enhanced_images[name] = sr_b
         image_metrics = _image_metrics(enh, bb, ib)
         model_info[name] = {"image_metrics": image_metrics, "checkpoint": str(ckpt), "noise_model": noise.summary(),
@@ -299,10 +328,13 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
         kw = dict(method=method, psf_lr=psf_lr, detect=det)
         pb = baseline_peaks(bb["image_lr"][:, 0], noise_sigma=bb["sigma_lr"][:, 0], **kw)
         pi = baseline_peaks(ib["image_lr"][:, 0], noise_sigma=ib["sigma_lr"][:, 0], **kw)
-        add_row(method, pb, pi, "hr" if method == "bicubic" else "lr")
+        pe = on_empty(lambda e: baseline_peaks(e["image_lr"][:, 0], noise_sigma=e["sigma_lr"][:, 0], **kw))
+        add_row(method, pb, pi, "hr" if method == "bicubic" else "lr", pe)
         timing[f"{method}_s"] = time.perf_counter() - t0
 
-    report = _report(spec, rows, n_b=n_b, n_i=n_i, models=model_info, galaxies=ginfo)
+    report = _report(spec, rows, n_b=n_b, n_i=n_i, models=model_info, galaxies=ginfo,
+                     cutout_arcmin2=(dc.high[0].pixel_scale_arcsec * bb["image_hr"].shape[-1] / 60.0) ** 2,
+                     n_empty=0 if eb is None else len(eb["image_lr"]))
     first = next(iter(models), None)
     report["headline_model"] = first
     out = {"report": report, "blends": blends, "sources": sources, "blend_batch": bb,
@@ -328,8 +360,15 @@ def _image_metrics(enh, *batches) -> dict[str, float]:
     return {k: float(v) for k, v in evaluate_srgan(enh.generator, data, scaling=enh.model_cfg.scaling).items()}
 
 
-def _report(spec, rows, *, n_b, n_i, models, galaxies) -> dict[str, Any]:
-    rep: dict[str, Any] = {"n_blends": n_b, "n_isolated": n_i, "rows": list(rows)}
+def _report(spec, rows, *, n_b, n_i, models, galaxies, cutout_arcmin2: float, n_empty: int) -> dict[str, Any]:
+    rep: dict[str, Any] = {"n_blends": n_b, "n_isolated": n_i, "n_empty": n_empty, "rows": list(rows)}
+    rep["cutout_arcmin2"] = float(cutout_arcmin2)
+    rep["invented_sources_per_arcmin2"] = {
+        k: {"blends": float(np.sum(v["blend"]["n_peaks"] - v["blend"]["n_matched"]) / (n_b * cutout_arcmin2)),
+            "empty_sky": (float(v["empty"] / (n_empty * cutout_arcmin2)) if n_empty and v["empty"] is not None
+                          else None),
+            "empty_sky_peaks": v["empty"]}
+        for k, v in rows.items()}
     rep["detection_fraction"] = {k: _fraction(v["blend"]["outcome"] == 2) for k, v in rows.items()}
     rep["one_found_fraction"] = {k: _fraction(v["blend"]["outcome"] == 1) for k, v in rows.items()}
     rep["none_found_fraction"] = {k: _fraction(v["blend"]["outcome"] == 0) for k, v in rows.items()}
@@ -367,6 +406,9 @@ def _report(spec, rows, *, n_b, n_i, models, galaxies) -> dict[str, Any]:
         "spurious_peak_rate": "share of all blends with at least one peak matched to no galaxy",
         "false_positive_rate_isolated": "share of isolated single galaxies with more than one peak",
         "efficiency_matrix": "BTK convention E[matched count, true count], counts capped at 3",
+        "invented_sources_per_arcmin2": "peaks matched to no galaxy per arcmin^2 of cutout: on the blends "
+                                        "(all peaks less the matched ones), and on the n_empty cutouts of empty "
+                                        "sky (noise only at the blends' depth), where every peak is invented",
     }
     return rep
 

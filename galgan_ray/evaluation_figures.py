@@ -135,8 +135,16 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     """The benchmark table (paper vs this project) in Markdown."""
     paper = {"high": "~80%", "low": "~10%", "enhanced": "~50%"}
     lines = ["| row | both found (68% interval) | one found | FP (HR=LR=1 peak; paper) | "
-             "FP there, invented peak | FP (isolated) | paper |",
-             "|---|---|---|---|---|---|---|"]
+             "FP there, invented peak | FP (isolated) | invented sources / arcmin^2: empty sky, blends | paper |",
+             "|---|---|---|---|---|---|---|---|"]
+    invented = report.get("invented_sources_per_arcmin2", {})
+
+    def per_area(r):
+        v = invented.get(r)
+        if not v:
+            return "-"
+        empty = "-" if v.get("empty_sky") is None else f"{v['empty_sky']:.1f}"
+        return f"{empty}, {v['blends']:.1f}"
 
     def count(rate):
         return f"{100 * rate['fraction']:.1f}% ({rate['k']}/{rate['n']})" if rate else "-"
@@ -149,7 +157,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         fi = report["false_positive_rate_isolated"][r]
         lines.append(f"| {r} | {100 * d['fraction']:.1f}% ({100 * d['lower']:.1f}-{100 * d['upper']:.1f}) | "
                      f"{100 * o['fraction']:.1f}% | {count(fp)} | {count(fs)} | {100 * fi['fraction']:.1f}% | "
-                     f"{paper.get(r, '')} |")
+                     f"{per_area(r)} | {paper.get(r, '')} |")
     return "\n".join(lines) + "\n"
 
 

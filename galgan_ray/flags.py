@@ -38,6 +38,12 @@ FLAGS: tuple[FlagDefinition, ...] = (
     FlagDefinition(9, "NOT_PRIMARY", "source lies in the tile's overlap border, owned by a neighbour"),
     FlagDefinition(10, "STAR", "classified as a point source (CLASS_STAR above the cut)"),
     FlagDefinition(11, "ENHANCE_SKIPPED", "no enhanced image was made for this footprint"),
+    FlagDefinition(12, "UNSUPPORTED", "the low-resolution pixels do not support this child: its fitted flux is "
+                                      "below measure.support_snr times its error in the footprint's joint fit; left "
+                                      "out of the catalog unless keep_unsupported"),
+    FlagDefinition(13, "LOW_RES_PEAK", "a low-resolution peak that no enhanced child reproduces (none within "
+                                       "half the LR PSF FWHM), kept as a child: enhancement adds children, it "
+                                       "does not remove what the original pixels show"),
 )
 
 _BY_NAME = {f.name: f for f in FLAGS}

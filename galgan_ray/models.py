@@ -142,6 +142,13 @@ class SRGANConfig:
     condition_upsample : {"bicubic", "nearest"}
         How the LR input is brought to 64x64 for the conditional discriminator and the ``paper``
         generator.
+    decoder_upsample : {"to_size", "double"}
+        How the U-Net's decoder brings a coarse level back to its skip's grid: ``to_size`` (nearest
+        interpolation to the skip's size; 6 -> 11 on a 22 px input is not a uniform x2, so the output
+        depends on where a source sits in the cutout: the models shipped before the position-free
+        recipe) or ``double`` (nearest x2, cropped to the skip: the same operation at every position,
+        so the network is translation-equivariant in steps of ``2**depth`` LR pixels and gives the
+        same result on a whole image as on overlapping windows of it).
     lr_size, hr_size, factor : int
         Grids: ``lr_size * factor - hr_size`` must be even and >= 0 (22 * 3 - 64 = 2: crop 1 px each side).
     scaling : ArcsinhScaling
@@ -162,6 +169,7 @@ class SRGANConfig:
     disc_norm: Literal["batch", "instance", "none"] = "batch"
     condition_upsample: Literal["bicubic", "nearest"] = "bicubic"
     icnr: bool = True
+    decoder_upsample: Literal["to_size", "double"] = "to_size"
     lr_size: int = 22
     hr_size: int = 64
     factor: int = 3
@@ -181,6 +189,8 @@ class SRGANConfig:
             raise ConfigError("SRGANConfig", "base_width >= 4, depth >= 0 and blocks >= 0 required")
         if self.architecture == "paper" and self.hr_size % (2 ** max(self.depth, 1)):
             raise ConfigError("SRGANConfig.depth", f"hr_size {self.hr_size} not divisible by 2**depth")
+        if self.decoder_upsample not in ("to_size", "double"):
+            raise ConfigError("SRGANConfig.decoder_upsample", f"must be to_size or double, got {self.decoder_upsample!r}")
         if self.disc_depth < 1 or self.hr_size % (2**self.disc_depth):
             raise ConfigError("SRGANConfig.disc_depth", "hr_size must be divisible by 2**disc_depth")
 
@@ -328,12 +338,12 @@ def _icnr_(conv: nn.Conv2d, factor: int) -> None:
 class _SkipMixin:
     cfg: SRGANConfig
 
-    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _finish(self, out: torch.Tensor, x: torch.Tensor, crop: int | None = None) -> torch.Tensor:
         if self.cfg.output_activation == "tanh":
             out = torch.tanh(out)
         if self.cfg.skip:
             out = out + upsample_baseline(x, scaling=self.cfg.scaling, factor=self.cfg.factor,
-                                          crop=self.cfg.crop, mode="bicubic")
+                                          crop=self.cfg.crop if crop is None else crop, mode="bicubic")
         return out
 
 
@@ -374,7 +384,12 @@ class UNetSRGenerator(_SkipMixin, nn.Module):
         nn.init.zeros_(self.tail.weight)
         nn.init.zeros_(self.tail.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, crop: bool = True) -> torch.Tensor:
+        """``(N, C, h, w)`` scaled LR -> ``(N, C, factor*h - 2*crop, factor*w - 2*crop)`` scaled HR.
+
+        Any ``h, w`` works (the network is fully convolutional); ``crop=False`` keeps the whole
+        ``factor*h x factor*w`` grid (whole-image inference, :meth:`Enhancer.enhance_plane`).
+        """
         h = self.head(x)
         skips = []
         for enc, down in zip(self.enc, self.down):
@@ -384,13 +399,17 @@ class UNetSRGenerator(_SkipMixin, nn.Module):
         h = self.mid(h)
         for i in reversed(range(self.cfg.depth)):
             s = skips[i]
-            h = self.up[i](F.interpolate(h, size=s.shape[-2:], mode="nearest"))
+            if self.cfg.decoder_upsample == "double":
+                h = F.interpolate(h, scale_factor=2, mode="nearest")[..., :s.shape[-2], :s.shape[-1]]
+            else:
+                h = F.interpolate(h, size=s.shape[-2:], mode="nearest")
+            h = self.up[i](h)
             h = self.fuse[i](torch.cat([h, s], dim=1))
         h = self.hr(self.upsampler(h))
-        c = self.cfg.crop
+        c = self.cfg.crop if crop else 0
         if c:
             h = h[..., c:-c, c:-c]
-        return self._finish(self.tail(h), x)
+        return self._finish(self.tail(h), x, crop=c)
 
 
 class PaperSRGenerator(_SkipMixin, nn.Module):

@@ -15,20 +15,26 @@ calibrated on noise:
   function of the filtered signal level, by Monte Carlo on galaxies: it grows on galaxies, where a
   change of the input moves the predicted structure.
 
-The field job uses the single rho on the sky; the blend benchmark the level-dependent model.
+The blend benchmark and the field job use the same level-dependent model, calibrated the same way:
+the benchmark on its isolated galaxies, the field job on :func:`calibration_galaxies` drawn on the
+model's grid (it has no galaxies of its own to spare); :func:`enhanced_noise_scale` (the sky level
+alone) remains for transforms that are not enhancers.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+import galsim
 import numpy as np
 
 from .degrade import degrade
 from .detect import DetectConfig, detection_images, matched_filter
 from .errors import InputError
+from .psf import psf_profile
 
-__all__ = ["significance_noise_scale", "enhanced_noise_scale", "EnhancedNoiseModel", "enhanced_noise_model"]
+__all__ = ["significance_noise_scale", "enhanced_noise_scale", "EnhancedNoiseModel", "enhanced_noise_model",
+           "calibration_galaxies"]
 
 
 def significance_noise_scale(
@@ -77,21 +83,24 @@ def significance_noise_scale(
     return float(sig.std())
 
 
-def enhanced_noise_scale(enhance_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], *, n_bands: int,
-                         psf_hr: np.ndarray, detect: DetectConfig, lr_size: int = 22, n_realizations: int = 64,
-                         seed: int = 0) -> float:
+def enhanced_noise_scale(enhance_plane: Callable[..., np.ndarray], *, n_bands: int, psf_hr: np.ndarray,
+                         detect: DetectConfig, size: int = 48, n_realizations: int = 16, seed: int = 0) -> float:
     """rho such that ``noise_sigma = rho * sigma_lr`` is the right matched-filter noise on enhanced images.
 
     The enhancer divides its input by ``sigma_lr`` (the normalisation contract of
-    :mod:`galgan_ray.models`), so one calibration at ``sigma_lr = 1`` serves every cutout: pure
-    unit-noise LR cutouts are enhanced and the standard deviation of their matched-filter
-    significance (computed with noise 1, away from the edges) is rho (:func:`significance_noise_scale`).
+    :mod:`galgan_ray.models`), so one calibration at ``sigma_lr = 1`` serves every depth: pure
+    unit-noise LR images of ``size`` x ``size`` are enhanced as whole images, the way the field job
+    and ``galgan enhance`` enhance (``enhance_plane(plane (C, H, W), sigma (C,)) -> (C, 3H, 3W)``,
+    :meth:`galgan_ray.enhance.Enhancer.enhance_plane`), and the standard deviation of their
+    matched-filter significance (computed with noise 1, away from the edges) is rho
+    (:func:`significance_noise_scale`).
     """
     def transform(x):
-        x = np.asarray(x, dtype=np.float32)[:, None].repeat(n_bands, axis=1)
-        return np.asarray(enhance_fn(x, np.ones((len(x), n_bands), np.float32)))[:, 0]
+        x = np.asarray(x, dtype=np.float32)
+        ones = np.ones(n_bands, np.float32)
+        return np.stack([np.asarray(enhance_plane(np.repeat(p[None], n_bands, axis=0), ones))[0] for p in x])
 
-    return float(significance_noise_scale(transform, shape=(lr_size, lr_size), psf_out=psf_hr,
+    return float(significance_noise_scale(transform, shape=(size, size), psf_out=psf_hr,
                                           n_realizations=n_realizations, seed=seed, psf_energy=detect.psf_energy))
 
 
@@ -121,14 +130,15 @@ class EnhancedNoiseModel:
 
 def enhanced_noise_model(enh, images_hr: np.ndarray, sigma_lr: np.ndarray, *, degrade_config, psf: np.ndarray,
                          n_draws: int = 8, percentile: float = 90.0, n_levels: int = 24, seed: int = 0,
-                         det: DetectConfig = DetectConfig()) -> EnhancedNoiseModel:
+                         det: DetectConfig = DetectConfig(), min_pixels: int = 200) -> EnhancedNoiseModel:
     """Calibrate :class:`EnhancedNoiseModel` for an enhancer by Monte Carlo on isolated galaxies.
 
     The galaxies are degraded without noise, ``n_draws`` noise realisations at their ``sigma_lr``
     are added, each is enhanced and matched-filtered with the detection PSF. At every pixel the
     standard deviation over the draws is the noise there (relative to the nominal white noise);
-    pixels are grouped by filtered signal level (the draws' mean, ``n_levels`` bins of equal
-    counts), and in each group the ``percentile`` of the noise is ``rho``. The enhancer works on
+    pixels are grouped by filtered signal level (the draws' mean: ``n_levels`` bins of equal counts,
+    and above level 1 four bins per decade, each of at least ``min_pixels``), and in each group the
+    ``percentile`` of the noise is ``rho``. The enhancer works on
     inputs divided by their own sigma, so the model carries over to any depth.
     """
     images_hr = np.asarray(images_hr)
@@ -143,8 +153,63 @@ def enhanced_noise_model(enh, images_hr: np.ndarray, sigma_lr: np.ndarray, *, de
     sig = sig.reshape((m, n_draws) + sig.shape[-2:])
     level = sig.mean(axis=1).reshape(-1)
     std = sig.std(axis=1, ddof=1).reshape(-1)
+    # Bins of equal counts hold the sky and the faint outskirts; above level 1 they are joined by
+    # bins of equal width in log(level), so that the bright cores (few pixels, the most noise) do not
+    # share one bin with everything above the sky. Bins with fewer than min_pixels are merged upward.
     edges = np.quantile(level, np.linspace(0.0, 1.0, n_levels + 1))
-    which = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, n_levels - 1)
-    bins = [which == k for k in np.unique(which)]  # ascending levels: quantile bins
+    top = float(level.max())
+    if top > 2.0:
+        edges = np.union1d(edges, np.geomspace(1.0, top, max(int(np.ceil(4 * np.log10(top))), 2) + 1))
+    which = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, len(edges) - 2)
+    counts = np.bincount(which, minlength=len(edges) - 1)
+    bins, acc = [], np.zeros(level.shape, bool)
+    for k in range(len(edges) - 1):  # ascending levels
+        acc |= which == k
+        if acc.sum() >= min_pixels or (k == len(edges) - 2 and acc.any()):
+            bins.append(acc)
+            acc = np.zeros(level.shape, bool)
+    del counts
     return EnhancedNoiseModel(levels=tuple(float(np.median(level[b])) for b in bins),
                               rho=tuple(float(np.percentile(std[b], percentile)) for b in bins))
+
+
+def calibration_galaxies(degrade_config, *, n: int = 48, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Noise-free galaxies on the HR grid of ``degrade_config`` for :func:`enhanced_noise_model`.
+
+    Bulge + disk galaxies (half-light radii 0.1-0.8", bulge fractions 0-0.6, axis ratios 0.3-1) and
+    a sixth of point sources, convolved with the HR band's PSF, at random positions within 0.5" of
+    the centre and with LR point-source S/N drawn log-uniformly in [10, 1000] at the LR band's
+    ``sky_sigma``: the range of levels the field's enhanced images hold.
+
+    Returns
+    -------
+    images_hr : numpy.ndarray
+        float32 ``(n, C, size, size)`` in the HR bands' units (the same galaxy in every band,
+        scaled to each LR band's depth).
+    sigma_lr : numpy.ndarray
+        float32 ``(n, C)``: the LR bands' ``sky_sigma``.
+    """
+    rng = np.random.default_rng([int(seed), 41])
+    high, low = degrade_config.high, degrade_config.low
+    scale = high[0].pixel_scale_arcsec
+    fwhm_lr = max(float(low[0].psf.fwhm_arcsec), 2 * low[0].pixel_scale_arcsec)
+    n_eff = 4 * np.pi * (fwhm_lr / 2.355 / low[0].pixel_scale_arcsec) ** 2  # LR pixels of a point source
+    sigma_lr = np.array([b.sky_sigma for b in low], dtype=np.float32)
+    unit = np.array([lb.to_njy / hb.to_njy for hb, lb in zip(high, low)])
+    images = np.zeros((n, len(high), size, size), dtype=np.float32)
+    for i in range(n):
+        snr = float(np.exp(rng.uniform(np.log(10.0), np.log(1000.0))))
+        if rng.uniform() < 1 / 6:
+            gal = galsim.DeltaFunction()
+        else:
+            hlr = float(rng.uniform(0.1, 0.8))
+            disk = galsim.Exponential(half_light_radius=hlr).shear(q=float(rng.uniform(0.3, 1.0)),
+                                                                   beta=float(rng.uniform(0, 180)) * galsim.degrees)
+            bt = float(rng.uniform(0.0, 0.6))
+            gal = (1 - bt) * disk + bt * galsim.DeVaucouleurs(half_light_radius=max(0.3 * hlr, 0.05))
+        offset = rng.uniform(-0.5, 0.5, 2) / scale
+        for c, band in enumerate(high):
+            flux = snr * float(sigma_lr[c]) * np.sqrt(n_eff) * unit[c]
+            obj = galsim.Convolve(gal.withFlux(flux), psf_profile(band.psf))
+            images[i, c] = obj.drawImage(nx=size, ny=size, scale=scale, offset=tuple(offset)).array
+    return images, np.broadcast_to(sigma_lr, (n, len(high))).copy()

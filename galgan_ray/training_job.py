@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -19,8 +19,16 @@ import numpy as np
 
 from .blends import BlendConfig
 from .checkpoint import checkpoint_file, save_checkpoint
-from .config import to_dict
-from .dataset import SkySampleConfig, clean_neighbours, make_training_pairs, simulated_galaxy_sets
+from .config import from_dict, to_dict
+from .dataset import (
+    SkySampleConfig,
+    band_from_key,
+    build_galaxy_sets,
+    clean_neighbours,
+    make_sky_tiles,
+    make_training_pairs,
+    real_galaxy_set,
+)
 from .degrade import TorchDegrader
 from .errors import ConfigError
 from .evaluation import select_detectable
@@ -28,7 +36,17 @@ from .flags import without_flags
 from .models import DCGANConfig, SRGANConfig
 from .provenance import provenance
 from .psf import draw_psf
+from .instrument import BandConfig
 from .training import TrainConfig, train_dcgan, train_srgan
+from .training_data import (
+    LRNoiseConfig,
+    concat_pairs,
+    describe,
+    jittered_degrade_configs,
+    noise_only_pairs,
+    placed_pairs,
+    sky_crop_pairs,
+)
 
 __all__ = ["TrainDataConfig", "TrainJobConfig", "RayTrainFn", "make_training_data", "run_training"]
 
@@ -55,7 +73,27 @@ class TrainDataConfig(SkySampleConfig):
     n_pairs : int
         (LR, HR) pairs made from the galaxies.
     blend_fraction : float
-        Share of the pairs that are blends (the rest isolated galaxies).
+        Share of the placed pairs (blends and single galaxies) that are blends.
+    recipe : {"centred", "position_free"}
+        ``centred``: galaxy-centred blends and single galaxies with the degradation's white noise
+        (the models shipped before; kept to reproduce them). ``position_free``: the mix of
+        :mod:`galgan_ray.training_data`: sky crops, blends placed as ``blends.placement`` says, real
+        stamps, noise-only cutouts, the noise model ``noise`` and the PSF jitter.
+    sky_crop_fraction : float
+        ``position_free``: share of the pairs that are random windows of the degraded sky tiles.
+    noise_only_fraction : float
+        ``position_free``: share of the pairs that are empty sky (LR noise in, HR noise out).
+    real_galaxies : str or None
+        ``position_free``: a GalSim RealGalaxyCatalog file whose stamps join the placed pairs.
+    real_band : str
+        Band key the real stamps are drawn in.
+    real_fraction : float
+        Share of the placed pairs made from the real stamps.
+    noise : LRNoiseConfig
+        ``position_free``: depth range and correlation of the LR noise.
+    psf_fwhm_jitter : float
+        ``position_free``: the LR PSF's FWHM is scaled by factors spread over ``1 +- this`` (per sky
+        tile, and over equal chunks of the placed pairs).
     """
 
     seed: int = 1000
@@ -65,6 +103,29 @@ class TrainDataConfig(SkySampleConfig):
     test_fraction: float = 0.05
     n_pairs: int = 12000
     blend_fraction: float = 0.6
+    recipe: Literal["centred", "position_free"] = "centred"
+    sky_crop_fraction: float = 0.0
+    noise_only_fraction: float = 0.0
+    real_galaxies: str | None = None
+    real_band: str = "hst/F814W"
+    real_fraction: float = 0.0
+    noise: LRNoiseConfig = field(default_factory=LRNoiseConfig)
+    psf_fwhm_jitter: float = 0.0
+
+    def __post_init__(self):
+        if self.recipe not in ("centred", "position_free"):
+            raise ConfigError("data.recipe", f"must be centred or position_free, got {self.recipe!r}")
+        for name in ("sky_crop_fraction", "noise_only_fraction", "real_fraction", "blend_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"data.{name}", f"must be in [0, 1], got {getattr(self, name)}")
+        if self.sky_crop_fraction + self.noise_only_fraction > 1.0:
+            raise ConfigError("data.sky_crop_fraction", "sky_crop_fraction + noise_only_fraction must be <= 1")
+        if self.recipe == "centred" and (self.sky_crop_fraction or self.noise_only_fraction or self.real_galaxies
+                                         or self.psf_fwhm_jitter or self.noise != LRNoiseConfig()):
+            raise ConfigError("data.recipe", "sky crops, noise-only cutouts, real stamps, the noise model and the "
+                                             "PSF jitter belong to recipe: position_free")
+        if self.real_fraction > 0 and not self.real_galaxies:
+            raise ConfigError("data.real_fraction", "needs data.real_galaxies (a RealGalaxyCatalog file)")
 
 
 @dataclass(frozen=True)
@@ -119,7 +180,8 @@ def make_training_data(cfg: TrainDataConfig, *, work_dir: str | Path) -> tuple[d
     """
     ds = cfg.dataset_config(test_fraction=cfg.test_fraction)
     t0 = time.perf_counter()
-    train, _, info = simulated_galaxy_sets(ds, work_dir=work_dir)
+    tiles = make_sky_tiles(ds, Path(work_dir) / "sky")
+    train, _, info = build_galaxy_sets(tiles, bands=ds.bands, selection=ds.selection, test_fraction=ds.test_fraction)
     if cfg.clean_neighbours:
         train, replaced = clean_neighbours(train, seed=cfg.seed)
         info["cleaned_pixels_median"] = float(np.median(replaced))
@@ -129,10 +191,46 @@ def make_training_data(cfg: TrainDataConfig, *, work_dir: str | Path) -> tuple[d
         train, info["high_significance_cut"] = select_detectable(
             train, psf_hr=draw_psf(dc.high[0].psf, pixel_scale_arcsec=scale),
             radius_px=cfg.match_radius_arcsec / scale, min_significance=cfg.min_high_significance)
-    pairs = make_training_pairs(train, bands=cfg.bands, blends=cfg.blends, n_pairs=cfg.n_pairs,
-                                blend_fraction=cfg.blend_fraction, seed=cfg.seed)
+    if cfg.recipe == "centred":
+        pairs = make_training_pairs(train, bands=cfg.bands, blends=cfg.blends, n_pairs=cfg.n_pairs,
+                                    blend_fraction=cfg.blend_fraction, seed=cfg.seed)
+    else:
+        pairs, info["parts"] = _position_free_pairs(cfg, train, tiles, dec_split_deg=info["dec_split_deg"])
     info["data_seconds"] = time.perf_counter() - t0
     return pairs, train, info
+
+
+def _position_free_pairs(cfg: TrainDataConfig, galaxies: dict, tiles: list, *, dec_split_deg: float
+                         ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The ``position_free`` mix (:mod:`galgan_ray.training_data`), ``cfg.n_pairs`` pairs in all."""
+    dc = cfg.bands.degrade_config(add_noise=False)
+    n = cfg.n_pairs
+    n_crops = int(round(n * cfg.sky_crop_fraction))
+    n_noise = int(round(n * cfg.noise_only_fraction))
+    n_placed = n - n_crops - n_noise
+    n_real = int(round(n_placed * cfg.real_fraction)) if cfg.real_galaxies else 0
+    n_jitter = 8 if cfg.psf_fwhm_jitter > 0 else 1
+    configs = jittered_degrade_configs(dc, jitter=cfg.psf_fwhm_jitter, n=n_jitter, seed=cfg.seed)
+    parts = {
+        "sky_crops": sky_crop_pairs(tiles, degrade_configs=configs, high_bands=dc.high, n_pairs=n_crops,
+                                    noise=cfg.noise, seed=cfg.seed,
+                                    min_dec_deg=dec_split_deg if cfg.test_fraction > 0 else None),
+        "noise_only": noise_only_pairs(n_noise, degrade_config=dc, noise=cfg.noise, seed=cfg.seed),
+        "placed_simulated": placed_pairs(galaxies, degrade_configs=configs, blends=cfg.blends,
+                                         n_pairs=n_placed - n_real, blend_fraction=cfg.blend_fraction,
+                                         noise=cfg.noise, seed=cfg.seed, stream=21),
+    }
+    if n_real:
+        real, meta = real_galaxy_set(cfg.real_galaxies, band=cfg.real_band, seed=cfg.seed)
+        band_cfgs = meta.get("band_configs") or {}
+        first = next(iter(band_cfgs.values())) if isinstance(band_cfgs, dict) and band_cfgs else None
+        high = first if isinstance(first, BandConfig) else (from_dict(BandConfig, first) if first else
+                                                             band_from_key(cfg.real_band))
+        real_configs = [replace(c, high=(high,) + tuple(c.high[1:])) for c in configs]
+        parts["placed_real"] = placed_pairs(real, degrade_configs=real_configs, blends=cfg.blends, n_pairs=n_real,
+                                            blend_fraction=cfg.blend_fraction, noise=cfg.noise, seed=cfg.seed,
+                                            stream=22)
+    return concat_pairs(list(parts.values()), seed=cfg.seed), describe(parts)
 
 
 def run_training(cfg: TrainJobConfig, *, out: str, work_dir: str | Path = "runs/train",

@@ -282,3 +282,26 @@ def test_speed_per_blend(gset):
     per_blend = (time.perf_counter() - t0) / n
     print(f"\nper blend (64x64, 2 galaxies, quarter rotations, with degradation): {per_blend * 1e3:.2f} ms")
     assert per_blend < 0.02  # a few ms expected; generous for a shared 2-core machine
+
+
+def test_blends_placed_anywhere_cover_the_cutout_and_stay_inside(gset):
+    """placement: anywhere: no position in the cutout is special; every galaxy stays edge_margin inside."""
+    cfg = BlendConfig(placement="anywhere", edge_margin_arcsec=0.3, min_sep_arcsec=0.14, max_sep_arcsec=1.5,
+                      rotation="none")
+    _, _, src = simulate_blends(gset, config=cfg, degrade_config=NOISELESS, n_blends=400, seed=3)
+    m = 0.3 / S_HR
+    assert src["x_hr"].min() >= m - 1e-9 and src["x_hr"].max() <= N_HR - 1 - m + 1e-9
+    assert src["y_hr"].min() >= m - 1e-9 and src["y_hr"].max() <= N_HR - 1 - m + 1e-9
+    first = src["sourceIndex"] == 0
+    # the first galaxy is no longer near the centre: its positions fill the cutout's quarters alike
+    q = (src["x_hr"][first] > (N_HR - 1) / 2).astype(int) * 2 + (src["y_hr"][first] > (N_HR - 1) / 2)
+    counts = np.bincount(q, minlength=4)
+    assert counts.min() > 0.15 * first.sum(), counts
+    assert np.abs(src["x_hr"][first] - (N_HR - 1) / 2).mean() > 5  # centred blends: < 1 px
+    # the separations are drawn as before
+    pairs = src["x_hr"].reshape(-1, 2), src["y_hr"].reshape(-1, 2)
+    sep = np.hypot(np.diff(pairs[0], axis=1), np.diff(pairs[1], axis=1))[:, 0] * S_HR
+    assert sep.min() >= 0.14 - 1e-9 and sep.max() <= 1.5 + 1e-9
+    with pytest.raises(ConfigError, match="does not fit"):
+        simulate_blends(gset, config=dataclasses.replace(cfg, edge_margin_arcsec=1.5), degrade_config=NOISELESS,
+                        n_blends=2, seed=0)

@@ -117,3 +117,15 @@ def test_configs_round_trip():
     assert from_dict(CatalogColumns, to_dict(cols)) == cols
     cuts = SelectionConfig(mag_max=24.0)
     assert from_dict(SelectionConfig, to_dict(cuts)) == cuts
+
+
+def test_galgan_flags_decodes_values_and_lists_bits(capsys):
+    from galgan_ray.cli import main
+    from galgan_ray.flags import flag_bit
+
+    value = flag_bit("BLENDED") | flag_bit("UNSUPPORTED")
+    assert main(["flags", str(value), hex(flag_bit("EDGE"))]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{value}: BLENDED, UNSUPPORTED", "1: EDGE"]
+    assert main(["flags"]) == 0 and "UNSUPPORTED" in capsys.readouterr().out
+    assert main(["flags", "nope"]) == 2 and "is not an integer" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def reference(ckpt, sim) -> dict[int, float]:
     rho = enhancer_noise_scale(enhancer, config)
     out: dict[int, float] = {}
     for source in list_tile_sources(str(sim)):
-        cat = process_tile(read_tile_source(source), model=model, enhance_fn=enhancer.enhance_cutouts, rho=rho,
+        cat = process_tile(read_tile_source(source), model=model, enhance_fn=enhancer.enhance_plane, rho=rho,
                            config=config, compute=compute.photometry).catalog.columns
         out.update(zip(cat["objectId"].tolist(), cat["i_gmmFlux"].tolist()))
     assert len(out) > N_TILES

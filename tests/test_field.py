@@ -212,7 +212,7 @@ def enhancer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rho(enhancer):
-    return enhanced_noise_scale(enhancer.enhance_cutouts, n_bands=1, psf_hr=MODEL.psf_high(),
+    return enhanced_noise_scale(enhancer.enhance_plane, n_bands=1, psf_hr=MODEL.psf_high(),
                                 detect=FieldConfig().detect, n_realizations=32)
 
 
@@ -220,7 +220,7 @@ def test_process_tile_finds_each_source_once_with_its_flux(enhancer, rho):
     pos = [(20.3, 30.7), (60.0, 62.4), (80.6, 20.2), (95.0, 50.0)]  # the last one lies outside the inner region
     flux = [3000.0, 1500.0, 800.0, 2000.0]
     t = point_tile(pos, flux, n=100, inner=(9.5, 89.5, 9.5, 89.5))
-    res = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_cutouts, rho=rho)
+    res = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_plane, rho=rho)
     cat = res.catalog.columns
     assert len(cat["objectId"]) >= 3
     for (x, y), f in zip(pos[:3], flux[:3]):
@@ -235,7 +235,7 @@ def test_process_tile_finds_each_source_once_with_its_flux(enhancer, rho):
     assert not np.any(np.hypot(cat["x"] - 95.0, cat["y"] - 50.0) < 2)  # owned by a neighbour: dropped
     ra, dec = t.wcs.pixel_to_world_values(cat["x"], cat["y"])
     np.testing.assert_allclose(cat["coord_ra"], ra)
-    kept = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_cutouts, rho=rho,
+    kept = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_plane, rho=rho,
                         config=FieldConfig(keep_not_primary=True)).catalog.columns
     far = np.hypot(kept["x"] - 95.0, kept["y"] - 50.0) < 0.5
     assert far.sum() == 1 and kept["flags"][far][0] & flag_bit("NOT_PRIMARY")
@@ -255,7 +255,7 @@ def test_score_truth_pairs_and_matches(enhancer, rho):
              "fwhm_arcsec": np.full(3, 0.6, np.float32), "redshift": np.array([0.5, 1.0, 2.0], np.float32),
              "is_star": np.ones(3, bool)}
     t = point_tile(pos, [5000.0, 3000.0, 2000.0], n=100, truth=truth)
-    res = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_cutouts, rho=rho)
+    res = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_plane, rho=rho)
     tr, bl = res.truth.truth, res.truth.blends
     assert tr["truthId"].tolist() == [10, 11, 12] and tr["matched_low"][2] and tr["matched_enhanced"][2]
     assert len(bl["blendId"]) == 1 and bl["truthId_primary"][0] == 10 and bl["truthId_secondary"][0] == 11
@@ -287,7 +287,7 @@ def test_tile_peak_finder_has_no_cap_and_no_block_seams():
 def test_a_tile_state_travels_between_stages_as_it_was(enhancer, rho):
     """What crosses a process boundary between Ray stages (pack_state / pack_output) comes back equal."""
     t = point_tile([(30.0, 30.0), (33.0, 30.0), (70.0, 70.0)], [5000.0, 3000.0, 2000.0], n=100)
-    res = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_cutouts, rho=rho)
+    res = process_tile(t, model=MODEL, enhance_fn=enhancer.enhance_plane, rho=rho)
     mid = TileState(tile=res.tile, mode=res.mode, footprints=res.footprints, cutouts=res.cutouts,
                     children=res.children, rho=res.rho, timing=dict(res.timing), steps=dict(res.steps))
     back = unpack_state(pack_state(mid))
@@ -304,3 +304,45 @@ def test_a_tile_state_travels_between_stages_as_it_was(enhancer, rho):
     assert out.tile_id == 3 and out.bands == ("hsc/i",) and out.stats == res.stats and out.truth is None
     for k, v in res.catalog.columns.items():
         np.testing.assert_array_equal(out.catalog.columns[k], v)
+
+
+def test_a_child_the_low_resolution_pixels_do_not_support_is_left_out(enhancer, rho):
+    """An enhancer that paints a galaxy beside a real source: its child gets no flux of its own in the
+    joint LR fit, is flagged UNSUPPORTED, left out of the catalog and counted; the real one stays."""
+    real, fake = (40.0, 50.0), (44.0, 50.0)  # the invented source 0.72" away, inside the same footprint
+    t = point_tile([real], [4000.0], n=100)
+    psf_hr = MODEL.psf_high()
+    half = psf_hr.shape[0] // 2
+
+    def painting(plane, sigma, need=None):
+        out = enhancer.enhance_plane(plane, sigma, need=need)
+        fy, fx = 3 * int(fake[1]) + 1, 3 * int(fake[0]) + 1
+        out[:, fy - half:fy + half + 1, fx - half:fx + half + 1] += 0.5 * out.max() / psf_hr.max() * psf_hr
+        return out
+
+    res = process_tile(t, model=MODEL, enhance_fn=painting, rho=rho)
+    unsup = flag_bit("UNSUPPORTED")
+    near_fake = np.hypot(res.children.x - fake[0], res.children.y - fake[1]) < 0.7
+    assert near_fake.sum() == 1, "the painted source became a child"
+    assert res.fluxes.flags[near_fake][0] & unsup
+    cat = res.catalog.columns
+    assert not np.any(np.hypot(cat["x"] - fake[0], cat["y"] - fake[1]) < 0.7)
+    assert np.sum(np.hypot(cat["x"] - real[0], cat["y"] - real[1]) < 0.7) == 1
+    assert res.stats.n_unsupported == int((res.fluxes.flags & unsup).astype(bool).sum()) >= 1
+    assert not np.any(cat["flags"] & unsup)  # what the catalog reports is supported
+    # kept on request, flagged
+    kept = process_tile(t, model=MODEL, enhance_fn=painting, rho=rho,
+                        config=FieldConfig(keep_unsupported=True)).catalog.columns
+    j = np.hypot(kept["x"] - fake[0], kept["y"] - fake[1]) < 0.7
+    assert j.sum() == 1 and kept["flags"][j][0] & unsup
+
+
+def test_no_negative_or_insignificant_flux_passes_unflagged():
+    from galgan_ray.field.measure import Fluxes, support_children
+
+    f = Fluxes(flux=np.array([[100.0], [-50.0], [20.0], [np.nan]]), flux_err=np.array([[10.0], [5.0], [10.0], [1.0]]),
+               flags=np.zeros(4, np.int64), hlr_arcsec=np.zeros(4))
+    out = support_children(f, support_snr=5.0)
+    unsup, low = flag_bit("UNSUPPORTED"), flag_bit("LOW_SNR")
+    assert [bool(v & unsup) for v in out.flags] == [False, True, True, True]
+    assert [bool(v & low) for v in out.flags] == [False, True, True, True]

@@ -4,7 +4,9 @@
 ordered by footprint, then by decreasing significance); ``parentObjectId = (tileId << 24) | 2^23 |
 footprint``. A source belongs to the tile whose inner region holds its position; the others are
 dropped (or kept with ``NOT_PRIMARY`` when ``keep_not_primary``), so a field's tiles merge without
-duplicates or gaps. The columns are those of :func:`galgan_ray.schema.object_schema`.
+duplicates or gaps. Children the low-resolution pixels do not support (``UNSUPPORTED``,
+:func:`galgan_ray.field.measure.support_children`) are left out too unless ``keep_unsupported``; the
+tile's counts say how many. The columns are those of :func:`galgan_ray.schema.object_schema`.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ ID_SHIFT = 24
 PARENT_BIT = 1 << 23
 
 _NOT_PRIMARY = flag_bit("NOT_PRIMARY")
+_UNSUPPORTED = flag_bit("UNSUPPORTED")
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +73,8 @@ class TileStats:
         Owned footprints whose LR peaks stand in (not enhanced, or no enhanced peak).
     n_low_peaks : int
         Owned LR peaks.
+    n_unsupported : int
+        Owned children flagged ``UNSUPPORTED`` (left out of the catalog unless ``keep_unsupported``).
     area_deg2 : float
         Sky area of the tile's inner region.
     """
@@ -80,6 +85,7 @@ class TileStats:
     n_newly_resolved: int
     n_enhance_skipped: int
     n_low_peaks: int
+    n_unsupported: int
     area_deg2: float
 
     def to_dict(self) -> dict:
@@ -87,7 +93,7 @@ class TileStats:
 
 
 def build_catalog(tile: Tile, footprints: Footprints, children: Children, fluxes: Fluxes, *,
-                  keep_not_primary: bool = False) -> Catalog:
+                  keep_not_primary: bool = False, keep_unsupported: bool = False) -> Catalog:
     """The tile's catalog (module docstring).
 
     Parameters
@@ -98,6 +104,8 @@ def build_catalog(tile: Tile, footprints: Footprints, children: Children, fluxes
         The results of the earlier steps.
     keep_not_primary : bool
         Keep the children outside the inner region, flagged ``NOT_PRIMARY``.
+    keep_unsupported : bool
+        Keep the children flagged ``UNSUPPORTED``.
 
     Returns
     -------
@@ -129,11 +137,13 @@ def build_catalog(tile: Tile, footprints: Footprints, children: Children, fluxes
     cols["deblend_nPeaks_low"] = footprints.n_peaks_low[fp].astype(np.int32)
     cols["deblend_nPeaks_enhanced"] = children.n_peaks_enhanced[fp].astype(np.int32)
     cols["flags"] = flags.astype(np.int64)
-    keep = np.ones(n, bool) if keep_not_primary else primary
+    keep = np.ones(n, bool) if keep_not_primary else primary.copy()
+    if not keep_unsupported:
+        keep &= (flags & _UNSUPPORTED) == 0
     return Catalog(columns={k: v[keep] for k, v in cols.items()}, all_object_id=object_id, all_primary=primary)
 
 
-def tile_stats(tile: Tile, footprints: Footprints, cutouts: Cutouts, children: Children,
+def tile_stats(tile: Tile, footprints: Footprints, cutouts: Cutouts, children: Children, fluxes: Fluxes,
                catalog: Catalog) -> TileStats:
     """The tile's counts (:class:`TileStats`)."""
     fp_n_low = footprints.n_peaks_low
@@ -145,4 +155,6 @@ def tile_stats(tile: Tile, footprints: Footprints, cutouts: Cutouts, children: C
     return TileStats(n_sources=len(catalog), n_footprints=int(owned_fp.sum()), n_cutouts=len(cutouts),
                      n_newly_resolved=int(split.sum()), n_enhance_skipped=int((owned_fp & (fp_n_enh == 0)).sum()),
                      n_low_peaks=int(tile.owns(low.x, low.y).sum()) if len(low.x) else 0,
+                     n_unsupported=int((tile.owns(children.x, children.y)
+                                        & ((fluxes.flags & _UNSUPPORTED) != 0)).sum()) if len(children) else 0,
                      area_deg2=float(tile.inner_area_deg2()))

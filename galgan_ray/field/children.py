@@ -2,13 +2,17 @@
 
 :func:`galgan_ray.detect.find_peaks_batch` runs on each enhanced cutout with the HR PSF of the
 model's high-resolution band (several bands: the chi-like sum of their S/N images,
-:func:`galgan_ray.detect.detection_images`), with the noise of enhanced images calibrated on
-pure-noise inputs (:func:`galgan_ray.noise.enhanced_noise_scale`: ``noise = rho * sigma_lr``).
+:func:`galgan_ray.detect.detection_images`), with the noise of enhanced images as the blend benchmark models it: level-dependent
+(:class:`galgan_ray.noise.EnhancedNoiseModel`, calibrated by Monte Carlo on galaxies), or one
+factor ``rho`` on ``sigma_lr``.
 Peaks map back to the LR cutout (:func:`galgan_ray.geometry.hr_to_lr_pixels`) and to the tile's
 pixels. A peak belongs to a footprint when its LR pixel lies in that footprint's segment; of a
 footprint covered by several cutouts, a peak is kept only from the nearest cutout (Voronoi) and
 peaks closer than the detector's minimum separation are merged. A footprint whose enhanced image
-holds no peak (or that was not enhanced) keeps its LR peaks (flag ``ENHANCE_SKIPPED``).
+holds no peak (or that was not enhanced) keeps its LR peaks (flag ``ENHANCE_SKIPPED``); in the
+others, an LR peak that no enhanced child reproduces (none within half the LR PSF's FWHM) is kept
+too (flag ``LOW_RES_PEAK``): the enhancement adds children, it never removes a peak the original
+pixels show.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ _BLENDED = flag_bit("BLENDED")
 _SKIPPED = flag_bit("ENHANCE_SKIPPED")
 _MERGED = flag_bit("PEAK_MERGED")
 _MASKED = flag_bit("MASKED")
+_LOW_RES_PEAK = flag_bit("LOW_RES_PEAK")
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,8 +68,8 @@ class Children:
 
 
 def find_children(enhanced: np.ndarray, footprints: Footprints, cutouts: Cutouts, *, tile_shape: tuple[int, int],
-                  psf_hr: np.ndarray, rho: float, detect: DetectConfig, ratio: float, edge_px: float = 2.0,
-                  lr_size: int = 22) -> Children:
+                  psf_hr: np.ndarray, rho, detect: DetectConfig, ratio: float, edge_px: float = 2.0,
+                  lr_size: int = 22, lr_psf_fwhm_px: float = 0.6 / 0.18) -> Children:
     """Children of every footprint: peaks of the enhanced cutouts mapped to the tile (module docstring).
 
     Parameters
@@ -77,8 +82,8 @@ def find_children(enhanced: np.ndarray, footprints: Footprints, cutouts: Cutouts
         ``(H, W)`` of the LR tile.
     psf_hr : numpy.ndarray
         The HR PSF the peaks are found with.
-    rho : float
-        Noise scale of enhanced images (:func:`galgan_ray.noise.enhanced_noise_scale`).
+    rho : EnhancedNoiseModel or float
+        Noise of enhanced images: the level-dependent model, or one factor on ``sigma_lr``.
     detect : DetectConfig
     ratio : float
         LR / HR pixel-scale ratio (3).
@@ -86,6 +91,9 @@ def find_children(enhanced: np.ndarray, footprints: Footprints, cutouts: Cutouts
         Children this close to the tile edge, or in a footprint touching it, get ``EDGE``.
     lr_size : int
         Side of the LR cutouts (22).
+    lr_psf_fwhm_px : float
+        FWHM of the LR PSF in LR pixels: an LR peak farther than half of it from every enhanced child
+        of its footprint is kept (``LOW_RES_PEAK``).
 
     Returns
     -------
@@ -101,8 +109,11 @@ def find_children(enhanced: np.ndarray, footprints: Footprints, cutouts: Cutouts
     if m:
         enh = np.asarray(enhanced, dtype=np.float32)
         n_high = enh.shape[-1]
-        det_img, noise = detection_images(enh, rho * sigma.astype(np.float64))
-        pk = find_peaks_batch(det_img, psf=psf_hr, config=detect, noise_sigma=np.maximum(noise, 1e-30))
+        model = rho if callable(rho) else None
+        scale = 1.0 if model is not None else float(rho)
+        det_img, noise = detection_images(enh, scale * sigma.astype(np.float64))
+        pk = find_peaks_batch(det_img, psf=psf_hr, config=detect, noise_sigma=np.maximum(noise, 1e-30),
+                              noise_scale=model)
         xl, yl = hr_to_lr_pixels(pk["x"], pk["y"], n_high=n_high, n_low=int(lr_size), ratio=ratio)
         ci = pk["index"]
         xt, yt = xl + origin[ci, 0], yl + origin[ci, 1]
@@ -132,15 +143,29 @@ def find_children(enhanced: np.ndarray, footprints: Footprints, cutouts: Cutouts
         for key, arr in zip(("fp", "x", "y", "significance", "flags"), (fp_s, x_s, y_s, s_s, f_s)):
             parts[key].append(arr)
         n_enh = np.bincount(fp_s, minlength=n_fp).astype(np.int32)
-    # Footprints without enhanced peaks (or not enhanced): their LR peaks stand in.
+    # Footprints without enhanced peaks (or not enhanced): their LR peaks stand in. In the others an
+    # LR peak no enhanced child reproduces is kept beside them.
     low = footprints.peaks
-    for k in np.flatnonzero(n_enh == 0):
+    reach = 0.5 * lr_psf_fwhm_px
+    enh_x = np.concatenate(parts["x"]) if parts["x"] else np.zeros(0)
+    enh_y = np.concatenate(parts["y"]) if parts["y"] else np.zeros(0)
+    enh_fp = np.concatenate(parts["fp"]) if parts["fp"] else np.zeros(0, np.int32)
+    for k in np.unique(low.fp):
         rows = np.flatnonzero(low.fp == k)
+        if n_enh[k] == 0:
+            extra = _SKIPPED
+        else:
+            mine = enh_fp == k
+            d = np.hypot(low.x[rows, None] - enh_x[None, mine], low.y[rows, None] - enh_y[None, mine])
+            rows = rows[d.min(axis=1) > reach]
+            extra = _LOW_RES_PEAK
+        if not len(rows):
+            continue
         parts["fp"].append(np.full(len(rows), k, dtype=np.int32))
         parts["x"].append(low.x[rows])
         parts["y"].append(low.y[rows])
         parts["significance"].append(low.significance[rows])
-        parts["flags"].append((low.flags[rows].astype(np.int64) & ~np.int64(_EDGE)) | _SKIPPED)
+        parts["flags"].append((low.flags[rows].astype(np.int64) & ~np.int64(_EDGE)) | extra)
     cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
     fp = cat["fp"].astype(np.int32)
     order = np.lexsort((-cat["significance"], fp))

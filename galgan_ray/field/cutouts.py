@@ -6,11 +6,17 @@ by a grid of cutouts ``stride_px`` apart. A peak found in several of them is lat
 the cutout whose centre is nearest (a Voronoi split: no gaps, no duplicates; :mod:`.children`).
 Footprints needing more than ``max_per_footprint`` cutouts are not enhanced (their LR peaks stand
 in, flag ``ENHANCE_SKIPPED``).
+
+The cutouts are not enhanced one by one: the tile is enhanced once, wherever a cutout lies, fully
+convolutionally (:func:`enhance_cutouts_in_plane`), and each cutout's enhanced view is cut from that
+image. A galaxy looks the same in every cutout that holds it, there are no seams, and no position in
+a cutout is special.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
@@ -18,7 +24,11 @@ from ..errors import ConfigError
 from ..geometry import extract_box
 from .footprints import Footprints
 
-__all__ = ["CutoutConfig", "Cutouts", "cut_footprint_cutouts"]
+__all__ = ["CutoutConfig", "Cutouts", "EnhanceFn", "cut_footprint_cutouts", "enhance_cutouts_in_plane"]
+
+#: ``(plane (C, H, W), sigma (C,), need=(H, W) bool) -> (C, factor H, factor W)``: a whole LR image
+#: enhanced where ``need`` is set (:meth:`galgan_ray.enhance.Enhancer.enhance_plane`).
+EnhanceFn = Callable[..., np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -149,3 +159,29 @@ def cut_footprint_cutouts(footprints: Footprints, variance: np.ndarray, *, confi
     return Cutouts(image=images, sigma=sigma, origin=np.asarray(origins, dtype=np.int64).reshape(n, 2),
                    centre=np.asarray(centres, dtype=np.float64).reshape(n, 2), fp=np.asarray(fps, dtype=np.int32),
                    padded=padded, n_per_footprint=n_cut)
+
+
+def enhance_cutouts_in_plane(image: np.ndarray, variance: np.ndarray, cutouts: Cutouts, *, enhance_fn: EnhanceFn,
+                             factor: int, hr_size: int) -> tuple[Cutouts, np.ndarray]:
+    """The cutouts' enhanced views, cut from the whole tile enhanced once without seams.
+
+    The tile (``image``: background-subtracted, 0 where unusable) is enhanced by ``enhance_fn``
+    wherever a cutout lies, with one noise sigma per band (the median over the tile's usable
+    pixels), and each cutout's ``hr_size`` view is cut from it: the cutout at LR origin ``(x0, y0)``
+    sees HR pixels ``factor * x0 + crop ..`` (the model's cutout grid, ``crop`` = 1). The returned
+    cutouts carry that sigma, the noise the enhanced views are normalised to.
+    """
+    c, h, w = image.shape
+    if not len(cutouts):
+        return cutouts, np.zeros((0, c, hr_size, hr_size), np.float32)
+    sigma = np.array([np.sqrt(np.median(v[np.isfinite(v)])) if np.isfinite(v).any() else 1.0 for v in variance],
+                     dtype=np.float32)
+    side = cutouts.image.shape[-1]
+    need = np.zeros((h, w), dtype=bool)
+    for x0, y0 in cutouts.origin:
+        need[max(y0, 0):max(min(y0 + side, h), 0), max(x0, 0):max(min(x0 + side, w), 0)] = True
+    plane = np.asarray(enhance_fn(image.astype(np.float32), sigma, need=need), dtype=np.float32)
+    crop = (side * factor - hr_size) // 2
+    views = np.stack([extract_box(plane, factor * int(x0) + crop, factor * int(y0) + crop, hr_size, np.float32(0.0))
+                      for x0, y0 in cutouts.origin])
+    return replace(cutouts, sigma=np.broadcast_to(sigma, cutouts.sigma.shape).copy()), views

@@ -17,7 +17,7 @@ import numpy as np
 import sep
 from scipy import ndimage
 
-from ..detect import DetectConfig, find_peaks_tiled
+from ..detect import DetectConfig, find_peaks_tiled, matched_filter
 from ..errors import ConfigError
 from ..flags import flag_bit
 from ..tiles import Tile
@@ -115,6 +115,11 @@ class Footprints:
         float64 ``(C,)``: median per-pixel noise of each band.
     n_segments : int
         sep segments before the peak requirement.
+    noise_scale : float
+        The measured noise of the PSF-filtered detection image on the sky (outside every sep
+        segment, robust MAD) over what white noise of the variance plane would give: > 1 where the
+        noise is correlated (coadd warping, the degradation of a noisy HST image). The LR peaks'
+        threshold and the photometry's errors are scaled by it, so that both hold on the real noise.
     """
 
     image_sub: np.ndarray
@@ -129,6 +134,7 @@ class Footprints:
     peaks: LowPeaks
     noise_sigma: np.ndarray
     n_segments: int
+    noise_scale: float = 1.0
 
     def __len__(self) -> int:
         return len(self.label)
@@ -199,7 +205,9 @@ def find_footprints(tile: Tile, *, config: FootprintConfig, detect: DetectConfig
     # LR peaks: the survey's detection (matched filter, the same detector at every resolution).
     psf_det = tile.psf.mean(axis=0)
     sig_det = float(np.sqrt(np.median(dvar[np.isfinite(dvar)]))) if np.isfinite(dvar).any() else 1.0
-    pk = find_peaks_tiled(np.where(bad, 0.0, det), psf=psf_det, detect=detect, noise_sigma=sig_det,
+    noise_scale = filtered_noise_scale(np.where(bad, 0.0, det), psf=psf_det, noise_sigma=sig_det,
+                                       sky=(seg == 0) & ~bad, psf_energy=detect.psf_energy)
+    pk = find_peaks_tiled(np.where(bad, 0.0, det), psf=psf_det, detect=detect, noise_sigma=sig_det * noise_scale,
                           block_px=cfg.peak_block_px)
     ix = np.clip(np.rint(pk["x"]).astype(np.int64), 0, w - 1)
     iy = np.clip(np.rint(pk["y"]).astype(np.int64), 0, h - 1)
@@ -245,4 +253,20 @@ def find_footprints(tile: Tile, *, config: FootprintConfig, detect: DetectConfig
     peaks = LowPeaks(x=pk["x"], y=pk["y"], significance=pk["significance"].astype(np.float32),
                      flags=pk["flags"].astype(np.int32), fp=peak_fp)
     return Footprints(image_sub=image, seg=seg, label=labels.astype(np.int32), bbox=bbox, npix=npix, x=fx, y=fy,
-                      n_peaks_low=n_low, flags=fflags, peaks=peaks, noise_sigma=noise, n_segments=int(n_segments))
+                      n_peaks_low=n_low, flags=fflags, peaks=peaks, noise_sigma=noise, n_segments=int(n_segments),
+                      noise_scale=float(noise_scale))
+
+
+def filtered_noise_scale(image: np.ndarray, *, psf: np.ndarray, noise_sigma: float, sky: np.ndarray,
+                         psf_energy: float = 0.999, min_pixels: int = 500) -> float:
+    """The PSF-filtered image's noise on ``sky`` pixels over white noise's (>= 1; 1 with too few pixels).
+
+    The matched filter's significance has unit variance on white noise of ``noise_sigma``; its robust
+    standard deviation (1.4826 MAD) on the sky measures how much more the real noise gives there.
+    """
+    inner = ndimage.binary_erosion(sky, iterations=3)
+    if inner.sum() < min_pixels:
+        return 1.0
+    sig = np.asarray(matched_filter(image, psf=psf, noise_sigma=noise_sigma, psf_energy=psf_energy)["significance"])
+    v = sig[inner]
+    return float(max(1.0, 1.4826 * np.median(np.abs(v - np.median(v)))))

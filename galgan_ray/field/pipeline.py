@@ -18,21 +18,19 @@ from ..checkpoint import ModelGrid
 from ..degrade import degrade_tile
 from ..detect import DetectConfig
 from ..errors import ConfigError, InputError
-from ..noise import enhanced_noise_scale
+from ..psf import measure_fwhm
+from ..noise import EnhancedNoiseModel, calibration_galaxies, enhanced_noise_model
 from ..photometry import PhotometryComputeConfig
 from ..tiles import Tile, pack_arrays, pack_tile_arrays, tile_from_arrays, unpack_arrays
 from .catalog import Catalog, TileStats, build_catalog, tile_stats
 from .children import Children, find_children
-from .cutouts import CutoutConfig, Cutouts, cut_footprint_cutouts
+from .cutouts import CutoutConfig, Cutouts, EnhanceFn, cut_footprint_cutouts, enhance_cutouts_in_plane
 from .footprints import FootprintConfig, Footprints, LowPeaks, find_footprints
 from .measure import Fluxes, MeasureConfig, measure_children
 from .truth import HighPeaks, TruthConfig, TruthScores, find_high_peaks, score_truth
 
 __all__ = ["FieldConfig", "TileContext", "TileState", "TileOutput", "Step", "STEPS", "STAGES", "TILE_STEPS",
            "check_tile", "enhancer_noise_scale", "run_stage", "process_tile", "pack_state", "unpack_state", "pack_output", "unpack_output"]
-
-EnhanceFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
 
 @dataclass(frozen=True)
 class FieldConfig:
@@ -53,13 +51,18 @@ class FieldConfig:
         never meet.
     measure : MeasureConfig
     truth : TruthConfig
-    noise_realizations : int
-        Pure-noise cutouts used to calibrate the noise of enhanced images.
+    noise_realizations, noise_calibration_galaxies, noise_percentile, noise_levels
+        The noise model of enhanced images, calibrated as the blend benchmark calibrates it
+        (:func:`galgan_ray.noise.enhanced_noise_model`: noise draws per galaxy, galaxies, percentile,
+        signal-level bins), on :func:`galgan_ray.noise.calibration_galaxies` of the model's grid.
     degrade_add_noise : bool
         Add LR sky noise when degrading simulated tiles.
     keep_not_primary : bool
         Keep sources outside the tile's inner region, flagged ``NOT_PRIMARY`` (default: drop them;
         the tile that owns them reports them).
+    keep_unsupported : bool
+        Keep children the LR pixels do not support, flagged ``UNSUPPORTED`` (default: drop them;
+        :func:`galgan_ray.field.measure.support_children`, ``measure.support_snr``).
     """
 
     seed: int = 0
@@ -68,9 +71,13 @@ class FieldConfig:
     detect: DetectConfig = field(default_factory=lambda: DetectConfig(background="zero", min_prominence=3.0))
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     truth: TruthConfig = field(default_factory=TruthConfig)
-    noise_realizations: int = 64
+    noise_realizations: int = 8
+    noise_calibration_galaxies: int = 48
+    noise_percentile: float = 90.0
+    noise_levels: int = 24
     degrade_add_noise: bool = True
     keep_not_primary: bool = False
+    keep_unsupported: bool = False
 
     def __post_init__(self):
         if self.noise_realizations < 2:
@@ -91,10 +98,12 @@ class TileContext:
     config : FieldConfig
     compute : PhotometryComputeConfig
     enhance_fn : callable or None
-        ``(image_lr (M, C, 22, 22), sigma_lr (M, C)) -> (M, C, 64, 64)`` nJy (only the enhancement
-        stage needs it).
-    rho : float or None
-        Noise scale of ``enhance_fn``'s outputs (:func:`galgan_ray.noise.enhanced_noise_scale`).
+        ``(plane (C, H, W), sigma (C,), need=(H, W) bool) -> (C, 3H, 3W)``: the whole LR tile
+        enhanced without seams where ``need`` is set (:meth:`galgan_ray.enhance.Enhancer.enhance_plane`;
+        only the enhancement stage needs it).
+    rho : EnhancedNoiseModel, float or None
+        Noise of ``enhance_fn``'s outputs: the level-dependent model (:func:`enhancer_noise_scale`) or
+        one factor on the nominal noise.
     enhance_device : str or None
         Where ``enhance_fn`` runs (recorded in the run summary).
     """
@@ -103,12 +112,14 @@ class TileContext:
     config: FieldConfig = field(default_factory=FieldConfig)
     compute: PhotometryComputeConfig = field(default_factory=PhotometryComputeConfig)
     enhance_fn: EnhanceFn | None = None
-    rho: float | None = None
+    rho: EnhancedNoiseModel | float | None = None
     enhance_device: str | None = None
     psf_hr: np.ndarray = field(init=False, repr=False, compare=False)
+    lr_psf_fwhm_px: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "psf_hr", self.model.psf_high())
+        object.__setattr__(self, "lr_psf_fwhm_px", float(measure_fwhm(self.model.psf_low())))
 
 
 @dataclass(eq=False)
@@ -130,7 +141,9 @@ class TileState:
     enhanced : numpy.ndarray or None
         ``(M, C, 64, 64)`` enhanced cutouts (between the enhancement and detection stages only).
     rho : float or None
-        Noise scale of the enhanced cutouts.
+        Noise of the enhanced cutouts on the sky, in units of the nominal (reported).
+    noise : EnhancedNoiseModel or None
+        Their level-dependent noise, which the detection uses (None: ``rho`` everywhere).
     enhance_device : str or None
     children : Children or None
     fluxes : Fluxes or None
@@ -152,6 +165,7 @@ class TileState:
     cutouts: Cutouts | None = None
     enhanced: np.ndarray | None = None
     rho: float | None = None
+    noise: EnhancedNoiseModel | None = None
     enhance_device: str | None = None
     children: Children | None = None
     fluxes: Fluxes | None = None
@@ -196,12 +210,16 @@ class TileOutput:
     info: dict[str, Any]
 
 
-def enhancer_noise_scale(enhancer, config: FieldConfig) -> float:
-    """rho of an :class:`~galgan_ray.enhance.Enhancer` for this field's detector and seed
-    (:func:`galgan_ray.noise.enhanced_noise_scale`): calibrated once per process that enhances."""
-    return enhanced_noise_scale(enhancer.enhance_cutouts, n_bands=enhancer.n_bands,
-                                psf_hr=np.asarray(enhancer.psf_high(0)), detect=config.detect,
-                                lr_size=enhancer.lr_size, n_realizations=config.noise_realizations, seed=config.seed)
+def enhancer_noise_scale(enhancer, config: FieldConfig) -> EnhancedNoiseModel:
+    """The noise model of an :class:`~galgan_ray.enhance.Enhancer`'s images for this field's detector
+    and seed, calibrated the way the blend benchmark calibrates it (:func:`galgan_ray.noise.enhanced_noise_model`
+    on :func:`galgan_ray.noise.calibration_galaxies`): once per process that enhances."""
+    dc = enhancer.grid.degrade_config()
+    images, sigma = calibration_galaxies(dc, n=config.noise_calibration_galaxies, size=enhancer.hr_size,
+                                         seed=config.seed)
+    return enhanced_noise_model(enhancer, images, sigma, degrade_config=dc, psf=np.asarray(enhancer.psf_high(0)),
+                                n_draws=config.noise_realizations, percentile=config.noise_percentile,
+                                n_levels=config.noise_levels, seed=config.seed, det=config.detect)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,16 +296,21 @@ def _cutouts(s: TileState, ctx: TileContext) -> None:
 def _enhance(s: TileState, ctx: TileContext) -> None:
     if ctx.enhance_fn is None or ctx.rho is None:
         raise ConfigError("enhance", "the enhancement stage needs an enhancer and its noise scale rho")
-    cut = s.cutouts
-    s.enhanced = (np.asarray(ctx.enhance_fn(cut.image, cut.sigma)) if len(cut)
-                  else np.zeros((0, s.tile.n_bands, ctx.model.hr_size, ctx.model.hr_size), np.float32))
-    s.rho, s.enhance_device = float(ctx.rho), ctx.enhance_device
+    s.cutouts, s.enhanced = enhance_cutouts_in_plane(s.footprints.image_sub, s.tile.variance, s.cutouts,
+                                                     enhance_fn=ctx.enhance_fn, factor=int(round(ctx.model.ratio)),
+                                                     hr_size=ctx.model.hr_size)
+    if isinstance(ctx.rho, EnhancedNoiseModel):
+        s.noise, s.rho = ctx.rho, float(ctx.rho(np.zeros(1))[0])
+    else:
+        s.rho = float(ctx.rho)
+    s.enhance_device = ctx.enhance_device
 
 
 def _detect(s: TileState, ctx: TileContext) -> None:
     s.children = find_children(s.enhanced, s.footprints, s.cutouts, tile_shape=s.tile.shape, psf_hr=ctx.psf_hr,
-                               rho=float(s.rho), detect=ctx.config.detect, ratio=ctx.model.ratio,
-                               edge_px=ctx.config.footprints.edge_px, lr_size=ctx.model.lr_size)
+                               rho=s.noise if s.noise is not None else float(s.rho), detect=ctx.config.detect,
+                               ratio=ctx.model.ratio, edge_px=ctx.config.footprints.edge_px,
+                               lr_size=ctx.model.lr_size, lr_psf_fwhm_px=ctx.lr_psf_fwhm_px)
     s.enhanced = None  # used: it does not travel further
 
 
@@ -299,8 +322,9 @@ def _photometry(s: TileState, ctx: TileContext) -> None:
 
 def _catalog(s: TileState, ctx: TileContext) -> None:
     s.catalog = build_catalog(s.tile, s.footprints, s.children, s.fluxes,
-                              keep_not_primary=ctx.config.keep_not_primary)
-    s.stats = tile_stats(s.tile, s.footprints, s.cutouts, s.children, s.catalog)
+                              keep_not_primary=ctx.config.keep_not_primary,
+                              keep_unsupported=ctx.config.keep_unsupported)
+    s.stats = tile_stats(s.tile, s.footprints, s.cutouts, s.children, s.fluxes, s.catalog)
 
 
 def _truth(s: TileState, ctx: TileContext) -> None:
@@ -353,7 +377,7 @@ def run_stage(stage: str, state: TileState, context: TileContext) -> TileState:
     return state
 
 
-def process_tile(tile: Tile, *, model: ModelGrid, enhance_fn: EnhanceFn, rho: float,
+def process_tile(tile: Tile, *, model: ModelGrid, enhance_fn: EnhanceFn, rho: EnhancedNoiseModel | float,
                  config: FieldConfig = FieldConfig(),
                  compute: PhotometryComputeConfig = PhotometryComputeConfig()) -> TileState:
     """Run every stage on one tile, in this process (what the Ray pipeline does stage by stage).
@@ -366,8 +390,8 @@ def process_tile(tile: Tile, *, model: ModelGrid, enhance_fn: EnhanceFn, rho: fl
         Bands and grids of the enhancer.
     enhance_fn : callable
         ``(image_lr (M, C, 22, 22), sigma_lr (M, C)) -> (M, C, 64, 64)`` nJy.
-    rho : float
-        :func:`galgan_ray.noise.enhanced_noise_scale` of ``enhance_fn``.
+    rho : EnhancedNoiseModel or float
+        The noise of ``enhance_fn``'s images (:func:`enhancer_noise_scale`), or one factor.
     config : FieldConfig
     compute : PhotometryComputeConfig
 
@@ -433,6 +457,8 @@ def pack_state(state: TileState) -> bytes:
         arrays["enhanced"] = state.enhanced
     for k in _META:
         meta[k] = getattr(state, k)
+    if state.noise is not None:
+        meta["noise"] = {"levels": list(state.noise.levels), "rho": list(state.noise.rho)}
     if state.catalog is not None or state.truth is not None or state.stats is not None:
         raise InputError(state.tile.source, "a state past the catalog step travels as pack_output(state.output())")
     return pack_arrays(arrays, meta)
@@ -447,6 +473,8 @@ def unpack_state(data: bytes) -> TileState:
         setattr(state, name, _rebuild(_PRODUCTS[name], name, arrays, meta))
     for k in _META:
         setattr(state, k, meta[k])
+    if meta.get("noise"):
+        state.noise = EnhancedNoiseModel(levels=tuple(meta["noise"]["levels"]), rho=tuple(meta["noise"]["rho"]))
     state.steps = {k: tuple(v) for k, v in state.steps.items()}
     return state
 

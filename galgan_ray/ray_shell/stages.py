@@ -97,7 +97,7 @@ class PhotometerStage(_TileStage):
 
 
 class EnhanceStage(_TileStage):
-    """The super-resolution model on each tile's footprint cutouts, in batches.
+    """The super-resolution model on each tile, fully convolutionally where its footprint cutouts lie.
 
     The checkpoint is loaded and the noise of enhanced images calibrated once per actor. Runs on
     the GPU Ray assigned to the actor, else on CPU.
@@ -129,7 +129,7 @@ class EnhanceStage(_TileStage):
         self.enhancer = Enhancer(checkpoint, device=device, batch_size=batch_size)
         self.rho = enhancer_noise_scale(self.enhancer, config)
         super().__init__(self.enhancer.grid, config, torch_threads=torch_threads,
-                         enhance_fn=self.enhancer.enhance_cutouts, rho=self.rho, enhance_device=str(device))
+                         enhance_fn=self.enhancer.enhance_plane, rho=self.rho, enhance_device=str(device))
 
 
 class _StageSequence:

@@ -32,6 +32,8 @@ def summarise(config: Any, results: Sequence[Mapping[str, Any]], skipped: Sequen
         "footprints": total(stats_all, "n_footprints"),
         "newly_resolved_blends": total(stats_all, "n_newly_resolved"),
         "enhance_skipped_footprints": total(stats_all, "n_enhance_skipped"),
+        "unsupported_children": total(stats_all, "n_unsupported"),
+        "unsupported_kept": bool(config.field.keep_unsupported),
         "area_deg2": float(sum(s.get("area_deg2", 0.0) for s in stats_all)),
         "throughput": {"wall_s": wall_s, "total_s": total_s,
                        "sources_per_s": n_new / wall_s if wall_s > 0 else 0.0,
@@ -73,6 +75,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"  ({summary['area_deg2'] * 3600:.2f} arcmin^2)",
         f"  newly resolved blends  {summary['newly_resolved_blends']} footprints with <= 1 low-resolution peak "
         f"split into >= 2 by enhancement",
+        f"  unsupported {summary.get('unsupported_children', 0)} enhanced children the low-resolution pixels do not "
+        f"support ({'kept, flagged UNSUPPORTED' if summary.get('unsupported_kept') else 'left out of the catalog'})",
         f"  throughput {th['sources_per_s']:.1f} sources/s, {th['deg2_per_hour']:.4f} deg^2/hour "
         f"(pipeline {th['wall_s']:.1f} s, job {th['total_s']:.1f} s)",
     ]
