@@ -15,13 +15,12 @@ What is measured, step by step (constants at the top of this file):
 1. Inputs. ``hsc_hst_qso_fields``: the HSC cutout is read with
    :func:`galgan_ray.survey.read_survey_image` (image/mask/variance HDUs; flux in nJy from
    ``FLUXMAG0``), its PSF with :func:`galgan_ray.survey.read_psf`. Unusable HSC pixels: non-finite
-   or in a mask plane of ``HSC_BAD_MASK_PLANES`` (NO_DATA, BAD, SAT, SUSPECT,
-   UNMASKEDNAN, EDGE). Not CR or INTRP, which the reader's own mask counts: in these deep coadds
-   they are the OR over the input visits and cover 15-25% of every cutout, whose coadded values are
-   fine. The HST image's AB zero point comes from
-   its ``PHOTFLAM``/``PHOTPLAM`` keywords (``-2.5 log10 PHOTFLAM - 5 log10 PHOTPLAM - 2.408``; 25.936
-   for F814W, the image being in e-/s), falling back to the COSMOS F814W value 25.94 where a header
-   has neither. The quasar each scene is centred on is the ``cosmos_t1qso.fits`` entry nearest the
+   or in a mask plane of ``HSC_BAD_MASK_PLANES`` (NO_DATA, BAD, SAT, SUSPECT, UNMASKEDNAN, EDGE).
+   Not CR or INTRP, which the reader's own mask counts: in these deep coadds they are the OR over
+   the input visits and cover 15-25% of every cutout, whose coadded values are fine.
+   The HST image's AB zero point comes from its ``PHOTFLAM``/``PHOTPLAM`` keywords
+   (``-2.5 log10 PHOTFLAM - 5 log10 PHOTPLAM - 2.408``: 25.936 for F814W, the image being in e-/s),
+   falling back to the COSMOS F814W value 25.94 where a header has neither. The quasar each scene is centred on is the ``cosmos_t1qso.fits`` entry nearest the
    HST file's centre coordinates (within 2"), else the HST image centre.
    ``hsc_hst_pairs`` (5 scenes, no zero points, no quasar): plane 2 (i) of the HSC cube and of its
    PSF cube; magnitudes are unknown there (one magnitude bin, ``unknown``) and nothing is excluded
@@ -91,13 +90,14 @@ exit code 2.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,8 @@ from astropy.wcs import WCS
 from scipy import ndimage
 from scipy.signal import fftconvolve
 
+from galgan_ray.commands.deblend import deblend_file, default_field_config
+from galgan_ray.field import enhancer_noise_scale
 from galgan_ray.baselines import richardson_lucy, upsample_bicubic, upsample_psf
 from galgan_ray.cutouts import COSMOS_F814W_ZEROPOINT, _zeropoint_from_header
 from galgan_ray.detect import _prepare_psf, _subpixel
@@ -144,7 +146,7 @@ QSO_MATCH_ARCSEC = 2.0
 KRON_MIN_RADIUS_ARCSEC = 0.15
 MAG_EDGES = (22.0, 23.0, 24.0, 25.0, 26.0)
 ISOLATION_ARCSEC = 1.0
-ROWS = ("hsc", "bicubic", "richardson_lucy", "enhanced")
+ROWS = ("hsc", "bicubic", "richardson_lucy", "enhanced", "deblend")
 #: HSC mask planes whose pixels are unusable here (see :func:`read_scene` for why not CR/INTRP).
 HSC_BAD_MASK_PLANES = ("NO_DATA", "BAD", "SAT", "SUSPECT", "UNMASKEDNAN", "EDGE")
 HSC_I_PLANE = 2  # hsc_hst_pairs cubes: g, r, i, z, y
@@ -387,7 +389,7 @@ class Detections:
 
     @property
     def meta(self) -> dict[str, Any]:
-        return {"n": int(len(self.x)), "sigma_filtered": self.sigma_filtered, "sigma_pixel": self.sigma_pixel,
+        return {"n": len(self.x), "sigma_filtered": self.sigma_filtered, "sigma_pixel": self.sigma_pixel,
                 "minarea_px": self.minarea_px, "pixel_scale_arcsec": self.pixel_scale_arcsec,
                 "kernel_shape": list(self.kernel_shape)}
 
@@ -463,7 +465,7 @@ def detect_sources(image: np.ndarray, wcs: WCS, *, psf: np.ndarray, valid: np.nd
     smap, sigma_f = _significance_map(sub, ok, kernel)
     if not sigma_f > 0:
         raise InputError(source, "the sky RMS of the filtered image is 0 (a noiseless image?)")
-    minarea = max(1, int(round(MINAREA_ARCSEC2 / scale**2)))
+    minarea = max(1, round(MINAREA_ARCSEC2 / scale**2))
     # sep thresholds and deblends the significance map itself (no further filter, absolute threshold).
     # Why not sep's own matched filter (an err array and filter_kernel): its deblending kept faint
     # galaxies on a quasar's wing in the quasar's segment even at deblend_cont = 0, where the same
@@ -515,7 +517,7 @@ def kron_magnitudes(det: Detections, *, zeropoint: float | None) -> np.ndarray:
 
 def mag_bin_labels() -> list[str]:
     e = MAG_EDGES
-    return [f"<{e[0]:g}"] + [f"{lo:g}-{hi:g}" for lo, hi in zip(e[:-1], e[1:])] + [f">{e[-1]:g}"]
+    return [f"<{e[0]:g}"] + [f"{lo:g}-{hi:g}" for lo, hi in itertools.pairwise(e)] + [f">{e[-1]:g}"]
 
 
 def _mag_bin(mag: np.ndarray) -> list[str]:
@@ -609,7 +611,7 @@ def _in_region(region: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def score_scene(scene: Scene, enhancer: Enhancer, *, keep_images: bool = False) -> dict[str, Any]:
+def score_scene(scene: Scene, enhancer: Enhancer, *, keep_images: bool = False, deblend=None) -> dict[str, Any]:
     """Detect, match and count one scene (module docstring, steps 3-7).
 
     Returns
@@ -646,12 +648,9 @@ def score_scene(scene: Scene, enhancer: Enhancer, *, keep_images: bool = False) 
     matched_by: dict[str, np.ndarray] = {}
     detector = {"hst": truth.meta}
     images = {"hst": (truth.image, scene.hst_wcs, truth)} if keep_images else None
-    for name, r in row_images(scene, enhancer).items():
-        det = detect_sources(r["image"], r["wcs"], psf=r["psf"], valid=r["valid"], source=f"{scene.files.hsc} [{name}]",
-                             **excl)
-        detector[name] = det.meta
-        if len(det.x):
-            dx, dy = scene.hst_wcs.world_to_pixel_values(det.ra, det.dec)
+    def score_row(name, det_ra, det_dec, info):
+        if len(det_ra):
+            dx, dy = scene.hst_wcs.world_to_pixel_values(det_ra, det_dec)
             d_xy = np.column_stack([np.asarray(dx, float), np.asarray(dy, float)])
         else:
             d_xy = np.zeros((0, 2))
@@ -676,11 +675,28 @@ def score_scene(scene: Scene, enhancer: Enhancer, *, keep_images: bool = False) 
             "spurious_per_arcmin2": float(spurious.sum()) / area if area > 0 else None,
             "median_offset_arcsec": float(np.median(offsets)) if len(offsets) else None,
             "detections": [{"ra": float(a), "dec": float(b), "scored": bool(sc), "matched": bool(mm)}
-                           for a, b, sc, mm in zip(det.ra, det.dec, d_scored, m["peak_matched"])],
-            "info": r["info"],
+                           for a, b, sc, mm in zip(det_ra, det_dec, d_scored, m["peak_matched"])],
+            "info": info,
         }
+
+    for name, r in row_images(scene, enhancer).items():
+        det = detect_sources(r["image"], r["wcs"], psf=r["psf"], valid=r["valid"], source=f"{scene.files.hsc} [{name}]",
+                             **excl)
+        detector[name] = det.meta
+        score_row(name, det.ra, det.dec, r["info"])
         if keep_images:
             images[name] = (det.image, r["wcs"], det)
+    if deblend is not None:
+        # galgan deblend's catalog itself (the field job's steps, support tests included): its rows
+        # are the detections, with the quasar's 1" left out as for the detector rows
+        cols, summ, _, _ = deblend_file(scene.files.hsc, psf=scene.files.hsc_psf, enhancer=enhancer, noise=deblend)
+        ra, dec = np.asarray(cols["coord_ra"]), np.asarray(cols["coord_dec"])
+        if scene.qso_radec is not None and len(ra):
+            q_ra, q_dec = scene.qso_radec
+            dq = np.hypot((ra - q_ra) * np.cos(np.radians(q_dec)), dec - q_dec) * 3600
+            keep = dq > QSO_MASK_ARCSEC
+            ra, dec = ra[keep], dec[keep]
+        score_row("deblend", ra, dec, {k: summ[k] for k in ("rows", "unsupported_dropped", "psf_plan", "warnings")})
     sources = [{"ra": float(truth.ra[i]), "dec": float(truth.dec[i]),
                 "mag": None if not np.isfinite(mags[i]) else float(mags[i]), "bin": bins[i],
                 "scored": bool(t_scored[i]), "isolated": bool(t_isolated[i]),
@@ -693,7 +709,7 @@ def score_scene(scene: Scene, enhancer: Enhancer, *, keep_images: bool = False) 
         "zeropoint": scene.hst_zeropoint, "zeropoint_source": scene.hst_zeropoint_source,
         "quasar": None if scene.qso_radec is None else {"ra": scene.qso_radec[0], "dec": scene.qso_radec[1],
                                                          "source": scene.qso_source},
-        "truth": {"n_all": int(len(truth.x)), "n_scored": int(t_scored.sum()), "sources": sources},
+        "truth": {"n_all": len(truth.x), "n_scored": int(t_scored.sum()), "sources": sources},
         "detector": detector, "rows": out_rows,
     }
     if keep_images:
@@ -770,8 +786,8 @@ def format_table(summary: dict[str, Any]) -> str:
         labels += [k for k, b in r["by_mag"].items() if b["n_truth"] and k not in labels]
     order = [*mag_bin_labels(), "unknown"]
     labels.sort(key=order.index)
-    head = ["row", "recall", "recall, isolated", *[f"i814 {lab}" for lab in labels], "spurious/scene", "spurious/arcmin²",
-            "median offset \""]
+    head = ["row", "recall", "recall, isolated", *[f"i814 {lab}" for lab in labels], "spurious/scene",
+            "spurious/arcmin²", "median offset \""]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         cells = [name, f"{_fmt(r['recall'], '.3f')} ± {_fmt(r['recall_err'], '.3f')} ({r['n_matched']}/{r['n_truth']})",
@@ -808,7 +824,7 @@ def _json_default(o):
 
 
 _MARKERS = {"hsc": ("x", "tab:orange"), "bicubic": ("+", "tab:cyan"), "richardson_lucy": ("^", "tab:purple"),
-            "enhanced": ("s", "tab:red")}
+            "enhanced": ("s", "tab:red"), "deblend": ("D", "tab:purple")}
 
 
 def plot_examples(scenes: list[dict[str, Any]], out: Path, *, n: int = N_EXAMPLES) -> Path | None:
@@ -822,13 +838,13 @@ def plot_examples(scenes: list[dict[str, Any]], out: Path, *, n: int = N_EXAMPLE
         return None
     # n scenes evenly spread over the ranking by scored HST sources (the most crowded to the sparsest).
     ranked = sorted(have, key=lambda s: (-s["truth"]["n_scored"], _scene_key(s["scene"])))
-    idx = sorted({int(round(i * (len(ranked) - 1) / max(n - 1, 1))) for i in range(min(n, len(ranked)))})
+    idx = sorted({round(i * (len(ranked) - 1) / max(n - 1, 1)) for i in range(min(n, len(ranked)))})
     pick = [ranked[i] for i in idx]
     plt = _plt()
     fig, axes = plt.subplots(len(pick), 3, figsize=(11.5, 3.9 * len(pick)), squeeze=False)
     for irow, s in enumerate(pick):
         ims = s["_images"]
-        panels = [("hsc", ["hsc", "bicubic", "richardson_lucy"]), ("enhanced", ["enhanced"]), ("hst", [])]
+        panels = [("hsc", ["hsc", "bicubic", "richardson_lucy"]), ("enhanced", ["enhanced", "deblend"]), ("hst", [])]
         hst_wcs = ims["hst"][1]
         for icol, (key, rows) in enumerate(panels):
             ax = axes[irow, icol]
@@ -849,7 +865,8 @@ def plot_examples(scenes: list[dict[str, Any]], out: Path, *, n: int = N_EXAMPLE
                 dets = s["rows"][r]["detections"]
                 if not dets:
                     continue
-                px, py = wcs.world_to_pixel_values(np.array([d["ra"] for d in dets]), np.array([d["dec"] for d in dets]))
+                px, py = wcs.world_to_pixel_values(np.array([d["ra"] for d in dets]),
+                                                   np.array([d["dec"] for d in dets]))
                 mk, col = _MARKERS[r]
                 style = {"facecolors": "none", "edgecolors": col} if mk in "s^" else {"c": col}
                 ax.scatter(px, py, marker=mk, s=28, linewidths=1.0, label=r, **style)
@@ -871,7 +888,7 @@ def plot_examples(scenes: list[dict[str, Any]], out: Path, *, n: int = N_EXAMPLE
     fig.suptitle(f"Real sky: HST truth (green circles, r = {MATCH_RADIUS_ARCSEC}\"; dotted: not scored), "
                  f"scored region (blue)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
 
@@ -884,12 +901,12 @@ def write_outputs(out_dir: Path, report: dict[str, Any], scenes_full: list[dict[
         json.dump(report, fh, indent=1, default=_json_default)
     s = report["settings"]
     md = [f"# Real-sky benchmark ({report['dataset']})", "",
-          f"Model `{report['model']}` (sha256 {str(report.get('model_sha256'))[:12]}), "
+          (f"Model `{report['model']}` (sha256 {str(report.get('model_sha256'))[:12]}), "
           f"{report['summary']['n_scenes']} scenes, {report['summary']['area_arcmin2']:.3f} arcmin² scored, "
           f"{len(report['failures'])} failed. Truth: HST F814W sources (sep, {s['nsigma']:g} sigma, matched "
           f"filter), in the HST-HSC overlap shrunk by {s['edge_margin_arcsec']}\", more than "
           f"{s['qso_exclude_arcsec']}\" from the quasar; matched one to one within {s['match_radius_arcsec']}\" "
-          f"(Hungarian). Generated by `bench/real_sky.py`.", "", format_table(report["summary"]), "",
+          f"(Hungarian). Generated by `bench/real_sky.py`."), "", format_table(report["summary"]), "",
           "## Per scene", "", format_scene_table(report["scenes"]), ""]
     if report["failures"]:
         md += ["## Failures", ""] + [f"- {f['scene']}: {f['error']}" for f in report["failures"]] + [""]
@@ -903,7 +920,7 @@ def write_outputs(out_dir: Path, report: dict[str, Any], scenes_full: list[dict[
 # Command line
 # ----------------------------------------------------------------------------------------------
 def run(data_dir: str | Path, *, model: str = "default", limit: int | None = None, keep_images: bool = True,
-        log=print) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        device: str | None = None, log=print) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score every scene of ``data_dir`` (the first ``limit``): ``(report, scenes with images)``.
 
     ``report`` holds ``dataset``, ``data``, ``model``, ``model_sha256``, ``settings``, ``provenance``,
@@ -919,20 +936,24 @@ def run(data_dir: str | Path, *, model: str = "default", limit: int | None = Non
     files = find_scenes(data_dir)
     if limit is not None:
         files = files[:max(int(limit), 0)]
-    enhancer = Enhancer(model, device="cpu")
+    enhancer = Enhancer(model, device=device)
+    # galgan deblend's noise model, calibrated once (as the command does per run)
+    noise = (enhancer_noise_scale(enhancer, default_field_config())
+             if files and files[0].dataset == "hsc_hst_qso_fields" else None)
     full, failures = [], []
     for i, sf in enumerate(files):
         t1 = time.perf_counter()
         try:
-            res = score_scene(read_scene(sf), enhancer, keep_images=keep_images)
+            res = score_scene(read_scene(sf), enhancer, keep_images=keep_images, deblend=noise)
         except InputError as exc:
             failures.append({"scene": sf.name, "error": str(exc)})
             log(f"scene {sf.name}: FAILED: {exc}")
             continue
         full.append(res)
         r = res["rows"]
-        log(f"scene {sf.name} ({i + 1}/{len(files)}, {time.perf_counter() - t1:.1f} s): truth {res['truth']['n_scored']}"
-            f" | " + "  ".join(f"{k} {v['n_matched']}/{v['n_truth']} sp {v['n_spurious']}" for k, v in r.items()))
+        log(f"scene {sf.name} ({i + 1}/{len(files)}, {time.perf_counter() - t1:.1f} s): truth "
+            f"{res['truth']['n_scored']} | "
+            + "  ".join(f"{k} {v['n_matched']}/{v['n_truth']} sp {v['n_spurious']}" for k, v in r.items()))
     scenes = [{k: v for k, v in s.items() if not k.startswith("_")} for s in full]
     dataset = files[0].dataset if files else "unknown"
     report = {"dataset": dataset, "data": str(data_dir), "model": str(model), "checkpoint": enhancer.checkpoint,
@@ -949,6 +970,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "docs" / "real_sky"), help="output folder")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N scenes")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default=None, help="torch device for the model (default: cuda if available)")
     args = ap.parse_args(argv)
     if args.threads:
         import torch
@@ -959,7 +981,7 @@ def main(argv: list[str] | None = None) -> int:
               f"absent on a fresh clone); pass --data DIR", file=sys.stderr)
         return 2
     try:
-        report, full = run(args.data, model=args.model, limit=args.limit)
+        report, full = run(args.data, model=args.model, limit=args.limit, device=args.device)
     except InputError as exc:
         print(f"real_sky: {exc}", file=sys.stderr)
         return 2

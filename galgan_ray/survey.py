@@ -44,8 +44,9 @@ __all__ = ["SurveyImage", "read_survey_image", "read_psf", "to_model_tile", "BAD
 
 #: One AB magnitude-0 source in nJy.
 AB_NJY = 3631e9
-#: Mask planes (HSC / Rubin names) whose pixels are not used.
-BAD_MASK_PLANES = ("NO_DATA", "BAD", "SAT", "CR", "SUSPECT", "UNMASKEDNAN", "EDGE")
+#: Mask planes (HSC / Rubin names) whose pixels are not used (CR and INTRP on a coadd only record that
+#: some input visit was affected there: 15-25% of a deep cutout; the pixels are good).
+BAD_MASK_PLANES = ("NO_DATA", "BAD", "SAT", "SUSPECT", "UNMASKEDNAN", "EDGE")
 _NJY_UNITS = {"njy": 1.0, "nanojansky": 1.0, "ujy": 1e3, "microjansky": 1e3, "mjy": 1e6, "jy": 1e9}
 
 

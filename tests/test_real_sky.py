@@ -1,0 +1,149 @@
+"""bench/real_sky.py on two real HSC/HST COSMOS scenes with the shipped default model (~15 s).
+
+Skips where ``../shared/data/hsc_hst_qso_fields`` is absent (a fresh clone).
+"""
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "real_sky.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_real_sky", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+rs = _load_bench()
+
+
+pytestmark = pytest.mark.realdata
+
+
+@pytest.fixture(scope="module")
+def qso_fields(shared_data) -> Path:
+    d = shared_data / "hsc_hst_qso_fields"
+    if not d.is_dir():
+        pytest.skip(f"real HSC/HST scenes not found at {d} (../shared/data is absent on a fresh clone)")
+    return d
+
+
+@pytest.fixture(scope="module")
+def two_scenes(qso_fields, tmp_path_factory):
+    """The script's own run on the first two scenes, and the files it writes."""
+    from galgan_ray.enhance import model_available
+
+    if not model_available("default"):
+        pytest.skip("the shipped default model is not installed")
+    import torch
+
+    # Module-scoped, so set up before the conftest's one-thread fixture: two threads spin on a busy machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report, full = rs.run(qso_fields, model="default", limit=2, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(before)
+    out = tmp_path_factory.mktemp("real_sky")
+    paths = rs.write_outputs(out, report, full)
+    return report, paths
+
+
+def test_report_has_every_row_and_key(two_scenes):
+    report, paths = two_scenes
+    assert report["failures"] == []
+    assert [s["scene"] for s in report["scenes"]] == ["2", "4"]
+    for key in ("dataset", "model", "model_sha256", "settings", "provenance", "scenes", "summary", "runtime_s"):
+        assert key in report
+    summary = report["summary"]
+    assert summary["n_scenes"] == 2 and summary["area_arcmin2"] > 0
+    assert list(summary["rows"]) == list(rs.ROWS)
+    for name, r in summary["rows"].items():
+        for key in ("recall", "recall_err", "recall_isolated", "by_mag", "n_truth", "n_matched", "n_spurious",
+                    "spurious_per_scene", "spurious_per_arcmin2", "median_offset_arcsec"):
+            assert key in r, (name, key)
+        assert 0.0 <= r["recall"] <= 1.0
+        assert r["n_matched"] <= r["n_truth"]
+        assert set(r["by_mag"]) == set(rs.mag_bin_labels())
+        for b in r["by_mag"].values():
+            assert b["recall"] is None or 0.0 <= b["recall"] <= 1.0
+        assert sum(b["n_truth"] for b in r["by_mag"].values()) == r["n_truth"]
+        assert r["spurious_per_scene"] >= 0 and r["spurious_per_arcmin2"] >= 0
+    # the files it writes, readable, with every row in the table
+    assert json.loads(paths["report"].read_text())["summary"]["n_scenes"] == 2
+    table = paths["table"].read_text()
+    for name in rs.ROWS:
+        assert f"| {name} |" in table
+    assert paths["figure"].stat().st_size > 10_000
+
+
+def test_truth_per_scene_and_scored_region(two_scenes):
+    report, _ = two_scenes
+    for s in report["scenes"]:
+        assert s["truth"]["n_scored"] > 0
+        assert s["zeropoint"] == pytest.approx(25.94, abs=0.01)  # F814W from PHOTFLAM/PHOTPLAM
+        assert s["quasar"]["source"].startswith("cosmos_t1qso.fits")
+        # the HST-HSC overlap minus a 0.5" border and the 1.5" quasar disc: below the 15" x 15" HST image
+        hst_area = (502 * 0.03 / 60) ** 2
+        assert 0.6 * hst_area < s["area_arcmin2"] < hst_area
+        cosd = math.cos(math.radians(s["quasar"]["dec"]))
+        for t in s["truth"]["sources"]:
+            if t["scored"]:
+                d = 3600 * math.hypot((t["ra"] - s["quasar"]["ra"]) * cosd, t["dec"] - s["quasar"]["dec"])
+                assert d > rs.QSO_EXCLUDE_ARCSEC - 0.05
+
+
+def test_hsc_positions_land_on_hst_sources(two_scenes):
+    """The HSC detections converted to the sky sit on HST sources: most within the 0.4" matching radius,
+    and the median distance to the nearest HST source (of those within 1") well below it."""
+    report, _ = two_scenes
+    near = []
+    for s in report["scenes"]:
+        t = np.array([[u["ra"], u["dec"]] for u in s["truth"]["sources"]])
+        cosd = math.cos(math.radians(s["quasar"]["dec"]))
+        for d in s["rows"]["hsc"]["detections"]:
+            if d["scored"]:
+                near.append(3600 * np.min(np.hypot((t[:, 0] - d["ra"]) * cosd, t[:, 1] - d["dec"])))
+    near = np.array(near)
+    assert len(near) >= 5
+    assert np.mean(near <= rs.MATCH_RADIUS_ARCSEC) >= 0.6
+    assert np.median(near[near < 1.0]) < 0.2
+    assert report["summary"]["rows"]["hsc"]["median_offset_arcsec"] < 0.2
+
+
+def test_a_bad_scene_is_a_listed_failure_and_the_rest_go_on(qso_fields, tmp_path):
+    data = tmp_path / "fields"
+    for sub in ("hsc", "hsc_psf", "hst", "hst_psf"):
+        (data / sub).mkdir(parents=True)
+    os.symlink(qso_fields / "cosmos_t1qso.fits", data / "cosmos_t1qso.fits")
+    for sid in ("2", "4"):
+        for sub, pattern in (("hsc", f"{sid}-cutout-HSC-I-*.fits"), ("hsc_psf", f"{sid}-psf-*-HSC-I-*.fits"),
+                             ("hst_psf", f"{sid}-psf-HST-COSMOS.fits")):
+            f = min((qso_fields / sub).glob(pattern))
+            os.symlink(f, data / sub / f.name)
+    good = min((qso_fields / "hst").glob("2_*_sci.fits*"))
+    os.symlink(good, data / "hst" / good.name)
+    bad = min((qso_fields / "hst").glob("4_*_sci.fits*"))
+    (data / "hst" / bad.name).write_bytes(bad.read_bytes()[:20000])  # truncated gzip
+    lines = []
+    report, _ = rs.run(data, model="default", log=lines.append)
+    assert [s["scene"] for s in report["scenes"]] == ["2"]
+    assert [f["scene"] for f in report["failures"]] == ["4"]
+    assert bad.name in report["failures"][0]["error"]
+    assert any(line.startswith("scene 4: FAILED:") and bad.name in line and "\n" not in line for line in lines)
+
+
+def test_missing_data_folder_exits_2(tmp_path, capsys):
+    assert rs.main(["--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
