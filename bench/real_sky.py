@@ -14,10 +14,11 @@ What is measured, step by step (constants at the top of this file):
 
 1. Inputs. ``hsc_hst_qso_fields``: the HSC cutout is read with
    :func:`galgan_ray.survey.read_survey_image` (image/mask/variance HDUs; flux in nJy from
-   ``FLUXMAG0``), its PSF with :func:`galgan_ray.survey.read_psf`. Unusable HSC pixels: non-finite
-   or in a mask plane of ``HSC_BAD_MASK_PLANES`` (NO_DATA, BAD, SAT, SUSPECT, UNMASKEDNAN, EDGE).
-   Not CR or INTRP, which the reader's own mask counts: in these deep coadds they are the OR over
-   the input visits and cover 15-25% of every cutout, whose coadded values are fine.
+   ``FLUXMAG0``), its PSF with :func:`galgan_ray.survey.read_psf`. Unusable HSC pixels are the
+   reader's: non-finite, non-positive variance, or in a mask plane of
+   :data:`galgan_ray.survey.BAD_MASK_PLANES` (NO_DATA, BAD, SAT, SUSPECT, UNMASKEDNAN, EDGE; not CR
+   or INTRP, which in these deep coadds are the OR over the input visits and cover 15-25% of every
+   cutout, whose coadded values are fine).
    The HST image's AB zero point comes from its ``PHOTFLAM``/``PHOTPLAM`` keywords
    (``-2.5 log10 PHOTFLAM - 5 log10 PHOTPLAM - 2.408``: 25.936 for F814W, the image being in e-/s),
    falling back to the COSMOS F814W value 25.94 where a header has neither. The quasar each scene is centred on is the ``cosmos_t1qso.fits`` entry nearest the
@@ -119,7 +120,7 @@ from galgan_ray.errors import InputError
 from galgan_ray.geometry import pixel_scale_of
 from galgan_ray.matching import match_peaks, radius_pixels
 from galgan_ray.provenance import provenance
-from galgan_ray.survey import check_psf, read_psf, read_survey_image
+from galgan_ray.survey import BAD_MASK_PLANES, check_psf, read_psf, read_survey_image
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hsc_hst_qso_fields"
@@ -148,7 +149,7 @@ MAG_EDGES = (22.0, 23.0, 24.0, 25.0, 26.0)
 ISOLATION_ARCSEC = 1.0
 ROWS = ("hsc", "bicubic", "richardson_lucy", "enhanced", "deblend")
 #: HSC mask planes whose pixels are unusable here (see :func:`read_scene` for why not CR/INTRP).
-HSC_BAD_MASK_PLANES = ("NO_DATA", "BAD", "SAT", "SUSPECT", "UNMASKEDNAN", "EDGE")
+HSC_BAD_MASK_PLANES = BAD_MASK_PLANES  # the survey reader's
 HSC_I_PLANE = 2  # hsc_hst_pairs cubes: g, r, i, z, y
 N_EXAMPLES = 4
 
@@ -325,18 +326,10 @@ def read_scene(files: SceneFiles) -> Scene:
     hst_path = _need(files.hst, "HST image")
     hst_psf_path = _need(files.hst_psf, "HST PSF")
     if files.dataset == "hsc_hst_qso_fields":
-        # The reader gives the flux unit, WCS, mask planes and PSF; its bad-pixel mask is not used: it
-        # counts CR and INTRP as unusable, and in a deep coadd those planes are the OR over the input
-        # visits (15-25% of these cutouts' pixels, whose coadded values are fine).
+        # The reader gives the flux unit, WCS, mask planes, PSF and the unusable pixels (survey.BAD_MASK_PLANES)
         si = read_survey_image(files.hsc, psf=hsc_psf_path)
-        raw, _ = _read_image(files.hsc)
-        if raw.shape != si.image.shape:
-            raise InputError(files.hsc, f"first image HDU has shape {raw.shape}, not the image's {si.image.shape}")
-        bits = sum(1 << si.mask_planes[p] for p in HSC_BAD_MASK_PLANES if p in si.mask_planes)
-        # (The variance is not used here, and the reader has set it to inf on the pixels it masked.)
-        bad = ~np.isfinite(raw) | ((si.mask.astype(np.int64) & bits) != 0)
-        hsc_valid = ~bad
-        hsc_image = np.where(hsc_valid, raw * si.unit_to_njy, 0.0)
+        hsc_valid = ~si.bad
+        hsc_image = si.image
         hsc_wcs, hsc_psf = si.wcs, si.psf
         hsc_unit = f"nJy ({si.unit_source})"
     else:

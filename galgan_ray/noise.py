@@ -161,14 +161,12 @@ def enhanced_noise_model(enh, images_hr: np.ndarray, sigma_lr: np.ndarray, *, de
     if top > 2.0:
         edges = np.union1d(edges, np.geomspace(1.0, top, max(int(np.ceil(4 * np.log10(top))), 2) + 1))
     which = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, len(edges) - 2)
-    counts = np.bincount(which, minlength=len(edges) - 1)
     bins, acc = [], np.zeros(level.shape, bool)
     for k in range(len(edges) - 1):  # ascending levels
         acc |= which == k
         if acc.sum() >= min_pixels or (k == len(edges) - 2 and acc.any()):
             bins.append(acc)
             acc = np.zeros(level.shape, bool)
-    del counts
     return EnhancedNoiseModel(levels=tuple(float(np.median(level[b])) for b in bins),
                               rho=tuple(float(np.percentile(std[b], percentile)) for b in bins))
 

@@ -179,13 +179,13 @@ def sky_crop_pairs(tiles: Sequence[Mapping[str, str | Path]], *, degrade_configs
     lr_out = np.empty((n_pairs, len(names), lr_size, lr_size), dtype=np.float32)
     hr_out = np.empty((n_pairs, len(names), hr_size, hr_size), dtype=np.float32)
     base_var = np.empty((n_pairs, len(names)), dtype=np.float64)
+    psf_hr = np.stack([draw_psf(b.psf, pixel_scale_arcsec=b.pixel_scale_arcsec) for b in high_bands])
     k_out = 0
     for k, tile_paths in enumerate(tiles):
         if per_tile[k] == 0:
             continue
         mosaic, wcs = _read_mosaic(tile_paths, names)
         dc = degrade_configs[k % len(degrade_configs)]
-        psf_hr = np.stack([draw_psf(b.psf, pixel_scale_arcsec=b.pixel_scale_arcsec) for b in high_bands])
         hr_tile = Tile(tile_id=k, source=str(tile_paths[names[0]]), image=mosaic,
                        variance=np.stack([np.full(mosaic.shape[1:], b.sky_sigma**2, np.float32) for b in high_bands]),
                        mask=np.zeros(mosaic.shape, np.int32), psf=psf_hr.astype(np.float64),

@@ -13,7 +13,9 @@ from ..config import from_dict
 from ..enhance import Enhancer
 from ..errors import InputError
 from ..field import FieldConfig, enhancer_noise_scale, process_tile
+from ..field.cutouts import median_sigma
 from ..flags import flag_bit
+from ..geometry import make_tan_wcs
 from ..provenance import provenance
 from ..schema import band_name, catalog_table
 from ..storage import StorageConfig, parquet_bytes, write_bytes_atomic
@@ -91,9 +93,14 @@ def run(args: argparse.Namespace) -> int:
     table = catalog_table(cols, bands=res.tile.bands, metadata=meta)
     write_bytes_atomic(args.out, parquet_bytes(table), StorageConfig())
     if args.enhanced:
-        plane = enh.enhance_plane(res.tile.image, np.sqrt(np.median(res.tile.variance[np.isfinite(res.tile.variance)])))
-        hdr = fits.Header()
-        hdr.update(enh_wcs_header(res.tile, enh))
+        # the enhanced tile again (the pipeline keeps only the cutouts' views), on the HR grid that
+        # enhance_image gives the same LR grid: co-centred, factor times finer
+        tile = res.tile
+        plane = enh.enhance_plane(tile.image, median_sigma(tile.variance))
+        ny, nx = tile.shape
+        ra, dec = tile.wcs.wcs.crval
+        hdr = make_tan_wcs(float(ra), float(dec), pixel_scale_arcsec=enh.pixel_scale_high_arcsec,
+                           shape=(enh.factor * ny, enh.factor * nx)).to_header()
         hdr["BUNIT"] = ("nJy", "per output pixel")
         fits.PrimaryHDU(plane[0].astype(np.float32), header=hdr).writeto(args.enhanced, overwrite=True)
     s = summary
@@ -106,15 +113,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"  warning: {w}")
     return 0
 
-
-def enh_wcs_header(tile, enh: Enhancer) -> fits.Header:
-    """The WCS of the enhanced plane of ``tile``: the LR grid, ``factor`` times finer (pixel centres of
-    the HR sub-pixels: HR pixels 3y .. 3y+2 lie in LR pixel y)."""
-    w = tile.wcs.deepcopy()
-    f = enh.factor
-    if w.wcs.has_cd():
-        w.wcs.cd = w.wcs.cd / f
-    else:
-        w.wcs.cdelt = np.asarray(w.wcs.cdelt) / f
-    w.wcs.crpix = (np.asarray(w.wcs.crpix) - 0.5) * f + 0.5
-    return w.to_header(relax=True)

@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
         for f in FLAGS:
             print(f"{f.bit:>3}  {f.value:>6}  {f.name:<16} {f.description}")
         return 0
+    known = sum(f.value for f in FLAGS)
     for text in args.values:
         try:
             value = int(text, 0)
@@ -29,7 +30,6 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"flags value {text!r}", "is not an integer (decimal or 0x hex)") from None
         if value < 0:
             raise InputError(f"flags value {text!r}", "must be >= 0")
-        known = sum(f.value for f in FLAGS)
         names = describe_flags(value)
         unknown = value & ~known
         extra = [f"unknown bits 0x{unknown:x}"] if unknown else []

@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..geometry import extract_box
 from .footprints import Footprints
 
-__all__ = ["CutoutConfig", "Cutouts", "EnhanceFn", "cut_footprint_cutouts", "enhance_cutouts_in_plane"]
+__all__ = ["CutoutConfig", "Cutouts", "EnhanceFn", "cut_footprint_cutouts", "enhance_cutouts_in_plane", "median_sigma"]
 
 #: ``(plane (C, H, W), sigma (C,), need=(H, W) bool) -> (C, factor H, factor W)``: a whole LR image
 #: enhanced where ``need`` is set (:meth:`galgan_ray.enhance.Enhancer.enhance_plane`).
@@ -89,6 +89,12 @@ class Cutouts:
         return len(self.fp)
 
 
+def median_sigma(variance: np.ndarray) -> np.ndarray:
+    """``(C,)`` per-band noise sigma of a ``(C, H, W)`` variance plane: the root of its median over the
+    usable (finite) pixels; 1 for a band without any."""
+    return np.array([np.sqrt(np.median(v[np.isfinite(v)])) if np.isfinite(v).any() else 1.0 for v in variance])
+
+
 def _grid_centres(lo: int, hi: int, stride: int) -> np.ndarray:
     width = hi - lo + 1
     n = max(1, math.ceil(width / stride))
@@ -116,7 +122,7 @@ def cut_footprint_cutouts(footprints: Footprints, variance: np.ndarray, *, confi
     c, h, w = image_sub.shape
     bbox = footprints.bbox
     n_fp = len(bbox)
-    tile_sigma = np.array([np.sqrt(np.median(v[np.isfinite(v)])) if np.isfinite(v).any() else 1.0 for v in variance])
+    tile_sigma = median_sigma(variance)
     m = config.margin_px
     usable = side - 2 * m
     stride = min(config.stride_px, max(usable, 1))
@@ -174,8 +180,7 @@ def enhance_cutouts_in_plane(image: np.ndarray, variance: np.ndarray, cutouts: C
     c, h, w = image.shape
     if not len(cutouts):
         return cutouts, np.zeros((0, c, hr_size, hr_size), np.float32)
-    sigma = np.array([np.sqrt(np.median(v[np.isfinite(v)])) if np.isfinite(v).any() else 1.0 for v in variance],
-                     dtype=np.float32)
+    sigma = median_sigma(variance).astype(np.float32)
     side = cutouts.image.shape[-1]
     need = np.zeros((h, w), dtype=bool)
     for x0, y0 in cutouts.origin:

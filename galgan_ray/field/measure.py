@@ -257,12 +257,10 @@ def measure_children(footprints: Footprints, children: Children, variance: np.nd
                 err[rows, ci] = res["flux_err"][i, :s] * footprints.noise_scale  # the measured noise
                 flags[rows] |= res["flags"][i, :s].astype(np.int64) & ~np.int64(_EDGE)
             hlr[rows] = ref["hlr_arcsec"][i, :s]
-    fluxes = support_children(Fluxes(flux=flux, flux_err=err, flags=flags, hlr_arcsec=hlr),
-                              support_snr=config.support_snr)
     excess = symmetric_excess(image_sub, variance, psf=psf, children=children, flux=flux,
                               footprints=footprints, max_distance_px=config.symmetry_max_arcsec / pixel_scale_arcsec)
-    fluxes.flags[excess < config.support_snr] |= _UNSUPPORTED
-    return fluxes
+    return support_children(Fluxes(flux=flux, flux_err=err, flags=flags, hlr_arcsec=hlr),
+                            support_snr=config.support_snr, excess=excess)
 
 
 def symmetric_excess(image: np.ndarray, variance: np.ndarray, *, psf: np.ndarray, children: Children,
@@ -290,7 +288,7 @@ def symmetric_excess(image: np.ndarray, variance: np.ndarray, *, psf: np.ndarray
     good = np.isfinite(var)
     f_map = fftconvolve(np.where(good, img, 0.0), k[::-1, ::-1], mode="same") / (k**2).sum()
     v_map = fftconvolve(np.where(good, var, 0.0), (k**2)[::-1, ::-1], mode="same") / (k**2).sum() ** 2
-    bad_map = fftconvolve((~good).astype(np.float64), np.abs(k[::-1, ::-1]), mode="same") > 0.05
+    bad_map = (fftconvolve((~good).astype(np.float64), np.abs(k[::-1, ::-1]), mode="same") > 0.05).astype(np.float64)
     h, w = img.shape
 
     def sample(m, x, y):
@@ -321,7 +319,7 @@ def symmetric_excess(image: np.ndarray, variance: np.ndarray, *, psf: np.ndarray
             if not inside.any():
                 continue
             mx, my = mx[inside], my[inside]
-            ok = ~sample(bad_map.astype(np.float64), mx, my).astype(bool)
+            ok = sample(bad_map, mx, my) <= 0.0  # no unusable pixel near the mirror
             if not ok.any():
                 continue
             fj, vj = sample(f_map, x[a], y[a])[0], sample(v_map, x[a], y[a])[0]
@@ -338,11 +336,15 @@ def fitted_snr(fluxes: Fluxes) -> np.ndarray:
     return np.sqrt((snr**2).sum(axis=1))
 
 
-def support_children(fluxes: Fluxes, *, support_snr: float) -> Fluxes:
-    """Flag the children the LR pixels do not support (module docstring): ``UNSUPPORTED`` below
+def support_children(fluxes: Fluxes, *, support_snr: float, excess: np.ndarray | None = None) -> Fluxes:
+    """Flag the children the LR pixels do not support (module docstring): ``UNSUPPORTED`` when the
+    fitted S/N or the symmetric ``excess`` (:func:`symmetric_excess`; None: not tested) is below
     ``support_snr``, ``LOW_SNR`` below 5 sigma (no negative or unmeasured flux passes either)."""
     snr = fitted_snr(fluxes)
+    unsupported = snr < support_snr
+    if excess is not None:
+        unsupported |= np.asarray(excess) < support_snr
     flags = fluxes.flags.copy()
-    flags |= np.where(snr < support_snr, _UNSUPPORTED, 0).astype(np.int64)
+    flags |= np.where(unsupported, _UNSUPPORTED, 0).astype(np.int64)
     flags |= np.where(snr < LOW_SNR_THRESHOLD, _LOW_SNR, 0).astype(np.int64)
     return replace(fluxes, flags=flags)
