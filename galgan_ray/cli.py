@@ -9,6 +9,7 @@ import sys
 
 from . import __version__
 from .errors import InputError
+from .progress import set_progress
 
 __all__ = ["main", "build_parser"]
 
@@ -24,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "and measure how many blends the enhancement recovers.")
     parser.add_argument("--version", action="version", version=f"galgan-ray {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars (default: bars on standard error when it is a terminal; "
+                             "GALGAN_PROGRESS=0/1 forces them off/on)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(f"galgan_ray.commands.{name}").register(sub)
@@ -38,11 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    before = set_progress(False) if args.quiet else None
     try:
         return int(args.func(args) or 0)
     except InputError as exc:
         print(f"galgan {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if args.quiet:
+            set_progress(before)  # main() may be called in-process (tests): -q lasts one command
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from .degrade import matching_kernel
 from .errors import InputError
 from .geometry import make_tan_wcs, pixel_scale_of
 from .models import SRGANConfig, postprocess, prepare_batch
+from .progress import progress
 from .psf import draw_psf, measure_fwhm, normalize_psf
 
 __all__ = ["DEFAULT_MODELS", "default_checkpoint", "resolve_model", "Enhancer", "enhance_image",
@@ -261,7 +262,7 @@ class Enhancer:
         out = np.empty((arr.shape[0], self.model_cfg.out_channels, self.hr_size, self.hr_size), dtype=np.float32)
         scaling = self.model_cfg.scaling
         with torch.inference_mode():
-            for i in range(0, arr.shape[0], self.batch_size):
+            for i in progress(range(0, arr.shape[0], self.batch_size), desc="enhance", unit="batch"):
                 j = min(i + self.batch_size, arr.shape[0])
                 x, _ = prepare_batch(arr[i:j], None, sig[i:j], scaling, device=self.device)
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -352,7 +353,7 @@ class Enhancer:
             want[:h, :w] = np.asarray(need, dtype=bool)
         out = np.zeros((self.model_cfg.out_channels, f * hp, f * wp), dtype=np.float32)
         with torch.inference_mode():
-            for y0 in range(0, hp, win):
+            for y0 in progress(range(0, hp, win), desc="enhance", unit="row"):
                 for x0 in range(0, wp, win):
                     y1, x1 = min(y0 + win, hp), min(x0 + win, wp)
                     if want is not None and not want[y0:y1, x0:x1].any():

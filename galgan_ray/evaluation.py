@@ -32,11 +32,12 @@ from .metrics import (blend_outcomes, detection_fraction, detection_scores, effi
                       enhancement_false_positive_rate)
 from .noise import EnhancedNoiseModel, enhanced_noise_model
 from .photometry_eval import evaluate_photometry
+from .progress import progress
 from .provenance import provenance
 from .psf import draw_psf
 from .training import evaluate_srgan
 
-__all__ = ["EvalSpec", "evaluate", "benchmark_galaxies", "peaks_at_resolution", "score_blends",
+__all__ = ["EvalSpec", "evaluate", "benchmark_galaxies", "band_index", "channel_view", "paired_differences", "peaks_at_resolution", "score_blends",
            "central_significance", "select_detectable",
            "write_report", "BLEND_PARAMETERS"]
 
@@ -81,6 +82,14 @@ class EvalSpec(SkySampleConfig):
     n_empty : int
         Cutouts of empty sky (noise only, at the blends' depth): every peak any row finds on them is
         invented (``invented_sources_per_arcmin2.{row}.empty_sky``).
+    detect_band : str or None
+        Filter name (e.g. ``F775W``) of the channel on which every row finds its peaks, as the paper
+        finds them on the i-band cutouts; its PSFs are the detection PSFs, the baselines work on it,
+        and a single-band enhancer scores a multi-band spec on that channel alone (the paired 7-band
+        benchmark's ``enhanced_1band`` row). None: band 0 of one band, the chi-like sum of several.
+    chi_detection_beside : bool
+        With ``detect_band`` and several bands: also the rows ``high_chi``, ``low_chi`` and
+        ``{model}_chi`` (multi-band enhancers) with peaks on the chi-like sum of all bands.
     """
 
     seed: int = 5000
@@ -98,6 +107,30 @@ class EvalSpec(SkySampleConfig):
     batch_size: int = 256
     photometry_blends: int = 1500
     n_empty: int = 0
+    detect_band: str | None = None
+    chi_detection_beside: bool = False
+
+
+def band_index(spec: EvalSpec, band: str | None) -> int | None:
+    """The channel of ``band`` (a filter name such as ``F775W``, or a full key) among the spec's HR or
+    LR bands; None for None. An unknown band is an :class:`InputError` that lists the spec's bands."""
+    if band is None:
+        return None
+    for keys in (spec.bands.high, spec.bands.low):
+        for i, k in enumerate(keys):
+            if band in (k, k.split("/", 1)[-1]):
+                return i
+    raise InputError("detect_band", f"{band!r} is not among the spec's bands {list(spec.bands.high)}")
+
+
+def _one_band(dc, i: int):
+    """The degrade config of channel ``i`` alone."""
+    return replace(dc, high=(dc.high[i],), low=(dc.low[i],))
+
+
+def _channel(x: np.ndarray, i: int | None) -> np.ndarray:
+    """Channel ``i`` of (N, C, ...) kept as (N, 1, ...); all channels for None."""
+    return x if i is None else x[:, i:i + 1]
 
 
 def benchmark_galaxies(spec: EvalSpec, *, work_dir: str | Path, real_galaxies: str | None = None,
@@ -186,16 +219,17 @@ def central_significance(images_hr: np.ndarray, sigma_hr, *, psf: np.ndarray, ra
 
 
 def select_detectable(galaxies: Mapping[str, np.ndarray], *, psf_hr: np.ndarray, radius_px: float,
-                      min_significance: float, psf_energy: float = DetectConfig().psf_energy
-                      ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Keep the galaxies whose :func:`central_significance` at high resolution is ``>= min_significance``.
+                      min_significance: float, psf_energy: float = DetectConfig().psf_energy,
+                      channel: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Keep the galaxies whose :func:`central_significance` at high resolution is ``>= min_significance``
+    (on ``channel`` alone, the detection band, when given).
 
     Returns the reduced galaxy set and counts (``input``, ``kept``, ``removed_high_significance``,
     ``min_high_significance``) for the report.
     """
     n = len(galaxies["image_hr"])
-    sig = central_significance(galaxies["image_hr"], galaxies["sigma_hr"], psf=psf_hr, radius_px=radius_px,
-                               psf_energy=psf_energy)
+    sig = central_significance(_channel(galaxies["image_hr"], channel), _channel(galaxies["sigma_hr"], channel),
+                               psf=psf_hr, radius_px=radius_px, psf_energy=psf_energy)
     keep = sig >= min_significance
     if not keep.any():
         raise InputError("min_high_significance", f"no galaxy reaches {min_significance} sigma at high "
@@ -254,12 +288,17 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
     timing["galaxies_s"] = time.perf_counter() - t_start
     dc = _degrade_config_with_real_psf(spec, ginfo.get("band_configs")) if real_galaxies else spec.bands.degrade_config()
     scale_hr, scale_lr = dc.scale_high_arcsec, dc.scale_low_arcsec
-    psf_hr = draw_psf(dc.high[0].psf, pixel_scale_arcsec=scale_hr)
-    psf_lr = draw_psf(dc.low[0].psf, pixel_scale_arcsec=scale_lr)
+    ch = band_index(spec, spec.detect_band)
+    n_ch = len(dc.high)
+    if ch is not None and n_ch == 1:
+        ch = None  # one band: its channel is the only one
+    det_band = 0 if ch is None else ch
+    psf_hr = draw_psf(dc.high[det_band].psf, pixel_scale_arcsec=scale_hr)
+    psf_lr = draw_psf(dc.low[det_band].psf, pixel_scale_arcsec=scale_lr)
     if spec.min_high_significance > 0:
         galaxies, ginfo["high_significance_cut"] = select_detectable(
             galaxies, psf_hr=psf_hr, radius_px=spec.match_radius_arcsec / scale_hr,
-            min_significance=spec.min_high_significance, psf_energy=spec.detect.psf_energy)
+            min_significance=spec.min_high_significance, psf_energy=spec.detect.psf_energy, channel=ch)
         ginfo["n_galaxies"] = int(len(galaxies["image_hr"]))
     t0 = time.perf_counter()
     bb, blends, sources = simulate_blends(galaxies, config=spec.blends, degrade_config=dc, n_blends=spec.n_blends,
@@ -283,22 +322,32 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
         rows[name] = {"blend": score_blends(pk_b, th, n_items=n_b, radius_px=r, n_truth=n_truth),
                       "iso": score_blends(pk_i, ti, n_items=n_i, radius_px=r, n_truth=1),
                       "empty": None if pk_e is None else int(len(pk_e["index"])),
-                      "peaks": pk_b, "grid": grid}
+                      "peaks": pk_b, "peaks_iso": pk_i, "grid": grid}
 
     det = spec.detect
     t0 = time.perf_counter()
     def on_empty(fn):
         return fn(eb) if eb is not None else None
 
-    add_row("high", peaks_at_resolution(bb["image_hr"], psf=psf_hr, noise_sigma=bb["sigma_hr"], detect=det),
-            peaks_at_resolution(ib["image_hr"], psf=psf_hr, noise_sigma=ib["sigma_hr"], detect=det), "hr",
-            on_empty(lambda e: peaks_at_resolution(e["image_hr"], psf=psf_hr, noise_sigma=e["sigma_hr"], detect=det)))
-    add_row("low", peaks_at_resolution(bb["image_lr"], psf=psf_lr, noise_sigma=bb["sigma_lr"], detect=det),
-            peaks_at_resolution(ib["image_lr"], psf=psf_lr, noise_sigma=ib["sigma_lr"], detect=det), "lr",
-            on_empty(lambda e: peaks_at_resolution(e["image_lr"], psf=psf_lr, noise_sigma=e["sigma_lr"], detect=det)))
+    def peaks_of(images, sigma, *, psf, c, noise_model=None):
+        return peaks_at_resolution(_channel(images, c), psf=psf, noise_sigma=_channel(sigma, c), detect=det,
+                                   noise_model=noise_model)
+
+    # Detection on the detect_band's channel (the paper's i band), and with chi_detection_beside also
+    # on the chi-like sum of every band (rows *_chi), each with the PSFs of band 0 / its own band.
+    chi = spec.chi_detection_beside and ch is not None
+    psf_hr0 = draw_psf(dc.high[0].psf, pixel_scale_arcsec=scale_hr) if chi else None
+    psf_lr0 = draw_psf(dc.low[0].psf, pixel_scale_arcsec=scale_lr) if chi else None
+    for suffix, c, p_hr, p_lr in (("", ch, psf_hr, psf_lr),) + ((("_chi", None, psf_hr0, psf_lr0),) if chi else ()):
+        add_row("high" + suffix, peaks_of(bb["image_hr"], bb["sigma_hr"], psf=p_hr, c=c),
+                peaks_of(ib["image_hr"], ib["sigma_hr"], psf=p_hr, c=c), "hr",
+                on_empty(lambda e: peaks_of(e["image_hr"], e["sigma_hr"], psf=p_hr, c=c)))
+        add_row("low" + suffix, peaks_of(bb["image_lr"], bb["sigma_lr"], psf=p_lr, c=c),
+                peaks_of(ib["image_lr"], ib["sigma_lr"], psf=p_lr, c=c), "lr",
+                on_empty(lambda e: peaks_of(e["image_lr"], e["sigma_lr"], psf=p_lr, c=c)))
     timing["detect_high_low_s"] = time.perf_counter() - t0
 
-    enhanced_images = {}
+    enhanced_images, enhanced_isolated = {}, {}
     model_info = {}
     for name, ckpt in models.items():
         # Imported here: galgan_ray.enhance pulls in scipy.signal (~0.5 s), which every `galgan` command
@@ -307,28 +356,57 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
 
         t0 = time.perf_counter()
         enh = Enhancer(ckpt, batch_size=spec.batch_size)
-        sr_b = enh.enhance_cutouts(bb["image_lr"], bb["sigma_lr"])
-        sr_i = enh.enhance_cutouts(ib["image_lr"], ib["sigma_lr"])
-        noise = enhanced_noise_model(enh, ib["image_hr"][: spec.noise_calibration_galaxies], ib["sigma_lr"],
-                                     degrade_config=dc, psf=psf_hr, n_draws=spec.noise_realizations,
-                                     percentile=spec.noise_percentile, n_levels=spec.noise_levels, seed=spec.seed,
-                                     det=det)
-        timing[f"{name}_enhance_s"] = time.perf_counter() - t0
-        add_row(name, peaks_at_resolution(sr_b, psf=psf_hr, noise_sigma=bb["sigma_lr"], detect=det, noise_model=noise),
-                peaks_at_resolution(sr_i, psf=psf_hr, noise_sigma=ib["sigma_lr"], detect=det, noise_model=noise), "hr",
-                on_empty(lambda e: peaks_at_resolution(enh.enhance_cutouts(e["image_lr"], e["sigma_lr"]), psf=psf_hr,
-                                                       noise_sigma=e["sigma_lr"], detect=det, noise_model=noise)))
-        enhanced_images[name] = sr_b
-        image_metrics = _image_metrics(enh, bb, ib)
-        model_info[name] = {"image_metrics": image_metrics, "checkpoint": str(ckpt), "noise_model": noise.summary(),
-                            "bands_low": list(enh.band_keys_low), "bands_high": list(enh.band_keys_high)}
+        # A single-band enhancer on a multi-band spec sees the detect_band's channel alone (the paired
+        # 7-band benchmark's enhanced_1band row: the very same blends and noise in that band).
+        n_in = len(enh.band_keys_low)
+        if n_in == n_ch:
+            c_in, c_out, dc_m = None, ch, dc
+        elif n_in == 1 and ch is not None:
+            c_in, c_out, dc_m = ch, None, _one_band(dc, ch)
+        else:
+            raise InputError(str(ckpt), f"the model takes {n_in} band(s) and the spec has {n_ch}; a single-band "
+                                        "model on a multi-band spec needs detect_band (the channel it sees)")
 
-    for method in spec.baselines:
+        def enhance(batch, c_in=c_in, enh=enh):
+            return enh.enhance_cutouts(_channel(batch["image_lr"], c_in), _channel(batch["sigma_lr"], c_in))
+
+        sr_b, sr_i = enhance(bb), enhance(ib)
+        sr_e = on_empty(enhance)
+        cal = ib["image_hr"][: spec.noise_calibration_galaxies]
+        noise = enhanced_noise_model(enh, _channel(cal, c_in), _channel(ib["sigma_lr"], c_in), degrade_config=dc_m,
+                                     psf=psf_hr, n_draws=spec.noise_realizations, percentile=spec.noise_percentile,
+                                     n_levels=spec.noise_levels, seed=spec.seed, det=det, channel=c_out)
+        timing[f"{name}_enhance_s"] = time.perf_counter() - t0
+        s_b, s_i = _channel(bb["sigma_lr"], c_in), _channel(ib["sigma_lr"], c_in)
+        add_row(name, peaks_of(sr_b, s_b, psf=psf_hr, c=c_out, noise_model=noise),
+                peaks_of(sr_i, s_i, psf=psf_hr, c=c_out, noise_model=noise), "hr",
+                None if sr_e is None else peaks_of(sr_e, _channel(eb["sigma_lr"], c_in), psf=psf_hr, c=c_out,
+                                                   noise_model=noise))
+        info = {"checkpoint": str(ckpt), "noise_model": noise.summary(), "bands_low": list(enh.band_keys_low),
+                "bands_high": list(enh.band_keys_high)}
+        if chi and c_in is None:
+            noise_chi = enhanced_noise_model(enh, cal, ib["sigma_lr"], degrade_config=dc, psf=psf_hr0,
+                                             n_draws=spec.noise_realizations, percentile=spec.noise_percentile,
+                                             n_levels=spec.noise_levels, seed=spec.seed, det=det)
+            add_row(name + "_chi", peaks_of(sr_b, s_b, psf=psf_hr0, c=None, noise_model=noise_chi),
+                    peaks_of(sr_i, s_i, psf=psf_hr0, c=None, noise_model=noise_chi), "hr",
+                    None if sr_e is None else peaks_of(sr_e, eb["sigma_lr"], psf=psf_hr0, c=None,
+                                                       noise_model=noise_chi))
+            info["noise_model_chi"] = noise_chi.summary()
+        if c_in is not None:
+            info["channel"] = dc.low[c_in].key
+        enhanced_images[name] = sr_b
+        enhanced_isolated[name] = sr_i
+        info["image_metrics"] = _image_metrics(enh, bb, ib, channel=c_in)
+        model_info[name] = info
+
+    for method in progress(spec.baselines, desc="baselines", unit="method"):
         t0 = time.perf_counter()
         kw = dict(method=method, psf_lr=psf_lr, detect=det)
-        pb = baseline_peaks(bb["image_lr"][:, 0], noise_sigma=bb["sigma_lr"][:, 0], **kw)
-        pi = baseline_peaks(ib["image_lr"][:, 0], noise_sigma=ib["sigma_lr"][:, 0], **kw)
-        pe = on_empty(lambda e: baseline_peaks(e["image_lr"][:, 0], noise_sigma=e["sigma_lr"][:, 0], **kw))
+        pb = baseline_peaks(bb["image_lr"][:, det_band], noise_sigma=bb["sigma_lr"][:, det_band], **kw)
+        pi = baseline_peaks(ib["image_lr"][:, det_band], noise_sigma=ib["sigma_lr"][:, det_band], **kw)
+        pe = on_empty(lambda e: baseline_peaks(e["image_lr"][:, det_band], noise_sigma=e["sigma_lr"][:, det_band],
+                                               **kw))
         add_row(method, pb, pi, "hr" if method == "bicubic" else "lr", pe)
         timing[f"{method}_s"] = time.perf_counter() - t0
 
@@ -337,16 +415,22 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
                      n_empty=0 if eb is None else len(eb["image_lr"]))
     first = next(iter(models), None)
     report["headline_model"] = first
+    report["detect_band"] = None if ch is None else dc.high[ch].name
+    report["paired"] = paired_differences({k: v["blend"]["outcome"] for k, v in rows.items()}, first=first,
+                                          others=[m for m in models if m != first])
     out = {"report": report, "blends": blends, "sources": sources, "blend_batch": bb,
            "outcomes": {k: v["blend"]["outcome"] for k, v in rows.items()},
            "n_peaks": {k: v["blend"]["n_peaks"] for k, v in rows.items()},
            "n_matched": {k: v["blend"]["n_matched"] for k, v in rows.items()},
            "peaks": {k: v["peaks"] for k, v in rows.items()}, "enhanced_images": enhanced_images,
+           "peaks_isolated": {k: v["peaks_iso"] for k, v in rows.items()}, "enhanced_isolated": enhanced_isolated,
+           "truth_hr_isolated": iso_hr, "truth_lr_isolated": iso_lr,
            "truth_hr": truth_hr, "truth_lr": truth_lr, "degrade_config": dc, "psf_hr": psf_hr, "psf_lr": psf_lr,
-           "isolated_batch": ib, "isolated_sources": iso_sources}
+           "isolated_batch": ib, "isolated_sources": iso_sources, "detect_channel": ch}
     if photometry and first is not None and spec.photometry_blends > 0:
         t0 = time.perf_counter()
-        out["photometry"] = evaluate_photometry(out, headline=first, max_blends=spec.photometry_blends)
+        out["photometry"] = evaluate_photometry(channel_view(out, ch), headline=first,
+                                                max_blends=spec.photometry_blends)
         report["photometry"] = out["photometry"]["report"]
         timing["photometry_s"] = time.perf_counter() - t0
     timing["total_s"] = time.perf_counter() - t_start
@@ -354,9 +438,59 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
     return out
 
 
-def _image_metrics(enh, *batches) -> dict[str, float]:
-    """PSNR / SSIM / total-flux error of the enhancer and of bicubic upsampling on the benchmark cutouts."""
-    data = {k: np.concatenate([b[k] for b in batches]) for k in ("image_lr", "image_hr", "sigma_lr")}
+def paired_differences(outcomes: Mapping[str, np.ndarray], *, first: str | None, others) -> dict[str, Any]:
+    """Both-found fraction of ``first`` minus each other row's, on the very same blends: the mean of the
+    per-blend differences, its standard error (paired: ``std(d) / sqrt(n)``), and the blends only one
+    of the two resolves (McNemar's discordant pairs). Also for the ``_chi`` rows where both exist."""
+    res: dict[str, Any] = {}
+    pairs = [(first, o) for o in others] + [(first + "_chi", o + "_chi") for o in others] if first else []
+    for a, b in pairs:
+        if a not in outcomes or b not in outcomes:
+            continue
+        fa, fb = np.asarray(outcomes[a]) == 2, np.asarray(outcomes[b]) == 2
+        d = fa.astype(float) - fb.astype(float)
+        n = len(d)
+        res[f"{a}_minus_{b}"] = {"difference": float(d.mean()), "err": float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
+                                 "n": int(n), "only_first": int((fa & ~fb).sum()), "only_second": int((fb & ~fa).sum()),
+                                 "first": float(fa.mean()), "second": float(fb.mean())}
+    return res
+
+
+def channel_view(out: Mapping[str, Any], channel: int | None) -> Mapping[str, Any]:
+    """``out`` of :func:`evaluate` reduced to one channel (what the single-band photometry experiment
+    reads): batches, enhanced images, the stamps' fluxes and the degrade config of that band. The PSFs
+    in ``out`` are already the detection band's. ``out`` itself for None."""
+    if channel is None:
+        return out
+    c = channel
+
+    def batch(b):
+        return {k: (v[:, c:c + 1] if isinstance(v, np.ndarray) and v.ndim >= 2 and k.startswith(("image_", "sigma_"))
+                    else v) for k, v in b.items()}
+
+    def sources(t):
+        t = dict(t)
+        f = np.asarray(t["flux_stamp_njy"])
+        if f.ndim > 1:
+            t["flux_stamp_njy"] = f[:, c]
+        return t
+
+    view = dict(out)
+    view["blend_batch"] = batch(out["blend_batch"])
+    view["isolated_batch"] = batch(out["isolated_batch"]) if out.get("isolated_batch") is not None else None
+    view["sources"] = sources(out["sources"])
+    view["isolated_sources"] = sources(out["isolated_sources"]) if out.get("isolated_sources") is not None else None
+    view["degrade_config"] = _one_band(out["degrade_config"], c)
+    view["enhanced_images"] = {k: _channel(v, c) if v.shape[1] > 1 else v for k, v in out["enhanced_images"].items()}
+    view["enhanced_isolated"] = {k: _channel(v, c) if v.shape[1] > 1 else v
+                                 for k, v in out["enhanced_isolated"].items()}
+    return view
+
+
+def _image_metrics(enh, *batches, channel: int | None = None) -> dict[str, float]:
+    """PSNR / SSIM / total-flux error of the enhancer and of bicubic upsampling on the benchmark cutouts
+    (on ``channel`` alone for a single-band enhancer of a multi-band spec)."""
+    data = {k: _channel(np.concatenate([b[k] for b in batches]), channel) for k in ("image_lr", "image_hr", "sigma_lr")}
     return {k: float(v) for k, v in evaluate_srgan(enh.generator, data, scaling=enh.model_cfg.scaling).items()}
 
 
@@ -373,16 +507,22 @@ def _report(spec, rows, *, n_b, n_i, models, galaxies, cutout_arcmin2: float, n_
     rep["one_found_fraction"] = {k: _fraction(v["blend"]["outcome"] == 1) for k, v in rows.items()}
     rep["none_found_fraction"] = {k: _fraction(v["blend"]["outcome"] == 0) for k, v in rows.items()}
     rep["false_positive_rate_isolated"] = {k: _fraction(v["iso"]["n_peaks"] > 1) for k, v in rows.items()}
-    hr, lr = rows["high"]["blend"]["n_peaks"], rows["low"]["blend"]["n_peaks"]
+    def ref(k):  # the high/low rows of the same detection (a *_chi row against high_chi / low_chi)
+        sfx = "_chi" if k.endswith("_chi") and "high_chi" in rows else ""
+        return rows["high" + sfx]["blend"]["n_peaks"], rows["low" + sfx]["blend"]["n_peaks"]
+
+    plain = [k for k in rows if k not in ("high", "low", "high_chi", "low_chi")]
     rep["false_positive_rate"] = {
         k: {kk: (float(vv) if isinstance(vv, (float, np.floating)) else vv) for kk, vv in
-            enhancement_false_positive_rate(n_peaks_hr=hr, n_peaks_lr=lr, n_peaks_enhanced=v["blend"]["n_peaks"]).items()}
-        for k, v in rows.items() if k not in ("high", "low")}
+            enhancement_false_positive_rate(n_peaks_hr=ref(k)[0], n_peaks_lr=ref(k)[1],
+                                            n_peaks_enhanced=rows[k]["blend"]["n_peaks"]).items()}
+        for k in plain}
     rep["false_positive_rate_spurious"] = {
         k: {kk: (float(vv) if isinstance(vv, (float, np.floating)) else vv) for kk, vv in
-            enhancement_false_positive_rate(n_peaks_hr=hr, n_peaks_lr=lr, n_peaks_enhanced=v["blend"]["n_peaks"],
-                                            n_matched_enhanced=v["blend"]["n_matched"]).items()}
-        for k, v in rows.items() if k not in ("high", "low")}
+            enhancement_false_positive_rate(n_peaks_hr=ref(k)[0], n_peaks_lr=ref(k)[1],
+                                            n_peaks_enhanced=rows[k]["blend"]["n_peaks"],
+                                            n_matched_enhanced=rows[k]["blend"]["n_matched"]).items()}
+        for k in plain}
     rep["spurious_peak_rate"] = {k: _fraction(v["blend"]["n_peaks"] > v["blend"]["n_matched"])
                                  for k, v in rows.items()}
     rep["scores"] = {k: detection_scores(n_truth=v["blend"]["n_truth"], n_peaks=v["blend"]["n_peaks"],

@@ -9,7 +9,7 @@ import numpy as np
 
 from .figures import _plt, plot_blends
 from .metrics import binned_fraction
-from .photometry_eval import plot_photometry
+from .photometry_eval import photometry_table, plot_photometry
 from .som import SOMConfig, fit_som
 
 __all__ = ["plot_all", "plot_examples", "plot_dependence", "plot_som", "markdown_table", "PARAMETER_LABELS"]
@@ -21,6 +21,7 @@ PARAMETER_LABELS = {
     "delta_z": "redshift difference",
 }
 _COLOURS = {"high": "tab:blue", "low": "tab:red", "enhanced": "tab:green", "enhanced_fluxcons": "tab:olive",
+            "enhanced_1band": "tab:cyan",
             "richardson_lucy": "tab:purple", "bicubic": "tab:gray", "sep": "tab:orange"}
 
 
@@ -39,16 +40,18 @@ def plot_examples(out: Mapping[str, Any], path: Path, *, n_show: int = 6, row: s
     gain = np.flatnonzero((oc["low"] < 2) & (oc.get(row, oc["low"]) == 2))
     rest = np.setdiff1d(np.arange(len(bb["image_hr"])), gain)
     pick = np.concatenate([gain[: n_show // 2], rest[: n_show - min(len(gain), n_show // 2)]])[:n_show]
-    images = {"high": bb["image_hr"][pick, 0], "low": bb["image_lr"][pick, 0]}
+    c = out.get("detect_channel") or 0  # the detection band's channel
+    images = {"high": bb["image_hr"][pick, c], "low": bb["image_lr"][pick, c]}
     truth = {"high": out["truth_hr"][pick], "low": out["truth_lr"][pick]}
     peaks = {"high": _sel(out["peaks"]["high"], pick), "low": _sel(out["peaks"]["low"], pick)}
-    noise = {"high": bb["sigma_hr"][pick, 0], "low": bb["sigma_lr"][pick, 0]}
+    noise = {"high": bb["sigma_hr"][pick, c], "low": bb["sigma_lr"][pick, c]}
     titles = {"high": "HST-like", "low": "HSC-like", row: "GAN-enhanced"}
     if row in out.get("enhanced_images", {}):
-        images[row] = out["enhanced_images"][row][pick, 0]
+        enh = out["enhanced_images"][row]
+        images[row] = enh[pick, c if enh.shape[1] > c else 0]
         truth[row] = out["truth_hr"][pick]
         peaks[row] = _sel(out["peaks"][row], pick)
-        noise[row] = bb["sigma_hr"][pick, 0]
+        noise[row] = bb["sigma_hr"][pick, c]
     return plot_blends(images, out=path, truth=truth, peaks=peaks, n_show=len(pick), titles=titles, noise=noise)
 
 
@@ -61,7 +64,7 @@ def plot_dependence(out: Mapping[str, Any], path: Path, *, rows: tuple[str, ...]
     """Fig. 5: both-found fraction vs the four blend parameters, histograms of counts underneath."""
     plt = _plt()
     blends = out["blends"]
-    rows = rows or tuple(r for r in ("high", "low", out["report"].get("headline_model", "enhanced"))
+    rows = rows or tuple(r for r in ("high", "low", out["report"].get("headline_model", "enhanced"), "enhanced_1band")
                          if r in out["outcomes"])
     fig, axes = plt.subplots(2, 4, figsize=(15, 6), sharex="col", gridspec_kw={"height_ratios": [3, 1]})
     for j, param in enumerate(PARAMETER_LABELS):
@@ -158,6 +161,13 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         lines.append(f"| {r} | {100 * d['fraction']:.1f}% ({100 * d['lower']:.1f}-{100 * d['upper']:.1f}) | "
                      f"{100 * o['fraction']:.1f}% | {count(fp)} | {count(fs)} | {100 * fi['fraction']:.1f}% | "
                      f"{per_area(r)} | {paper.get(r, '')} |")
+    if report.get("detect_band"):
+        lines.append(f"\nPeaks found on the {report['detect_band']} channel (rows *_chi: on the chi-like sum of all bands).")
+    for name, p in report.get("paired", {}).items():
+        err = "" if p["err"] is None else f" +- {100 * p['err']:.1f}"
+        lines.append(f"\nPaired, on the same {p['n']} blends: {name.replace('_minus_', ' - ')} = "
+                     f"{100 * p['difference']:+.1f}{err} points ({100 * p['first']:.1f}% vs {100 * p['second']:.1f}%; "
+                     f"resolved by only the first {p['only_first']}, only the second {p['only_second']}).")
     return "\n".join(lines) + "\n"
 
 
@@ -173,4 +183,6 @@ def plot_all(out: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:
     written["table"] = str(out_dir / "table.md")
     if "photometry" in out:
         written["figure7"] = str(plot_photometry(out["photometry"], out_dir / "fig7_photometry.png"))
+        (out_dir / "photometry.md").write_text(photometry_table(out["photometry"]["report"]))
+        written["photometry_table"] = str(out_dir / "photometry.md")
     return written

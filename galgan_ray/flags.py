@@ -44,6 +44,14 @@ FLAGS: tuple[FlagDefinition, ...] = (
     FlagDefinition(13, "LOW_RES_PEAK", "a low-resolution peak that no enhanced child reproduces (none within "
                                        "half the LR PSF FWHM), kept as a child: enhancement adds children, it "
                                        "does not remove what the original pixels show"),
+    FlagDefinition(14, "TEMPLATE_FAILED", "template photometry: the child's flux is unconstrained (its template "
+                                          "is empty or degenerate with a sibling's, or the solve failed); "
+                                          "templateFlux is NaN"),
+    FlagDefinition(15, "BRIGHT_OBJECT", "within a PSF FWHM of the survey's bright-star mask (HSC/Rubin "
+                                        "BRIGHT_OBJECT or SPIKE mask plane): a star's halo, ghosts or spikes may "
+                                        "bias the flux or be the source"),
+    FlagDefinition(16, "NO_DATA", "within a PSF FWHM of pixels with no data (NO_DATA or UNMASKEDNAN mask plane: "
+                                  "outside the survey's coverage); the flux may miss light"),
 )
 
 _BY_NAME = {f.name: f for f in FLAGS}

@@ -130,7 +130,8 @@ class EnhancedNoiseModel:
 
 def enhanced_noise_model(enh, images_hr: np.ndarray, sigma_lr: np.ndarray, *, degrade_config, psf: np.ndarray,
                          n_draws: int = 8, percentile: float = 90.0, n_levels: int = 24, seed: int = 0,
-                         det: DetectConfig = DetectConfig(), min_pixels: int = 200) -> EnhancedNoiseModel:
+                         det: DetectConfig = DetectConfig(), min_pixels: int = 200,
+                         channel: int | None = None) -> EnhancedNoiseModel:
     """Calibrate :class:`EnhancedNoiseModel` for an enhancer by Monte Carlo on isolated galaxies.
 
     The galaxies are degraded without noise, ``n_draws`` noise realisations at their ``sigma_lr``
@@ -139,7 +140,8 @@ def enhanced_noise_model(enh, images_hr: np.ndarray, sigma_lr: np.ndarray, *, de
     pixels are grouped by filtered signal level (the draws' mean: ``n_levels`` bins of equal counts,
     and above level 1 four bins per decade, each of at least ``min_pixels``), and in each group the
     ``percentile`` of the noise is ``rho``. The enhancer works on
-    inputs divided by their own sigma, so the model carries over to any depth.
+    inputs divided by their own sigma, so the model carries over to any depth. ``channel``: detection
+    on that output channel alone (a multi-band enhancer scored on one band).
     """
     images_hr = np.asarray(images_hr)
     m = len(images_hr)
@@ -148,7 +150,10 @@ def enhanced_noise_model(enh, images_hr: np.ndarray, sigma_lr: np.ndarray, *, de
     rng = np.random.default_rng([seed, 99])
     noisy = clean[:, None] + rng.normal(0.0, 1.0, (m, n_draws) + clean.shape[1:]).astype(np.float32) * s[:, None, :, None, None]
     sr = enh.enhance_cutouts(noisy.reshape((m * n_draws,) + clean.shape[1:]), np.repeat(s, n_draws, axis=0))
-    img, noise = detection_images(sr, np.repeat(s, n_draws, axis=0))
+    s_rep = np.repeat(s, n_draws, axis=0)
+    if channel is not None:
+        sr, s_rep = sr[:, channel:channel + 1], s_rep[:, channel:channel + 1]
+    img, noise = detection_images(sr, s_rep)
     sig = np.asarray(matched_filter(img, psf=psf, noise_sigma=noise, psf_energy=det.psf_energy)["significance"])
     sig = sig.reshape((m, n_draws) + sig.shape[-2:])
     level = sig.mean(axis=1).reshape(-1)

@@ -7,11 +7,15 @@
     OUT/truth/tile=000123/part-0.parquet     simulations: owned truth sources, matched at high/low/enhanced
     OUT/blends/tile=000123/part-0.parquet    simulations: truth pairs closer than blend_max_sep_arcsec
     OUT/failures/failure-<sha1(source)>.parquet   schema.failure_schema, one file per failed input
+    OUT/hats/                                the committed catalog as a HATS catalog (hats_catalog.py)
     OUT/summary.json, OUT/config.yaml        the run summary and the resolved config
+    OUT/_RUN.json                            the run that owns OUT: fingerprint, model; its lock while running
     OUT/input/                               the simulated tiles (when no input was given)
 
 A tile's files count only once its ``_COMMITTED`` marker exists (files without one are a crashed
-attempt); every reader here reads committed tiles only. No Ray here: the jobs make Ray datasets of
+attempt); every reader here reads committed tiles only. A marker names the tile by its identity: its
+``tileId`` and the SHA-256 of its file (``sha256``, with the ``#row=`` of a Parquet row), beside the
+``source`` as it was spelt and its canonical ``url``. No Ray here: the jobs make Ray datasets of
 :func:`run_files` with :func:`run_filesystem`.
 """
 from __future__ import annotations
@@ -26,8 +30,8 @@ import pyarrow.parquet as pq
 
 from .storage import StorageConfig, join_url, open_fs
 
-__all__ = ["TABLES", "tile_dir", "table_url", "marker_url", "failure_url", "read_run_table", "run_files",
-           "run_filesystem", "figures_dir"]
+__all__ = ["TABLES", "tile_dir", "table_url", "marker_url", "failure_url", "hats_url", "run_url", "read_run_table",
+           "run_files", "run_filesystem", "figures_dir"]
 
 #: The per-tile tables of a run.
 TABLES: tuple[str, ...] = ("catalog", "truth", "blends")
@@ -51,6 +55,16 @@ def marker_url(output: str, tile_id: int) -> str:
 def failure_url(output: str, source: str) -> str:
     """URL of the failure file of one input (named by the SHA-1 of its source)."""
     return join_url(output, "failures", f"failure-{hashlib.sha1(source.encode()).hexdigest()[:16]}.parquet")
+
+
+def hats_url(output: str) -> str:
+    """URL of the run's HATS catalog (a folder)."""
+    return join_url(output, "hats")
+
+
+def run_url(output: str) -> str:
+    """URL of the record of the run that owns ``output`` (``_RUN.json``)."""
+    return join_url(output, "_RUN.json")
 
 
 def _committed(fs, path: str) -> set[str]:

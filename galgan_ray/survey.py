@@ -5,7 +5,9 @@
 - an HSC-SSP data-access cutout or coadd patch: an empty primary HDU, then image, mask and variance
   HDUs (named by ``EXTNAME`` or ``EXTTYPE``, else in that order), the flux unit from ``BUNIT`` or
   ``FLUXMAG0`` (counts of a magnitude-0 source: one count is ``3631e9 / FLUXMAG0`` nJy, 57.5 nJy for
-  HSC's zero point 27), mask planes from the mask header's ``MP_*`` keywords;
+  HSC's zero point 27), mask planes from the mask header's ``MP_*`` keywords (the unusable ones,
+  :data:`BAD_MASK_PLANES`, mask pixels; :data:`MASK_PLANE_FLAGS` map SAT, BRIGHT_OBJECT, NO_DATA, ...
+  to the catalog's flags);
 - a Rubin ``deep_coadd``-style file (``IMAGE``/``MASK``/``VARIANCE`` HDUs, nJy);
 - a plain image with a celestial WCS (no variance: the noise is measured on the image).
 
@@ -18,11 +20,22 @@ the model's pixel scale; :func:`galgan_ray.enhance.enhance_image`'s steps 1-2), 
 model's, carries the mask (a model pixel is unusable when any unusable input pixel overlaps it) and
 the variance, and scales the variance so that its median is the noise measured on the resampled,
 PSF-matched image (which holds the correlation the warping and matching add). The result is a
-:class:`~galgan_ray.tiles.Tile` the field pipeline processes as any other.
+:class:`~galgan_ray.tiles.Tile` the field pipeline processes as any other; it carries the pixel flags
+of the mask planes and the input's WCS, in whose pixels the catalog reports positions. Several
+images of one patch (its bands) become one tile on one grid.
+
+:func:`read_survey_patch` is the field job's reader of one patch of files (grouped by
+:func:`galgan_ray.tiles.list_tile_sources`): it takes the model's bands from it and calls the two
+functions above, as ``galgan deblend`` does for one file.
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
 import math
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,17 +49,28 @@ from scipy.signal import fftconvolve
 from .checkpoint import ModelGrid
 from .enhance import Enhancer, _lr_grid, _plan_psf, _to_lr_grid, estimate_noise_sigma
 from .errors import InputError
+from .flags import flag_bit
 from .geometry import pixel_scale_of
-from .psf import draw_psf
-from .tiles import Tile
+from .psf import draw_psf, measure_fwhm
+from .tiles import Tile, normalize_band, parse_patch_source, read_url_bytes
 
-__all__ = ["SurveyImage", "read_survey_image", "read_psf", "to_model_tile", "BAD_MASK_PLANES", "AB_NJY"]
+__all__ = ["SurveyImage", "read_survey_image", "read_psf", "check_psf", "to_model_tile", "read_survey_patch",
+           "patch_tile_id", "BAD_MASK_PLANES", "MASK_PLANE_FLAGS", "AB_NJY"]
 
 #: One AB magnitude-0 source in nJy.
 AB_NJY = 3631e9
 #: Mask planes (HSC / Rubin names) whose pixels are not used (CR and INTRP on a coadd only record that
 #: some input visit was affected there: 15-25% of a deep cutout; the pixels are good).
 BAD_MASK_PLANES = ("NO_DATA", "BAD", "SAT", "SUSPECT", "UNMASKEDNAN", "EDGE")
+#: Mask planes (HSC / Rubin names) -> the flag of :data:`galgan_ray.flags.FLAGS` a footprint holding
+#: such pixels passes to its children (:attr:`SurveyImage.pixel_flags`). The unusable planes above
+#: also make the footprint ``MASKED``; ``BRIGHT_OBJECT`` (HSC's bright-star mask) and ``SPIKE``
+#: (Rubin's diffraction spikes) leave the pixels usable. Other planes (CR, INTRP, CLIPPED, REJECTED,
+#: INEXACT_PSF, SENSOR_EDGE, DETECTED, ...) only record how the coadd was made.
+MASK_PLANE_FLAGS: dict[str, str] = {"SAT": "SATURATED", "SUSPECT": "SATURATED", "BRIGHT_OBJECT": "BRIGHT_OBJECT",
+                                    "SPIKE": "BRIGHT_OBJECT", "NO_DATA": "NO_DATA", "UNMASKEDNAN": "NO_DATA"}
+#: The flags :func:`to_model_tile` carries to the model's grid (those of :data:`MASK_PLANE_FLAGS`).
+_CARRIED_FLAGS = tuple(dict.fromkeys(MASK_PLANE_FLAGS.values()))
 _NJY_UNITS = {"njy": 1.0, "nanojansky": 1.0, "ujy": 1e3, "microjansky": 1e3, "mjy": 1e6, "jy": 1e9}
 
 
@@ -66,6 +90,10 @@ class SurveyImage:
         int32 ``(H, W)``: the file's mask bits (0 without a mask).
     mask_planes : dict of str to int
         Plane name -> bit number, from ``MP_*`` keywords.
+    pixel_flags : numpy.ndarray
+        int64 ``(H, W)``: the :data:`MASK_PLANE_FLAGS` of each pixel as :data:`galgan_ray.flags.FLAGS` bits.
+    band : str or None
+        The filter as the file names it (``FILTER``/``BAND`` keyword, e.g. ``i`` or ``HSC-I``).
     wcs : astropy.wcs.WCS
         Celestial WCS of the image.
     psf : numpy.ndarray or None
@@ -87,6 +115,8 @@ class SurveyImage:
     unit_to_njy: float
     unit_source: str
     source: str
+    pixel_flags: np.ndarray | None = None
+    band: str | None = None
 
     @property
     def pixel_scale_arcsec(self) -> float:
@@ -126,17 +156,27 @@ def _mask_planes(header) -> dict[str, int]:
     return {k[3:]: int(v) for k, v in header.items() if k.startswith("MP_")}
 
 
-def read_psf(path: str, *, hdu: int | None = None) -> np.ndarray:
-    """A PSF image from FITS (the first 2-D HDU, or ``hdu``): checked by :func:`check_psf`."""
+def _open_fits(path: str, data: bytes | None):
+    """``fits.open`` of a path, or of the bytes of the file at ``path`` (gzip included)."""
+    if data is None:
+        return fits.open(path)
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return fits.open(io.BytesIO(data))
+
+
+def read_psf(path: str, *, hdu: int | None = None, data: bytes | None = None) -> np.ndarray:
+    """A PSF image from FITS (the first 2-D HDU, or ``hdu``): checked by :func:`check_psf`. ``data``: the
+    file's bytes (read from ``path`` when None)."""
     try:
-        with fits.open(path) as hdul:
+        with _open_fits(path, data) as hdul:
             cands = [h for h in hdul if getattr(h, "data", None) is not None and np.ndim(h.data) == 2]
             if hdu is not None:
                 cands = [hdul[hdu]]
             if not cands:
                 raise InputError(path, "holds no 2-D PSF image")
             data = np.asarray(cands[0].data, dtype=np.float64)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise InputError(path, f"cannot be read as FITS ({exc})") from None
     return check_psf(data, source=path)
 
@@ -178,14 +218,16 @@ def check_psf(psf: np.ndarray, *, source: str, max_offset_px: float = 0.25) -> n
     return p
 
 
-def read_survey_image(path: str, *, psf: str | np.ndarray | None = None, psf_pixel_scale_arcsec: float | None = None
-                      ) -> SurveyImage:
-    """Read one survey image as downloaded (module docstring). Errors name the file and the problem."""
+def read_survey_image(path: str, *, psf: str | np.ndarray | None = None, psf_pixel_scale_arcsec: float | None = None,
+                      data: bytes | None = None) -> SurveyImage:
+    """Read one survey image as downloaded (module docstring). Errors name the file and the problem.
+    ``data``: the file's bytes (read from ``path`` when None: a local path)."""
     try:
-        hdul = fits.open(path)
-    except (OSError, ValueError) as exc:
+        hdul = _open_fits(path, data)
+    except (OSError, ValueError, EOFError) as exc:
         raise InputError(path, f"cannot be read as FITS ({exc})") from None
-    with hdul:
+    with hdul, warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*truncated.*")  # astropy only warns otherwise
         try:
             hdus = [h for h in hdul]
             kinds = {}
@@ -210,6 +252,8 @@ def read_survey_image(path: str, *, psf: str | np.ndarray | None = None, psf_pix
                 raise InputError(path, "has no celestial WCS (CTYPE/CRVAL/CD keywords) in its image HDU")
             wcs = wcs.celestial
             factor, unit_source = _unit_factor([img_hdu.header, hdus[0].header], path)
+            band = next((str(h[k]).strip() for h in (img_hdu.header, hdus[0].header) for k in ("FILTER", "BAND")
+                         if str(h.get(k, "")).strip()), None)
             mask = np.zeros(data.shape, np.int32)
             planes: dict[str, int] = {}
             if i_mask is not None:
@@ -227,6 +271,8 @@ def read_survey_image(path: str, *, psf: str | np.ndarray | None = None, psf_pix
                 psf_img = check_psf(np.asarray(hdus[kinds["PSF"]].data, dtype=np.float64), source=f"{path}[PSF]")
         except InputError:
             raise
+        except Warning as exc:
+            raise InputError(path, f"is truncated ({exc})") from None
         except (OSError, ValueError, TypeError) as exc:
             raise InputError(path, f"is not a readable survey image ({type(exc).__name__}: {exc})") from None
     if isinstance(psf, str):
@@ -247,65 +293,175 @@ def read_survey_image(path: str, *, psf: str | np.ndarray | None = None, psf_pix
     image = np.where(bad, 0.0, data * factor)
     if variance is not None:
         variance = np.where(bad, np.inf, variance)
+    pixel_flags = np.zeros(data.shape, np.int64)
+    for name, flag in MASK_PLANE_FLAGS.items():
+        if name in planes:
+            pixel_flags |= np.where((mask >> planes[name]) & 1, np.int64(flag_bit(flag)), np.int64(0))
+    pixel_flags |= np.where(~np.isfinite(data), np.int64(flag_bit("NO_DATA")), np.int64(0))
     scale_psf = float(psf_pixel_scale_arcsec or pixel_scale_of(wcs))
     return SurveyImage(image=image, variance=variance, bad=bad, mask=mask, mask_planes=planes, wcs=wcs,
                        psf=psf_img, psf_pixel_scale_arcsec=scale_psf, unit_to_njy=float(factor),
-                       unit_source=unit_source, source=path)
+                       unit_source=unit_source, source=path, pixel_flags=pixel_flags, band=band)
 
 
-def to_model_tile(si: SurveyImage, *, enhancer: Enhancer, tile_id: int = 0) -> tuple[Tile, dict[str, Any]]:
-    """The survey image on the model's LR grid, PSF-matched, as a :class:`Tile` (module docstring).
+class _GridPlanner:
+    """What :func:`galgan_ray.enhance._plan_psf` reads of an :class:`~galgan_ray.enhance.Enhancer`, from a
+    :class:`~galgan_ray.checkpoint.ModelGrid` alone (the field job's readers hold no model)."""
+
+    def __init__(self, grid: ModelGrid):
+        self.grid = grid
+        self.bands_low = grid.low
+        self.pixel_scale_low_arcsec = float(grid.low[0].pixel_scale_arcsec)
+
+    def psf_fwhm_low_arcsec(self, band: int = 0) -> float:
+        return float(measure_fwhm(self.grid.psf_low(band), pixel_scale_arcsec=self.pixel_scale_low_arcsec))
+
+
+def to_model_tile(images: SurveyImage | Sequence[SurveyImage], *, enhancer: Enhancer | None = None,
+                  model: ModelGrid | None = None, tile_id: int = 0, source: str | None = None
+                  ) -> tuple[Tile, dict[str, Any]]:
+    """Survey images on the model's LR grid, PSF-matched, as one :class:`Tile` (module docstring).
+
+    Parameters
+    ----------
+    images : SurveyImage or sequence of SurveyImage
+        One image per band of the model, in the model's band order (the bands of one patch: they share
+        the sky; the grid is made from the first one's WCS).
+    enhancer : Enhancer, optional
+    model : ModelGrid, optional
+        The model's grids (one of ``enhancer`` and ``model`` is needed).
+    tile_id : int
+    source : str, optional
+        The tile's source (default: the first image's).
 
     Returns
     -------
     tile : Tile
+        ``mask`` marks the unusable pixels per band, ``pixel_flags`` the :data:`MASK_PLANE_FLAGS` (OR of
+        the bands).
     info : dict
-        ``psf`` (the PSF plan: action, FWHMs), ``warnings``, ``sigma_lr`` (measured), ``wcs_lr``.
+        ``psf`` (the first band's PSF plan: action, FWHMs), ``warnings``, ``sigma_lr`` (measured), ``wcs_lr``,
+        ``unit``, ``pixel_scale_in_arcsec``, ``shape_lr``, ``bad_fraction``, and ``bands`` (one dict of
+        ``psf``, ``sigma_lr``, ``unit``, ``source`` per band).
     """
-    grid: ModelGrid = enhancer.grid
-    if len(grid.low) != 1:
-        raise InputError(si.source, f"one image holds one band; the model takes {len(grid.low)} "
-                                    f"({', '.join(grid.band_keys_low)})")
-    s_lr = enhancer.pixel_scale_low_arcsec
-    wcs_lr = _lr_grid(si.wcs, si.image.shape, s_lr)
+    if model is None and enhancer is None:
+        raise TypeError("to_model_tile needs an enhancer or a model grid")
+    grid: ModelGrid = model if model is not None else enhancer.grid
+    planner = enhancer if enhancer is not None else _GridPlanner(grid)
+    ims = [images] if isinstance(images, SurveyImage) else list(images)
+    if len(ims) != len(grid.low):
+        what = "one image holds one band" if len(ims) == 1 else f"{len(ims)} images"
+        raise InputError(ims[0].source, f"{what}; the model takes {len(grid.low)} "
+                                        f"({', '.join(grid.band_keys_low)})")
+    s_lr = float(grid.low[0].pixel_scale_arcsec)
+    first = ims[0]
+    wcs_lr = _lr_grid(first.wcs, first.image.shape, s_lr)
     shape_lr = (int(wcs_lr.pixel_shape[1]), int(wcs_lr.pixel_shape[0]))
-    lr, foot = _to_lr_grid(si.image[None], si.wcs, wcs_lr, shape_lr, surface_brightness=False)
-    bad_lr, _ = reproject_exact((si.bad.astype(np.float64), si.wcs), wcs_lr, shape_out=shape_lr)
-    bad_lr = (np.nan_to_num(bad_lr, nan=1.0) > 1e-3) | (foot <= 0.999)
+    planes, variances, masks, per_band = [], [], [], []
+    pixel_flags = np.zeros(shape_lr, np.int64)
     warnings_: list[str] = []
-    plan, kernel, msg = _plan_psf(si.psf, scale_psf=si.psf_pixel_scale_arcsec, enhancer=enhancer, band=0,
-                                  source=f"{si.source} PSF")
-    if plan.action == "no-psf":
-        warnings_.append("no PSF given: the image is taken to have the model's PSF")
-    if msg:
-        warnings_.append(msg)
-    img = lr[0]
-    if kernel is not None:
-        img = fftconvolve(img, kernel, mode="same")
-        half = kernel.shape[0] // 2
-        bad_lr = ndimage.binary_dilation(bad_lr, iterations=max(half // 2, 1))  # matched pixels near holes
-    sigma = estimate_noise_sigma(img, mask=bad_lr)
-    if not sigma > 0:
-        raise InputError(si.source, "the noise measured on the image is 0 (a noiseless image?)")
-    if si.variance is not None:
-        var_in = np.where(si.bad, np.nan, si.variance)
-        v, _ = reproject_exact((np.nan_to_num(var_in, nan=0.0), si.wcs), wcs_lr, shape_out=shape_lr)
-        v = np.nan_to_num(v, nan=0.0)
-        med = np.median(v[~bad_lr & (v > 0)]) if np.any(~bad_lr & (v > 0)) else 0.0
-        var = v * (sigma**2 / med) if med > 0 else np.full(shape_lr, sigma**2)
-    else:
-        var = np.full(shape_lr, sigma**2)
-    var = np.where(bad_lr | ~(var > 0), np.inf, var)
-    img = np.where(bad_lr, 0.0, img)
-    psf_lr = np.asarray(draw_psf(grid.low[0].psf, pixel_scale_arcsec=s_lr, size=27), dtype=np.float64)
+    for b, si in enumerate(ims):
+        lr, foot = _to_lr_grid(si.image[None], si.wcs, wcs_lr, shape_lr, surface_brightness=False)
+        # the unusable pixels and each carried flag, resampled together: a model pixel any of them overlaps
+        flags_in = si.pixel_flags if si.pixel_flags is not None else np.zeros(si.image.shape, np.int64)
+        carried = [f for f in _CARRIED_FLAGS if np.any(flags_in & flag_bit(f))]
+        stack = np.stack([si.bad] + [(flags_in & flag_bit(f)) != 0 for f in carried]).astype(np.float64)
+        over, _ = reproject_exact((stack, si.wcs), wcs_lr, shape_out=(len(stack), *shape_lr))
+        over = np.asarray(over)
+        bad_lr = (np.nan_to_num(over[0], nan=1.0) > 1e-3) | (foot <= 0.999)
+        over = np.nan_to_num(over, nan=0.0) > 1e-3
+        flag_lr = over[1:]
+        plan, kernel, msg = _plan_psf(si.psf, scale_psf=si.psf_pixel_scale_arcsec, enhancer=planner, band=b,
+                                      source=f"{si.source} PSF")
+        if plan.action == "no-psf":
+            warnings_.append(f"{si.source}: no PSF given: the image is taken to have the model's PSF")
+        if msg:
+            warnings_.append(msg)
+        img = lr[0]
+        if kernel is not None:
+            img = fftconvolve(img, kernel, mode="same")
+            grow = max((kernel.shape[0] // 2) // 2, 1)
+            bad_lr = ndimage.binary_dilation(bad_lr, iterations=grow)  # matched pixels near holes
+            flag_lr = np.stack([ndimage.binary_dilation(f, iterations=grow) for f in flag_lr]) if len(flag_lr) \
+                else flag_lr
+        for f, plane in zip(carried, flag_lr):
+            pixel_flags |= np.where(plane, np.int64(flag_bit(f)), np.int64(0))
+        sigma = estimate_noise_sigma(img, mask=bad_lr)
+        if not sigma > 0:
+            raise InputError(si.source, "the noise measured on the image is 0 (a noiseless image?)")
+        if si.variance is not None:
+            var_in = np.where(si.bad, np.nan, si.variance)
+            v, _ = reproject_exact((np.nan_to_num(var_in, nan=0.0), si.wcs), wcs_lr, shape_out=shape_lr)
+            v = np.nan_to_num(v, nan=0.0)
+            med = np.median(v[~bad_lr & (v > 0)]) if np.any(~bad_lr & (v > 0)) else 0.0
+            var = v * (sigma**2 / med) if med > 0 else np.full(shape_lr, sigma**2)
+        else:
+            var = np.full(shape_lr, sigma**2)
+        var = np.where(bad_lr | ~(var > 0), np.inf, var)
+        if (bad_lr | ~np.isfinite(var)).all():
+            raise InputError(si.source, "has no usable pixels on the model's grid")
+        planes.append(np.where(bad_lr, 0.0, img))
+        variances.append(var)
+        masks.append(bad_lr)
+        per_band.append({"source": si.source, "band": si.band, "unit": si.unit_source, "sigma_lr": float(sigma),
+                         "psf": {"action": plan.action, "fwhm_input_arcsec": plan.fwhm_input_arcsec,
+                                 "fwhm_model_arcsec": plan.fwhm_model_arcsec,
+                                 "fwhm_matched_arcsec": plan.fwhm_matched_arcsec}})
+    psf_lr = np.stack([np.asarray(draw_psf(grid.low[b].psf, pixel_scale_arcsec=s_lr, size=27), dtype=np.float64)
+                       for b in range(len(ims))])
     ny, nx = shape_lr
-    tile = Tile(tile_id=int(tile_id), source=si.source, image=img[None].astype(np.float32),
-                variance=var[None].astype(np.float32), mask=bad_lr[None].astype(np.int32), psf=psf_lr[None],
+    mask = np.stack(masks)
+    tile = Tile(tile_id=int(tile_id), source=source or first.source, image=np.stack(planes).astype(np.float32),
+                variance=np.stack(variances).astype(np.float32), mask=mask.astype(np.int32), psf=psf_lr,
                 wcs_header=wcs_lr.to_header(relax=True).tostring(), bands=tuple(grid.band_keys_low),
-                inner=(-0.5, nx - 0.5, -0.5, ny - 0.5))
-    info = {"psf": {"action": plan.action, "fwhm_input_arcsec": plan.fwhm_input_arcsec,
-                    "fwhm_model_arcsec": plan.fwhm_model_arcsec, "fwhm_matched_arcsec": plan.fwhm_matched_arcsec},
-            "warnings": warnings_, "sigma_lr": float(sigma), "wcs_lr": wcs_lr, "unit": si.unit_source,
-            "pixel_scale_in_arcsec": si.pixel_scale_arcsec, "shape_lr": shape_lr,
-            "bad_fraction": float(bad_lr.mean())}
+                inner=(-0.5, nx - 0.5, -0.5, ny - 0.5), pixel_flags=pixel_flags if pixel_flags.any() else None,
+                input_wcs_header=first.wcs.to_header(relax=True).tostring())
+    info = {"psf": per_band[0]["psf"], "warnings": warnings_, "sigma_lr": per_band[0]["sigma_lr"], "wcs_lr": wcs_lr,
+            "unit": per_band[0]["unit"], "pixel_scale_in_arcsec": first.pixel_scale_arcsec, "shape_lr": shape_lr,
+            "bad_fraction": float(mask.all(axis=0).mean()), "bands": per_band}
+    return tile, info
+
+
+def patch_tile_id(key: str) -> int:
+    """The ``tileId`` of a survey patch: 36 bits of the SHA-1 of its key (:func:`galgan_ray.tiles.patch_source`),
+    the same on every run and worker (object ids are ``tileId << 24 | n``)."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:9], 16)
+
+
+def read_survey_patch(source: str, *, model: ModelGrid, storage_options: Mapping | None = None
+                      ) -> tuple[Tile, dict[str, Any]]:
+    """One survey patch (a :func:`galgan_ray.tiles.patch_source`: its bands' images and PSF files) as the
+    model's tile, through :func:`read_survey_image` and :func:`to_model_tile` (``galgan deblend``'s path).
+
+    The model's bands are taken from the patch by name (``hsc_udeep/i`` takes the patch's ``i``,
+    ``HSC-I`` or ``i`` as the file names it); a patch of one band of unknown name serves a one-band
+    model. A band the model does not take is left out (``info["unused_bands"]``).
+
+    Raises
+    ------
+    InputError
+        Naming the patch or the file: a band the model takes is missing, an image has no PSF (no PSF
+        file by the naming rule, no PSF HDU), or any problem of the files themselves.
+    """
+    key, files = parse_patch_source(source)
+    want = [normalize_band(k) for k in model.band_keys_low]
+    if len(files) == 1 and len(want) == 1 and "" in files:
+        files = {want[0]: files[""]}
+    missing = [b for b in want if b not in files]
+    if missing:
+        raise InputError(key, f"the model takes band(s) {want}; the patch has {sorted(files)} "
+                              f"(missing {missing})")
+    images = []
+    for b in want:
+        img_url, psf_url = files[b]
+        opts = dict(storage_options or {})
+        psf = read_psf(psf_url, data=read_url_bytes(psf_url, storage_options=opts)) if psf_url else None
+        si = read_survey_image(img_url, psf=psf, data=read_url_bytes(img_url, storage_options=opts))
+        if si.psf is None:
+            raise InputError(img_url, "has no PSF: no PSF file beside it by the naming rule (a name with a 'psf' "
+                                      "token, the same band and first token) and no PSF HDU")
+        images.append(si)
+    tile, info = to_model_tile(images, model=model, tile_id=patch_tile_id(key), source=source)
+    info["unused_bands"] = sorted(set(files) - set(want))
+    info["patch"] = key
     return tile, info

@@ -18,6 +18,9 @@ primary     header only: ``TILEID`` (int, unique in the field), ``BANDS`` (comma
 ``VARIANCE`` same shape, nJy^2 (or ``WEIGHT`` = 1 / variance)
 ``MASK``    optional, same shape, integer; non-zero pixels are not used
 ``PSF``     ``(C, P, P)`` or ``(P, P)``, odd P, the effective PSF at the tile's pixel scale
+``FLAGS``   optional ``(H, W)`` integer: bits of :data:`galgan_ray.flags.FLAGS` per pixel (``SATURATED``,
+            ``BRIGHT_OBJECT``, ``NO_DATA``: a survey's mask planes, :mod:`galgan_ray.survey`); the
+            footprints holding them pass them to their children (usable pixels stay usable)
 ``TRUTH``   optional binary table of the true sources (simulated tiles): ``truthId``, ``ra``,
             ``dec`` (deg), ``x``, ``y`` (0-based px of this tile), ``mag`` (AB), ``flux_njy``,
             ``hlr_arcsec``, ``flux_radius_arcsec``, ``fwhm_arcsec``, ``redshift``, ``is_star``
@@ -41,6 +44,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -62,7 +66,8 @@ from .shards import write_atomic, write_table
 
 __all__ = ["Tile", "read_tile", "tile_to_fits_bytes", "write_tile", "list_tile_sources",
            "read_tile_source", "read_url_bytes", "write_tiles_parquet", "pack_arrays", "unpack_arrays", "pack_tile",
-           "unpack_tile", "pack_tile_arrays", "tile_from_arrays", "TRUTH_COLUMNS"]
+           "unpack_tile", "pack_tile_arrays", "tile_from_arrays", "TRUTH_COLUMNS", "PATCH_TAG", "normalize_band",
+           "patch_source", "parse_patch_source", "group_survey_files"]
 
 #: Columns of a tile's truth table (simulated tiles).
 TRUTH_COLUMNS: tuple[str, ...] = ("truthId", "ra", "dec", "x", "y", "mag", "flux_njy", "hlr_arcsec",
@@ -107,6 +112,13 @@ class Tile:
         The truth table (:data:`TRUTH_COLUMNS`), positions in this tile's pixels.
     simulated : bool
         A simulated high-resolution tile (``SIMULATD``).
+    pixel_flags : numpy.ndarray or None
+        int64 ``(H, W)``: :data:`galgan_ray.flags.FLAGS` bits per pixel from the survey's mask planes
+        (``SATURATED``, ``BRIGHT_OBJECT``, ``NO_DATA``), or None.
+    input_wcs_header : str or None
+        A survey image brought onto the model's grid (:func:`galgan_ray.survey.to_model_tile`): the
+        celestial WCS of the image as delivered, in whose pixels the catalog reports positions
+        (:meth:`catalog_pixels`). Not written to tile FITS files.
     """
 
     tile_id: int
@@ -121,6 +133,8 @@ class Tile:
     tract_origin: tuple[int, int] | None = None
     truth: dict[str, np.ndarray] | None = None
     simulated: bool = False
+    pixel_flags: np.ndarray | None = None
+    input_wcs_header: str | None = None
     _wcs: Any = field(default=None, repr=False)
 
     @property
@@ -129,6 +143,17 @@ class Tile:
         if self._wcs is None:
             self._wcs = WCS(fits.Header.fromstring(self.wcs_header)).celestial
         return self._wcs
+
+    def catalog_pixels(self, x, y) -> tuple[np.ndarray, np.ndarray]:
+        """0-based positions as the catalog reports them: in the input image's pixels (through the sky)
+        for a survey image on the model's grid (:attr:`input_wcs_header`), else the tile's own."""
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if self.input_wcs_header is None or not x.size:
+            return x, y
+        ra, dec = self.wcs.pixel_to_world_values(x, y)
+        wcs_in = WCS(fits.Header.fromstring(self.input_wcs_header)).celestial
+        xi, yi = wcs_in.world_to_pixel_values(ra, dec)
+        return np.asarray(xi, dtype=np.float64), np.asarray(yi, dtype=np.float64)
 
     @property
     def pixel_scale_arcsec(self) -> float:
@@ -251,6 +276,7 @@ def _validate_tile(tile: Tile) -> Tile:
                                  f"{c} plane(s)")
     _check_pixels(image, var, mask, bands=tile.bands, source=source)
     tile.psf = _check_psf(tile.psf, c, source)
+    tile.pixel_flags = _check_pixel_flags(tile.pixel_flags, image.shape[1:], source)
     try:
         has_celestial = tile.wcs.has_celestial and tile.wcs.naxis == 2
     except Exception as exc:  # noqa: BLE001
@@ -301,7 +327,7 @@ def read_tile(data: bytes, *, source: str) -> Tile:
             hdul.verify("exception")
             names = [h.name for h in hdul]
             arrays = {}
-            for name in ("IMAGE", "VARIANCE", "WEIGHT", "MASK", "PSF"):
+            for name in ("IMAGE", "VARIANCE", "WEIGHT", "MASK", "PSF", "FLAGS"):
                 if name in names:
                     d = hdul[name].data
                     arrays[name] = None if d is None else np.array(d)
@@ -401,9 +427,24 @@ def read_tile(data: bytes, *, source: str) -> Tile:
         origin = (int(header["TRACTX0"]), int(header["TRACTY0"]))
 
     truth = _truth_from_table(truth_table, source) if truth_table is not None else None
+    pixel_flags = _check_pixel_flags(arrays.get("FLAGS"), (h, w), source)
     return Tile(tile_id=tile_id, source=source, image=image, variance=var, mask=mask, psf=psf,
                 wcs_header=wcs.to_header(relax=True).tostring(), bands=bands, inner=inner, tract_origin=origin,
-                truth=truth, simulated=bool(header.get("SIMULATD", False)))
+                truth=truth, simulated=bool(header.get("SIMULATD", False)), pixel_flags=pixel_flags)
+
+
+def _check_pixel_flags(flags, shape: tuple[int, int], source: str) -> np.ndarray | None:
+    """The ``FLAGS`` plane as int64 ``(H, W)`` (None when absent); raises naming ``source``."""
+    if flags is None:
+        return None
+    f = np.asarray(flags)
+    if f.ndim == 3 and f.shape[0] == 1:
+        f = f[0]
+    if f.shape != tuple(shape):
+        raise InputError(source, f"FLAGS shape {f.shape} differs from the image planes' {tuple(shape)}")
+    if not (np.issubdtype(f.dtype, np.integer) or np.issubdtype(f.dtype, np.bool_)):
+        raise InputError(source, f"FLAGS must be integer, got {f.dtype}")
+    return f.astype(np.int64)
 
 
 def tile_to_fits_bytes(tile: Tile, *, extra_header: Mapping[str, Any] | None = None) -> bytes:
@@ -429,6 +470,8 @@ def tile_to_fits_bytes(tile: Tile, *, extra_header: Mapping[str, Any] | None = N
             fits.ImageHDU(var, name="VARIANCE"),
             fits.ImageHDU(mask, name="MASK"),
             fits.ImageHDU(np.asarray(tile.psf, dtype=np.float32), name="PSF")]
+    if tile.pixel_flags is not None:
+        hdus.append(fits.ImageHDU(np.asarray(tile.pixel_flags, dtype=np.int64), name="FLAGS"))
     if tile.truth is not None:
         hdus.append(fits.BinTableHDU(Table({c: tile.truth[c] for c in TRUTH_COLUMNS}), name="TRUTH"))
     buf = io.BytesIO()
@@ -450,10 +493,12 @@ def pack_tile_arrays(tile: Tile) -> tuple[dict[str, np.ndarray], dict[str, Any]]
     arrays = {"image": tile.image, "variance": tile.variance, "mask": tile.mask, "psf": tile.psf}
     if tile.truth is not None:
         arrays.update({f"truth.{k}": np.asarray(v) for k, v in tile.truth.items()})
+    if tile.pixel_flags is not None:
+        arrays["pixel_flags"] = np.asarray(tile.pixel_flags, dtype=np.int64)
     meta = {"tile_id": int(tile.tile_id), "source": tile.source, "wcs_header": tile.wcs_header,
             "bands": list(tile.bands), "inner": [float(v) for v in tile.inner],
             "tract_origin": None if tile.tract_origin is None else [int(v) for v in tile.tract_origin],
-            "simulated": bool(tile.simulated)}
+            "simulated": bool(tile.simulated), "input_wcs_header": tile.input_wcs_header}
     return arrays, meta
 
 
@@ -464,7 +509,9 @@ def tile_from_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], 
                 variance=np.asarray(arrays["variance"]), mask=np.asarray(arrays["mask"]),
                 psf=np.asarray(arrays["psf"]), wcs_header=meta["wcs_header"], bands=tuple(meta["bands"]),
                 inner=tuple(meta["inner"]), tract_origin=None if meta.get("tract_origin") is None
-                else tuple(meta["tract_origin"]), truth=truth, simulated=bool(meta.get("simulated", False)))
+                else tuple(meta["tract_origin"]), truth=truth, simulated=bool(meta.get("simulated", False)),
+                pixel_flags=None if arrays.get("pixel_flags") is None else np.asarray(arrays["pixel_flags"]),
+                input_wcs_header=meta.get("input_wcs_header"))
 
 
 def pack_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
@@ -519,6 +566,158 @@ def write_tiles_parquet(tiles: Sequence[Tile], url: str, *, storage_options: Map
 # ------------------------------------------------------------------------------------------------
 _FITS_EXT = (".fits", ".fit", ".fts", ".fits.gz", ".fits.fz")
 
+# ------------------------------------------------------------------------------------------------
+# Survey files as delivered: the naming rule that groups a folder of cutouts/patches into patches
+# ------------------------------------------------------------------------------------------------
+#: The fragment of a source that lists the files of one survey patch: ``FOLDER/KEY#patch={json}``,
+#: the JSON mapping each band to ``[image URL, PSF URL or null]`` (:func:`patch_source`).
+PATCH_TAG = "#patch="
+#: A band in a file name: a token (between ``-``, ``_``, ``.`` or the ends) that is one of ugrizy or a
+#: narrow band (NB0921, N921), optionally after ``HSC-`` (``..._i.fits``, ``...-HSC-I-9813-...fits``).
+_BAND_IN_NAME = re.compile(r"(?i)(?:(?<=^)|(?<=[-_.]))(?:hsc[-_])?([ugrizy]|nb?\d{3,4})(?=$|[-_.])")
+_PSF_IN_NAME = re.compile(r"(?i)(?:^|[-_.])psf(?:$|[-_.])")
+#: Primary-header keywords of the package's own tiles (a FITS file with none of them is a survey file).
+_TILE_KEYS = ("TILEID", "BANDS", "SIMULATD")
+
+
+def normalize_band(name: str | None) -> str:
+    """A band as the naming rule compares it: lower case, without a survey prefix (``HSC-I`` -> ``i``,
+    ``hsc_udeep/i`` -> ``i``, ``NB0921`` -> ``nb0921``); ``""`` for None."""
+    if not name:
+        return ""
+    b = str(name).strip().split("/")[-1].lower()
+    for prefix in ("hsc-", "hsc_", "lsst-", "lsst_"):
+        b = b.removeprefix(prefix)
+    return b
+
+
+def _stem(url: str) -> str:
+    name = posixpath.basename(url.split("#", 1)[0])
+    low = name.lower()
+    for ext in sorted(_FITS_EXT, key=len, reverse=True):
+        if low.endswith(ext):
+            return name[:-len(ext)]
+    return name
+
+
+def _band_span(stem: str, band: str | None = None) -> re.Match | None:
+    """The last band token of a file name (of ``band`` when given)."""
+    found = [m for m in _BAND_IN_NAME.finditer(stem) if band is None or normalize_band(m.group(1)) == band]
+    return found[-1] if found else None
+
+
+def _lead_token(stem: str) -> str:
+    return re.split(r"[-_]", stem, maxsplit=1)[0]
+
+
+def patch_source(key: str, files: Mapping[str, tuple[str, str | None]]) -> str:
+    """The source naming one survey patch: ``KEY#patch={band: [image, psf]}`` (:data:`PATCH_TAG`)."""
+    payload = {b: [img, psf] for b, (img, psf) in sorted(files.items())}
+    return key + PATCH_TAG + json.dumps(payload, separators=(",", ":"))
+
+
+def parse_patch_source(source: str) -> tuple[str, dict[str, tuple[str, str | None]]]:
+    """Inverse of :func:`patch_source`: ``(key, {band: (image, psf)})``; raises InputError naming it."""
+    key, _, text = source.partition(PATCH_TAG)
+    try:
+        files = {str(b): (str(v[0]), None if v[1] is None else str(v[1])) for b, v in json.loads(text).items()}
+    except (ValueError, TypeError, IndexError, AttributeError):
+        raise InputError(source, "not a survey patch source (KEY#patch={band: [image, psf]})") from None
+    if not files:
+        raise InputError(source, "the patch lists no image")
+    return key, files
+
+
+def group_survey_files(images: Sequence[tuple[str, str | None]], psfs: Sequence[str]) -> list[str]:
+    """Survey images and PSF files grouped into patches by the naming rule (one source per patch).
+
+    The rule, for files as the HSC data-access service and PSF picker name them
+    (``149.2558,2.5652_300x300_i.fits`` + ``149.2558,2.5652_i_psf.fits``;
+    ``10-cutout-HSC-I-9813-pdr2_dud.fits`` + ``10-psf-calexp-pdr2_dud-HSC-I-9813-4,3-150.18-2.11.fits``):
+
+    1. an image's band is its ``FILTER``/``BAND`` keyword (given with it), else the band token of its
+       name (:data:`_BAND_IN_NAME`);
+    2. its patch is its folder and its name less that band token: the bands of one patch differ only
+       by the band;
+    3. its PSF is a file with ``psf`` as a token of its name, the same band token and the same first
+       token (the object or position id before the first ``-`` or ``_``), in the image's folder if one
+       is, else anywhere in the inputs (``hsc/`` beside ``hsc_psf/``); none: the image's PSF HDU, if it
+       has one, or a failure when read.
+
+    A patch holding two images of one band lists the first; the second becomes its own patch.
+
+    Parameters
+    ----------
+    images : sequence of (url, band or None)
+    psfs : sequence of str
+
+    Returns
+    -------
+    list of str
+        :func:`patch_source` strings.
+    """
+    psf_info = []
+    for u in psfs:
+        st = _stem(u)
+        m = _band_span(st)
+        psf_info.append((u, posixpath.dirname(u), _lead_token(st), normalize_band(m.group(1)) if m else ""))
+    patches: dict[str, dict[str, tuple[str, str | None]]] = {}
+    for url, band in sorted(images):
+        st = _stem(url)
+        b = normalize_band(band)
+        m = _band_span(st, b or None) if b else _band_span(st)
+        if not b and m is not None:
+            b = normalize_band(m.group(1))
+        name_key = re.sub(r"([-_.])[-_.]+", r"\1", st[:m.start()] + st[m.end():]).strip("-_.") if m is not None else st
+        folder = posixpath.dirname(url)
+        cands = [p for p in psf_info if p[2] == _lead_token(st) and p[3] == b]
+        here = [p for p in cands if p[1] == folder]
+        cands = here or cands
+        psf = max(cands, key=lambda p: len(posixpath.commonprefix([_stem(p[0]), st])))[0] if cands else None
+        key = posixpath.join(folder, name_key or st)
+        while b in patches.get(key, {}):  # a second image of one band: a patch of its own
+            key += "+"
+        patches.setdefault(key, {})[b] = (url, psf)
+    return [patch_source(k, v) for k, v in sorted(patches.items())]
+
+
+def _peek_primary(fs, path: str):
+    """The primary header of a FITS file (gzip too), or None when it cannot be read."""
+    try:
+        with fs.open(path, "rb", compression="infer") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fits.Header.fromfile(fh)
+    except Exception:  # noqa: BLE001 - unreadable: kept as a tile source, a failure when read
+        return None
+
+
+def _read_manifest(fs, path: str, full) -> list[str]:
+    """Patches from a manifest CSV (columns ``patch, band, image, psf``; paths relative to its folder)."""
+    import csv
+
+    with fs.open(path, "rt") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"patch", "band", "image"} <= set(rows[0]):
+        raise InputError(full(path), "a manifest needs the columns patch, band, image (and psf)")
+    folder = posixpath.dirname(path)
+
+    def resolve(p):
+        p = (p or "").strip()
+        if not p:
+            return None
+        return p if ("://" in p or p.startswith("/")) else full(posixpath.normpath(posixpath.join(folder, p)))
+
+    patches: dict[str, dict[str, tuple[str, str | None]]] = {}
+    for i, r in enumerate(rows):
+        b, img = normalize_band(r.get("band")), resolve(r.get("image"))
+        if img is None:
+            raise InputError(full(path), f"row {i + 1} names no image")
+        key = posixpath.join(full(folder), str(r.get("patch", "")).strip() or _stem(img))
+        if b in patches.get(key, {}):
+            raise InputError(full(path), f"row {i + 1}: patch {r.get('patch')!r} lists band {b!r} twice")
+        patches.setdefault(key, {})[b] = (img, resolve(r.get("psf")))
+    return [patch_source(k, v) for k, v in sorted(patches.items())]
+
 
 def _protocol_prefix(fs) -> str:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -538,10 +737,15 @@ def _parquet_rows(fs, path: str) -> int | None:
 def list_tile_sources(urls: str | Sequence[str], *, storage_options: Mapping | None = None) -> list[str]:
     """Tile sources under ``urls`` (files, directories, globs), sorted and de-duplicated.
 
-    FITS files are one source each; a Parquet file of tiles gives ``url#row=i`` per row. A URL
-    that cannot be read -- a file which does not exist, an unknown protocol, a truncated Parquet
-    file -- is kept as it is (it becomes a failure row when read); a directory or glob that matches
-    nothing is an error.
+    The package's tile FITS files (``TILEID``/``BANDS`` in the primary header) are one source each; a
+    Parquet file of tiles gives ``url#row=i`` per row. Other FITS files are survey images as delivered
+    (HSC data-access cutouts and coadd patches, Rubin-style files) and their PSF files: they are
+    grouped into patches by the naming rule of :func:`group_survey_files`, across all of ``urls``
+    (a folder of images and one of PSFs pair up), or by a manifest CSV given as an input (columns
+    ``patch, band, image, psf``, paths relative to it); each patch is one source
+    (:func:`patch_source`), read by :func:`galgan_ray.survey.read_survey_patch`. A URL that cannot be
+    read -- a file which does not exist, an unknown protocol, a truncated Parquet file -- is kept as
+    it is (it becomes a failure row when read); a directory or glob that matches nothing is an error.
 
     Returns
     -------
@@ -550,6 +754,8 @@ def list_tile_sources(urls: str | Sequence[str], *, storage_options: Mapping | N
     if isinstance(urls, str):
         urls = [urls]
     out: list[str] = []
+    survey_images: list[tuple[str, str | None]] = []
+    psfs: list[str] = []
     for url in urls:
         try:
             fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -578,11 +784,26 @@ def list_tile_sources(urls: str | Sequence[str], *, storage_options: Mapping | N
             else:
                 found = [path]
         for p in found:
+            name = url if p == path else full(p)
+            if p.lower().endswith(".csv"):
+                out += _read_manifest(fs, p, full)
+                continue
             n = _parquet_rows(fs, p) if p.lower().endswith(".parquet") else None
             if n is not None:
                 out += [f"{full(p)}#row={i}" for i in range(n)]
+                continue
+            hdr = _peek_primary(fs, p) if p.lower().endswith(_FITS_EXT) else None
+            if hdr is not None and any(k in hdr for k in _TILE_KEYS):
+                out.append(name)  # one of the package's tiles
+            elif _PSF_IN_NAME.search(_stem(p)):
+                psfs.append(name)  # (unreadable: its patch fails when read)
+            elif hdr is None:
+                out.append(name)  # unreadable: a failure row when read
             else:
-                out.append(url if p == path else full(p))
+                band = next((str(hdr[k]).strip() for k in ("FILTER", "BAND") if str(hdr.get(k, "")).strip()), None)
+                survey_images.append((name, band))
+    if survey_images:
+        out += group_survey_files(survey_images, psfs)
     return sorted(dict.fromkeys(out))
 
 

@@ -59,6 +59,7 @@ from .models import (
     prepare_batch,
     upsample_baseline,
 )
+from .progress import progress
 
 __all__ = [
     "TrainConfig",
@@ -549,7 +550,7 @@ def _run(kind: str, state: TrainState, g_run: nn.Module, d_run: nn.Module, devic
     rank, world = state.rank, state.world_size
     history: list[dict] = []
     start_epoch = state.epoch
-    for epoch in range(state.epoch, cfg.epochs):
+    for epoch in progress(range(state.epoch, cfg.epochs), desc=f"{kind} epochs", unit="epoch", leave=True):
         _set_learning_rates(state, epoch)
         state.generator.train()
         state.discriminator.train()

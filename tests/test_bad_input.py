@@ -26,6 +26,10 @@ Decisions recorded here:
   :func:`list_tile_sources` and becomes a failure row; it does not stop the listing.
 - A **tampered checkpoint** or a config with an **unknown key** stops a job before any tile is
   read (they concern the whole run, so there is no tile to fail).
+- A **survey patch** (HSC cutouts as delivered, grouped by the naming rule of
+  :func:`galgan_ray.tiles.group_survey_files`) that is truncated, has no PSF, lacks the model's band,
+  has counts of unknown unit or a corrupt PSF file is a failure row of the read stage naming the file
+  (:func:`galgan_ray.ray_shell.reading.read_tile_row`); the patches beside it are read.
 """
 from __future__ import annotations
 
@@ -259,6 +263,67 @@ def test_bad_tile_error_names_the_input_and_the_problem(kind, tmp_path, s3_endpo
         check_tile(read_tile_source(bad.source, storage_options=opts), model=MODEL)
     msg = str(info.value)
     assert msg.startswith(bad.source + ": ") and bad.problem in msg, msg
+
+
+# ------------------------------------------------------------------------------------------------
+# 1b. Unit layer: survey files as delivered (patches of HSC cutouts and PSF files)
+# ------------------------------------------------------------------------------------------------
+def _survey_cutout(path: Path, *, band: str = "i", fluxmag0: bool = True, n: int = 90, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    prim = fits.PrimaryHDU()
+    if fluxmag0:
+        prim.header["FLUXMAG0"] = 10 ** (0.4 * 27.0)
+    prim.header["FILTER"] = band
+    hdr = make_tan_wcs(150.0, 2.0, pixel_scale_arcsec=0.168, shape=(n, n)).to_header()
+    yy, xx = np.indices((n, n))
+    img = rng.normal(0, 0.05, (n, n)) + 20.0 * np.exp(-0.5 * ((xx - 45) ** 2 + (yy - 40) ** 2) / 1.6**2)
+    fits.HDUList([prim, fits.ImageHDU(img.astype(np.float32), header=hdr), fits.ImageHDU(np.zeros((n, n), np.int32)),
+                  fits.ImageHDU(np.full((n, n), 0.05**2, np.float32))]).writeto(path)
+    return path
+
+
+def _survey_psf(path: Path) -> Path:
+    yy, xx = np.indices((25, 25))
+    fits.PrimaryHDU(np.exp(-0.5 * ((xx - 12) ** 2 + (yy - 12) ** 2) / 1.4**2)).writeto(path)
+    return path
+
+
+def _truncate(p: Path) -> None:
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+SURVEY_KINDS: dict[str, tuple[Callable[[Path], None], str]] = {
+    # kind: (what is done to a good patch obj_{i,g}.fits + obj_{i,g}_psf.fits, the problem reported)
+    "truncated": (lambda d: _truncate(d / "obj_i.fits"), "obj_i.fits: is truncated"),
+    "no-psf": (lambda d: (d / "obj_i_psf.fits").unlink(), "obj_i.fits: has no PSF"),
+    "no-model-band": (lambda d: [(d / f"obj_i{s}.fits").unlink() for s in ("", "_psf")],
+                      "the model takes band(s) ['i']; the patch has ['g']"),
+    "no-unit": (lambda d: _survey_cutout(d / "obj_i.fits", fluxmag0=False) if (d / "obj_i.fits").unlink() is None
+                else None, "obj_i.fits: the flux unit is unknown"),
+    "corrupt-psf": (lambda d: (d / "obj_i_psf.fits").write_bytes(b"SIMPLE  = not a FITS file"),
+                    "obj_i_psf.fits: cannot be read as FITS"),
+}
+
+
+@pytest.mark.parametrize("kind", list(SURVEY_KINDS))
+def test_bad_survey_patch_is_a_read_failure_naming_the_file(kind, tmp_path):
+    from galgan_ray.ray_shell.reading import read_tile_row
+    from galgan_ray.storage import StorageConfig
+
+    d = tmp_path / "cutouts"
+    d.mkdir()
+    for b in "ig":
+        _survey_cutout(d / f"obj_{b}.fits", band=f"HSC-{b.upper()}")
+        _survey_psf(d / f"obj_{b}_psf.fits")
+    (good,) = list_tile_sources(str(d))
+    assert read_tile_row(good, StorageConfig(), MODEL)["status"] == "ok"  # the control
+    edit, problem = SURVEY_KINDS[kind]
+    edit(d)
+    (src,) = list_tile_sources(str(d))
+    row = read_tile_row(src, StorageConfig(), MODEL)
+    assert row["status"] == "failed" and row["stage"] == "read" and row["tileId"] > 0
+    assert problem in row["reason"] and row["reason"].startswith(str(d)), row["reason"]
 
 
 def test_good_tiles_pass_masked_nan_included(tmp_path):

@@ -23,6 +23,13 @@ def _qso_scene(shared_data, k=0):
     return img, psf
 
 
+def _qso_scene_id(shared_data, sid):
+    d = shared_data / "hsc_hst_qso_fields"
+    img = glob.glob(str(d / "hsc" / f"{sid}-cutout-HSC-I-*.fits"))[0]
+    psf = glob.glob(str(d / "hsc_psf" / f"{sid}-psf-calexp-*-HSC-I-*.fits"))[0]
+    return img, psf
+
+
 def test_an_hsc_data_access_cutout_reads_in_njy_with_its_mask_planes(shared_data):
     img, psf = _qso_scene(shared_data)
     si = read_survey_image(img, psf=psf)
@@ -84,3 +91,77 @@ def test_psf_checks_recentre_clip_and_refuse():
         check_psf(far, source="psf.fits")
     with pytest.raises(InputError, match="non-finite"):
         check_psf(np.full((5, 5), np.nan), source="psf.fits")
+
+
+def _hsc_like_file(path, *, n=120, seed=0, band="HSC-I"):
+    """A data-access-style cutout: empty primary with FLUXMAG0, unnamed image, mask (MP_* planes) and
+    variance HDUs at 0.168"/px; a saturated blob and a bright-star mask region."""
+    from galgan_ray.geometry import make_tan_wcs
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.indices((n, n))
+    img = rng.normal(0, 0.02, (n, n)) + 50.0 * np.exp(-0.5 * ((xx - 60) ** 2 + (yy - 60) ** 2) / 2.0**2)
+    mask = np.zeros((n, n), np.int32)
+    mask[np.hypot(xx - 60, yy - 60) <= 2] |= 1 << 1  # SAT
+    mask[(xx < 30) & (yy < 30)] |= 1 << 9  # BRIGHT_OBJECT
+    mask[:, n - 5:] |= 1 << 8  # NO_DATA
+    mask[::7, ::5] |= 1 << 3  # CR: informational only
+    hdr = make_tan_wcs(150.0, 2.0, pixel_scale_arcsec=0.168, shape=(n, n)).to_header()
+    mh = fits.Header()
+    for name, bit in (("BAD", 0), ("SAT", 1), ("CR", 3), ("NO_DATA", 8), ("BRIGHT_OBJECT", 9)):
+        mh[f"HIERARCH MP_{name}"] = bit  # as the HSC pipeline writes them
+    prim = fits.PrimaryHDU()
+    prim.header["FLUXMAG0"] = 10 ** (0.4 * 27.0)
+    prim.header["FILTER"] = band
+    fits.HDUList([prim, fits.ImageHDU(img.astype(np.float32), header=hdr), fits.ImageHDU(mask, header=mh),
+                  fits.ImageHDU(np.full((n, n), 0.02**2, np.float32), header=hdr)]).writeto(path)
+    return path
+
+
+def test_mask_planes_become_pixel_flags_on_the_model_grid(tmp_path):
+    from galgan_ray.checkpoint import ModelGrid
+    from galgan_ray.flags import flag_bit
+    from galgan_ray.instrument import get_band
+    from galgan_ray.survey import to_model_tile
+
+    si = read_survey_image(_hsc_like_file(str(tmp_path / "c.fits")))
+    assert si.band == "HSC-I"
+    sat, bo, nd = flag_bit("SATURATED"), flag_bit("BRIGHT_OBJECT"), flag_bit("NO_DATA")
+    assert (si.pixel_flags[60, 60] & sat) and si.bad[60, 60]
+    assert (si.pixel_flags[10, 10] & bo) and not si.bad[10, 10]  # bright-star mask: flagged, still usable
+    assert (si.pixel_flags[50, -1] & nd) and si.bad[50, -1]
+    assert not si.pixel_flags[7 * 10, 5 * 3] and not si.bad[7 * 10, 5 * 3]  # CR on a coadd: nothing
+    grid = ModelGrid(high=(get_band("hst", "F775W"),), low=(get_band("hsc", "i"),))
+    tile, _ = to_model_tile(si, model=grid)  # no enhancer needed: the field job's readers hold none
+    assert tile.pixel_scale_arcsec == pytest.approx(0.18, rel=1e-3) and tile.bands == grid.band_keys_low
+    ra, dec = si.wcs.pixel_to_world_values([60.0, 10.0, 119.0], [60.0, 10.0, 50.0])
+    x, y = tile.wcs.world_to_pixel_values(ra, dec)
+    at = tile.pixel_flags[np.rint(y).astype(int), np.rint(x).astype(int)]
+    assert at[0] & sat and at[1] & bo and at[2] & nd
+    assert tile.mask[0][round(y[0]), round(x[0])] and not tile.mask[0][round(y[1]), round(x[1])]
+    # two bands of one patch: one tile of two planes on one grid
+    si2 = read_survey_image(_hsc_like_file(str(tmp_path / "r.fits"), seed=1, band="HSC-R"))
+    grid2 = ModelGrid(high=grid.high * 2, low=(get_band("hsc", "i"), get_band("hsc", "i")))
+    t2, info2 = to_model_tile([si, si2], model=grid2)
+    assert t2.image.shape[0] == 2 and t2.shape == tile.shape and len(info2["bands"]) == 2
+    with pytest.raises(InputError, match="c.fits: one image holds one band; the model takes 2"):
+        to_model_tile(si, model=grid2)
+
+
+def test_a_saturated_quasar_is_one_star_row(shared_data, tmp_path):
+    """Scene 20 of the real QSO fields: the quasar saturates the i-band coadd (SAT plane). It is one row
+    flagged STAR and SATURATED at its centre (before: no row there, and children on the rim of the
+    masked core 1.4-1.5" away)."""
+    from galgan_ray.flags import flag_bit
+
+    img, psf = _qso_scene_id(shared_data, "20")
+    assert main(["deblend", img, "--psf", psf, "--out", str(tmp_path / "q.parquet")]) == 0
+    t = pq.read_table(tmp_path / "q.parquet")
+    si = read_survey_image(img, psf=psf)
+    sy, sx = np.nonzero(si.pixel_flags & flag_bit("SATURATED"))
+    x, y, flags = t["x"].to_numpy(), t["y"].to_numpy(), t["flags"].to_numpy()
+    d = np.hypot(x - sx.mean(), y - sy.mean())
+    near = d < 7.0  # 1.2" in the cutout's pixels
+    assert near.sum() == 1 and d[near][0] < 1.5
+    assert flags[near][0] & flag_bit("STAR") and flags[near][0] & flag_bit("SATURATED")
+    assert np.sum((flags & flag_bit("STAR")) != 0) == 1 and t.num_rows >= 5

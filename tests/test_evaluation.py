@@ -37,7 +37,17 @@ def test_report_has_the_keys_other_tools_read(tiny_run):
     assert rep["spec"]["n_blends"] == 16 and rep["provenance"]["version"]
     assert np.isfinite(rep["som"]["quantization_error"])
     assert "headline_factor" in rep["photometry"]
-    for key in ("figure4", "figure5", "figure6", "figure7", "table"):
+    ph = rep["photometry"]
+    assert set(ph["headline"]) >= {"subset", "method", "bias_factor", "nmad_factor", "rms_factor"}
+    assert ph["headline"]["method"] == ph["catalog_method"] == "template"
+    for method in ("template", "gmm", "photutils"):
+        m = ph["methods"][method]
+        for key in ("all.dominant", "all.both", "low1_enhanced2.dominant", "low1_enhanced2.both"):
+            assert {"bias_factor", "nmad_factor", "rms_factor"} <= set(m[key])
+        assert set(m["bins"]) == {"low", "enhanced"} and set(m["pulls"]) == {"low", "enhanced"}
+        assert m["isolated"]["enhanced"]["n"] >= 0
+    assert "photutils" in ph["peers_run"]
+    for key in ("figure4", "figure5", "figure6", "figure7", "table", "photometry_table"):
         assert open(written[key], "rb").read(4)
 
 
@@ -52,7 +62,11 @@ def test_the_seven_band_spec_loads_with_matching_bands():
     from importlib import resources
 
     spec = load_config(EvalSpec, str(resources.files("galgan_ray").joinpath("data/benchmark_7band.yaml")))
-    assert len(spec.bands.high) == len(spec.bands.low) == 7 and spec.baselines == ()
+    assert len(spec.bands.high) == len(spec.bands.low) == 7 and spec.detect_band == "F775W"
+    # The F775W channel is at the 1-band benchmark's UltraDeep i depth: the paired rows see the same noise.
+    one = load_config(EvalSpec, str(resources.files("galgan_ray").joinpath("data/benchmark_default.yaml")))
+    i7 = spec.bands.degrade_config().low[spec.bands.high.index("hst/F775W")]
+    assert i7.depth_5sigma_mag == one.bands.degrade_config().low[0].depth_5sigma_mag
     assert spec.seed == load_config(EvalSpec, str(resources.files("galgan_ray").joinpath(
         "data/benchmark_default.yaml"))).seed
 
@@ -119,3 +133,47 @@ def test_enhanced_noise_model_recovers_a_known_output_noise():
     scaled = peaks_at_resolution(img, psf=psf, noise_sigma=np.ones(1), detect=det, noise_model=flat)
     assert len(white["x"]) == len(scaled["x"]) == 1
     np.testing.assert_allclose(scaled["significance"], white["significance"] / 2.0, rtol=1e-5)
+
+
+def test_paired_differences_are_the_per_blend_mean_with_a_paired_error():
+    from galgan_ray.evaluation import paired_differences
+
+    a = np.array([2, 2, 1, 2, 0, 2, 1, 2])
+    b = np.array([2, 1, 1, 2, 0, 1, 2, 1])
+    res = paired_differences({"enhanced": a, "enhanced_1band": b}, first="enhanced", others=["enhanced_1band"])
+    p = res["enhanced_minus_enhanced_1band"]
+    d = (a == 2).astype(float) - (b == 2).astype(float)
+    assert p["difference"] == pytest.approx(d.mean()) and p["err"] == pytest.approx(d.std(ddof=1) / np.sqrt(8))
+    assert (p["only_first"], p["only_second"], p["n"]) == (3, 1, 8)
+    assert p["first"] - p["second"] == pytest.approx(p["difference"])
+
+
+def test_paired_seven_band_benchmark_scores_the_one_band_model_on_the_detection_channel(tmp_path):
+    """Both models on the very same blends: the 1-band row is the 1-band model on the F775W channel
+    alone, every row's peaks come from that channel, and the chi-like rows stand beside them."""
+    if not (model_available("default") and model_available("default-7band")):
+        pytest.skip("the shipped 1-band and 7-band models are not installed")
+    from importlib import resources
+
+    from galgan_ray.enhance import Enhancer
+    from galgan_ray.evaluation import peaks_at_resolution
+
+    spec = load_config(EvalSpec, str(resources.files("galgan_ray").joinpath("data/benchmark_7band.yaml")),
+                       ["sky_size_arcsec=20", "n_sky_tiles=1", "n_blends=12", "n_isolated=4", "n_empty=4",
+                        "noise_calibration_galaxies=3", "noise_realizations=2", "photometry_blends=0",
+                        "baselines=[sep]", "min_high_significance=0"])
+    out = evaluate(spec, models={"enhanced": "default-7band", "enhanced_1band": "default"}, work_dir=tmp_path)
+    rep = out["report"]
+    assert {"high", "low", "enhanced", "enhanced_1band", "sep", "high_chi", "low_chi", "enhanced_chi"} <= set(rep["rows"])
+    assert "enhanced_1band_chi" not in rep["rows"] and rep["detect_band"] == "F775W"
+    c = spec.bands.high.index("hst/F775W")
+    bb = out["blend_batch"]
+    direct = Enhancer("default").enhance_cutouts(bb["image_lr"][:, c:c + 1], bb["sigma_lr"][:, c:c + 1])
+    np.testing.assert_allclose(out["enhanced_images"]["enhanced_1band"], direct, rtol=1e-5, atol=1e-6)
+    hi = peaks_at_resolution(bb["image_hr"][:, c:c + 1], psf=out["psf_hr"], noise_sigma=bb["sigma_hr"][:, c:c + 1],
+                             detect=spec.detect)
+    np.testing.assert_array_equal(out["peaks"]["high"]["index"], hi["index"])
+    p = rep["paired"]["enhanced_minus_enhanced_1band"]
+    df = rep["detection_fraction"]
+    assert p["difference"] == pytest.approx(df["enhanced"]["fraction"] - df["enhanced_1band"]["fraction"])
+    assert "enhanced_chi_minus_enhanced_1band_chi" not in rep["paired"]

@@ -239,6 +239,12 @@ def test_process_tile_finds_each_source_once_with_its_flux(enhancer, rho):
                         config=FieldConfig(keep_not_primary=True)).catalog.columns
     far = np.hypot(kept["x"] - 95.0, kept["y"] - 50.0) < 0.5
     assert far.sum() == 1 and kept["flags"][far][0] & flag_bit("NOT_PRIMARY")
+    # The Rubin columns are the flags' reading: primary = owned, every row a child, skipped/failed bits.
+    np.testing.assert_array_equal(kept["detect_isPrimary"], (kept["flags"] & flag_bit("NOT_PRIMARY")) == 0)
+    assert not kept["detect_isPrimary"][far][0] and cat["detect_isPrimary"].all()
+    assert not np.any(kept["deblend_nChild"])
+    np.testing.assert_array_equal(kept["deblend_skipped"], (kept["flags"] & flag_bit("ENHANCE_SKIPPED")) != 0)
+    np.testing.assert_array_equal(kept["deblend_failed"], (kept["flags"] & flag_bit("FIT_FAILED")) != 0)
     assert set(cat["objectId"]) <= set(kept["objectId"])  # ids do not depend on the ownership cut
     # The per-step clock (bench/bench_tile.py reads it): every step that ran is in exactly one pipeline stage.
     assert list(res.steps) == [st.name for st in STEPS]

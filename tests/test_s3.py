@@ -70,6 +70,9 @@ def test_field_job_reads_and_writes_s3(endpoint, ckpt):
         assert json.loads(fh.read())["sources"] == n
     with fs.open(f"{BUCKET}/runs/one/config.yaml", "rb") as fh:
         assert SECRET.encode() not in fh.read()
+    # The HATS copy of the catalog on S3: every row, its properties written last.
+    assert summary["hats"]["rows"] == n and summary["outputs"]["hats"] == f"{out}/hats/"
+    assert fs.exists(f"{BUCKET}/runs/one/hats/hats.properties") and fs.exists(f"{BUCKET}/runs/one/hats/dataset/_metadata")
     # A rerun on S3 skips the committed tiles.
     again = run_field(cfg, verbose=False)
     assert again["tiles"]["skipped"] == 2 and again["tiles"]["done"] == 0

@@ -177,3 +177,83 @@ def test_simulated_tiles_overlap_exactly_and_own_each_source_once(sim_field):
     assert not ids_a & ids_b
     assert len(ids_a | ids_b) == info["n_truth"] > 0
     assert a.image.shape[1] == inner + 2 * border
+
+
+# ------------------------------------------------------------------------------------------------
+# Survey files as delivered: the naming rule and the manifest
+# ------------------------------------------------------------------------------------------------
+def test_the_naming_rule_groups_bands_of_a_patch_with_their_psfs():
+    from galgan_ray.tiles import group_survey_files, parse_patch_source
+
+    d, p = "/data/hsc", "/data/hsc_psf"
+    images = [(f"/data/c/149.25,2.56_300x300_{b}.fits", None) for b in "gri"]
+    images += [(f"{d}/10-cutout-HSC-{b}-9813-pdr2_dud.fits", f"HSC-{b}") for b in "GI"]
+    images += [(f"{d}/11-cutout-HSC-I-9813-pdr2_dud.fits", None)]
+    psfs = [f"/data/c/149.25,2.56_{b}_psf.fits" for b in "gri"]
+    psfs += [f"{p}/10-psf-calexp-pdr2_dud-HSC-{b}-9813-4,3-150.17976-2.11031.fits" for b in "GI"]
+    psfs += [f"{p}/100-psf-calexp-pdr2_dud-HSC-I-9813-4,3-150.2-2.1.fits"]  # another object's: not 11's
+    got = {parse_patch_source(s)[0]: parse_patch_source(s)[1] for s in group_survey_files(images, psfs)}
+    assert set(got) == {"/data/c/149.25,2.56_300x300", f"{d}/10-cutout-9813-pdr2_dud", f"{d}/11-cutout-9813-pdr2_dud"}
+    coadd = got["/data/c/149.25,2.56_300x300"]
+    assert sorted(coadd) == ["g", "i", "r"]
+    assert coadd["r"] == ("/data/c/149.25,2.56_300x300_r.fits", "/data/c/149.25,2.56_r_psf.fits")
+    ten = got[f"{d}/10-cutout-9813-pdr2_dud"]
+    assert sorted(ten) == ["g", "i"] and ten["i"][1] == f"{p}/10-psf-calexp-pdr2_dud-HSC-I-9813-4,3-150.17976-2.11031.fits"
+    assert got[f"{d}/11-cutout-9813-pdr2_dud"]["i"][1] is None  # no PSF by the rule: a failure when read
+
+
+def _survey_like(path, band="i", tileid=None):
+    from astropy.io import fits
+
+    from galgan_ray.geometry import make_tan_wcs
+
+    prim = fits.PrimaryHDU()
+    prim.header["FLUXMAG0"] = 10 ** 10.8
+    prim.header["FILTER"] = band
+    if tileid is not None:
+        prim.header["TILEID"] = tileid
+    hdr = make_tan_wcs(150.0, 2.0, pixel_scale_arcsec=0.168, shape=(40, 40)).to_header()
+    fits.HDUList([prim, fits.ImageHDU(np.zeros((40, 40), np.float32), header=hdr)]).writeto(path)
+
+
+def test_list_tile_sources_groups_survey_files_and_reads_a_manifest(tmp_path):
+    from galgan_ray.tiles import PATCH_TAG, parse_patch_source
+
+    d = tmp_path / "cut"
+    d.mkdir()
+    for b in "gi":
+        _survey_like(d / f"obj7_{b}.fits", band=f"HSC-{b.upper()}")
+        _survey_like(d / f"obj7_{b}_psf.fits")
+    write_tile(small_tile(), str(d / "tile-3.fits"))  # one of the package's own tiles beside them
+    srcs = list_tile_sources(str(d))
+    patches = [s for s in srcs if PATCH_TAG in s]
+    assert len(srcs) == 2 and len(patches) == 1 and str(d / "tile-3.fits") in srcs
+    key, files = parse_patch_source(patches[0])
+    assert key == str(d / "obj7") and files["g"] == (str(d / "obj7_g.fits"), str(d / "obj7_g_psf.fits"))
+    man = tmp_path / "patches.csv"
+    man.write_text("patch,band,image,psf\nA,HSC-I,cut/obj7_i.fits,cut/obj7_i_psf.fits\nA,g,cut/obj7_g.fits,\n")
+    (src,) = list_tile_sources(str(man))
+    key, files = parse_patch_source(src)
+    assert key == str(tmp_path / "A") and files == {"i": (str(d / "obj7_i.fits"), str(d / "obj7_i_psf.fits")),
+                                                    "g": (str(d / "obj7_g.fits"), None)}
+    man.write_text("patch,band,image\nA,i,x.fits\nA,i,y.fits\n")
+    with pytest.raises(InputError, match="patches.csv: row 2: patch 'A' lists band 'i' twice"):
+        list_tile_sources(str(man))
+
+
+def test_pixel_flags_and_the_input_wcs_travel_with_a_tile():
+    t = small_tile(with_truth=False)
+    pf = np.zeros(t.shape, np.int64)
+    pf[3:6, 4:9] = 1 << 15
+    t.pixel_flags = pf
+    back = read_tile(tile_to_fits_bytes(t), source=SRC)
+    np.testing.assert_array_equal(back.pixel_flags, pf)
+    wcs_in = make_tan_wcs(150.0, 2.0, pixel_scale_arcsec=0.168, shape=(43, 43)).to_header().tostring()
+    t.input_wcs_header = wcs_in
+    u, _, _ = unpack_tile(pack_tile(t))
+    np.testing.assert_array_equal(u.pixel_flags, pf)
+    assert u.input_wcs_header == wcs_in
+    x, _ = u.catalog_pixels([10.0, 20.0], [5.0, 30.0])  # the input's pixels: 0.18/0.168 finer, co-centred
+    assert np.all(np.abs(x - 21.0 - (np.array([10.0, 20.0]) - 19.5) * 0.18 / 0.168) < 0.05)
+    with pytest.raises(InputError, match="FLAGS shape"):
+        read_tile(tile_to_fits_bytes(Tile(**{**t.__dict__, "pixel_flags": pf[:, :5], "_wcs": None})), source=SRC)

@@ -61,17 +61,19 @@ def default_field_config(path: str | None = None) -> FieldConfig:
 def deblend_file(image: str, *, psf: str | None = None, psf_pixel_scale_arcsec: float | None = None,
                  model: str = "default", config: FieldConfig | None = None, device: str | None = None,
                  enhancer: Enhancer | None = None, noise=None):
-    """Deblend one file: ``(catalog columns with x, y in the input's pixels, summary dict, state, enhancer)``."""
+    """Deblend one file: ``(catalog columns with x, y in the input's pixels, summary dict, state, enhancer)``.
+
+    The field job's path for one image: :func:`galgan_ray.survey.read_survey_image`,
+    :func:`galgan_ray.survey.to_model_tile` and :func:`galgan_ray.field.process_tile` (the job reads a
+    patch of files with :func:`galgan_ray.survey.read_survey_patch`, then runs the same stages).
+    """
     config = config or default_field_config()
     si = read_survey_image(image, psf=psf, psf_pixel_scale_arcsec=psf_pixel_scale_arcsec)
     enh = enhancer or Enhancer(model, device=device)
     tile, info = to_model_tile(si, enhancer=enh)
     noise = noise if noise is not None else enhancer_noise_scale(enh, config)
     res = process_tile(tile, model=enh.grid, enhance_fn=enh.enhance_plane, rho=noise, config=config)
-    cols = dict(res.catalog.columns)
-    if len(cols["objectId"]):
-        x_in, y_in = si.wcs.world_to_pixel_values(cols["coord_ra"], cols["coord_dec"])
-        cols["x"], cols["y"] = np.asarray(x_in, np.float64), np.asarray(y_in, np.float64)
+    cols = dict(res.catalog.columns)  # x, y in the input image's pixels (the tile carries its WCS)
     b = band_name(tile.bands[0])
     flux, err = cols[f"{b}_gmmFlux"], cols[f"{b}_gmmFluxErr"]
     summary = {"image": image, "psf": psf, "model": str(enh.checkpoint), "unit": info["unit"],
@@ -81,7 +83,8 @@ def deblend_file(image: str, *, psf: str | None = None, psf_pixel_scale_arcsec: 
                "unsupported_dropped": int(res.stats.n_unsupported) if not config.keep_unsupported else 0,
                "unsupported_kept": int(res.stats.n_unsupported) if config.keep_unsupported else 0,
                "median_snr": float(np.median(flux / err)) if len(flux) else None,
-               "low_snr_rows": int(np.sum((cols["flags"] & flag_bit("LOW_SNR")) != 0))}
+               "low_snr_rows": int(np.sum((cols["flags"] & flag_bit("LOW_SNR")) != 0)),
+               "star_rows": int(np.sum((cols["flags"] & flag_bit("STAR")) != 0))}
     return cols, summary, res, enh
 
 
@@ -109,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
           f"low-resolution pixels do not support left out); units {s['unit']}; noise {s['sigma_lr_njy']:.4g} nJy "
           f"per model pixel; PSF {s['psf_plan']['action']} (FWHM {s['psf_plan']['fwhm_input_arcsec']:.3f}\" -> "
           f"model {s['psf_plan']['fwhm_model_arcsec']:.3f}\") -> {args.out}")
+    if s["star_rows"]:
+        print(f"  {s['star_rows']} star(s) (saturated, or bright and point-like): one row each, flagged STAR, "
+              f"not deblended")
     for w in s["warnings"]:
         print(f"  warning: {w}")
     return 0

@@ -6,7 +6,10 @@ footprint``. A source belongs to the tile whose inner region holds its position;
 dropped (or kept with ``NOT_PRIMARY`` when ``keep_not_primary``), so a field's tiles merge without
 duplicates or gaps. Children the low-resolution pixels do not support (``UNSUPPORTED``,
 :func:`galgan_ray.field.measure.support_children`) are left out too unless ``keep_unsupported``; the
-tile's counts say how many. The columns are those of :func:`galgan_ray.schema.object_schema`.
+tile's counts say how many. The columns are those of :func:`galgan_ray.schema.object_schema`; its
+Rubin booleans are read off the flags: ``detect_isPrimary`` (not ``NOT_PRIMARY``), ``deblend_skipped``
+(``ENHANCE_SKIPPED``), ``deblend_failed`` (``FIT_FAILED``), and ``deblend_nChild`` is 0 (every row is a
+child).
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ PARENT_BIT = 1 << 23
 
 _NOT_PRIMARY = flag_bit("NOT_PRIMARY")
 _UNSUPPORTED = flag_bit("UNSUPPORTED")
+_SKIPPED = flag_bit("ENHANCE_SKIPPED")
+_DEBLEND_FAILED = flag_bit("FIT_FAILED")
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,13 +132,21 @@ def build_catalog(tile: Tile, footprints: Footprints, children: Children, fluxes
     cols: dict[str, np.ndarray] = {
         "objectId": object_id, "parentObjectId": parent_id, "tileId": np.full(n, tid, dtype=np.int64),
         "coord_ra": np.asarray(ra, dtype=np.float64), "coord_dec": np.asarray(dec, dtype=np.float64),
-        "x": x.astype(np.float64), "y": y.astype(np.float64),
+        **dict(zip(("x", "y"), tile.catalog_pixels(x, y))),  # a survey image's own pixels (tiles.Tile)
     }
     for ci, key in enumerate(tile.bands):
         b = band_name(key)
+        nan = np.full(n, np.nan)
+        cols[f"{b}_templateFlux"] = nan if fluxes.template_flux is None else fluxes.template_flux[:, ci].astype(np.float64)
+        cols[f"{b}_templateFluxErr"] = (nan if fluxes.template_flux_err is None
+                                        else fluxes.template_flux_err[:, ci].astype(np.float64))
         cols[f"{b}_gmmFlux"] = fluxes.flux[:, ci].astype(np.float64)
         cols[f"{b}_gmmFluxErr"] = fluxes.flux_err[:, ci].astype(np.float64)
     cols["significance"] = children.significance.astype(np.float32)
+    cols["detect_isPrimary"] = (flags & _NOT_PRIMARY) == 0
+    cols["deblend_nChild"] = np.zeros(n, dtype=np.int32)
+    cols["deblend_skipped"] = (flags & _SKIPPED) != 0
+    cols["deblend_failed"] = (flags & _DEBLEND_FAILED) != 0
     cols["deblend_nPeaks_low"] = footprints.n_peaks_low[fp].astype(np.int32)
     cols["deblend_nPeaks_enhanced"] = children.n_peaks_enhanced[fp].astype(np.int32)
     cols["flags"] = flags.astype(np.int64)

@@ -12,7 +12,8 @@ peaks closer than the detector's minimum separation are merged. A footprint whos
 holds no peak (or that was not enhanced) keeps its LR peaks (flag ``ENHANCE_SKIPPED``); in the
 others, an LR peak that no enhanced child reproduces (none within half the LR PSF's FWHM) is kept
 too (flag ``LOW_RES_PEAK``): the enhancement adds children, it never removes a peak the original
-pixels show.
+pixels show. The enhanced peaks within a star's radius (an LR peak flagged ``STAR``,
+:mod:`~galgan_ray.field.footprints`) are dropped: the star is its LR peak, one child.
 """
 from __future__ import annotations
 
@@ -140,6 +141,14 @@ def find_children(enhanced: np.ndarray, footprints: Footprints, cutouts: Cutouts
             f_s[rows[merged]] |= _MERGED
             drop = rows[~keep]
             fp_s, x_s, y_s, s_s, f_s = (np.delete(a, drop) for a in (fp_s, x_s, y_s, s_s, f_s))
+        # A star's enhanced peaks (its rings and masked core, field.footprints) are its LR peak's.
+        star_r = footprints.peaks.star_radius
+        if star_r is not None and len(fp_s):
+            low = footprints.peaks
+            stars_own = np.zeros(len(fp_s), bool)
+            for j in np.flatnonzero(star_r > 0):
+                stars_own |= (fp_s == low.fp[j]) & (np.hypot(x_s - low.x[j], y_s - low.y[j]) <= star_r[j])
+            fp_s, x_s, y_s, s_s, f_s = (a[~stars_own] for a in (fp_s, x_s, y_s, s_s, f_s))
         for key, arr in zip(("fp", "x", "y", "significance", "flags"), (fp_s, x_s, y_s, s_s, f_s)):
             parts[key].append(arr)
         n_enh = np.bincount(fp_s, minlength=n_fp).astype(np.int32)
@@ -176,5 +185,6 @@ def find_children(enhanced: np.ndarray, footprints: Footprints, cutouts: Cutouts
     flags |= np.where(near | (footprints.flags[fp] & _EDGE).astype(bool), _EDGE, 0)
     flags |= np.where(footprints.n_peaks_low[fp] > 1, _BLENDED, 0)
     flags |= footprints.flags[fp] & _MASKED
+    flags |= footprints.flags_at(x, y)  # SATURATED, BRIGHT_OBJECT, NO_DATA near the child (mask planes)
     return Children(fp=fp, x=x, y=y, significance=cat["significance"][order].astype(np.float32), flags=flags,
                     n_peaks_enhanced=n_enh)

@@ -4,8 +4,8 @@ The enhancement is spent on footprints only, never on empty sky. A footprint who
 the model's cutout (22 x 22) less a margin gets one cutout centred on it; a bigger one is covered
 by a grid of cutouts ``stride_px`` apart. A peak found in several of them is later kept only from
 the cutout whose centre is nearest (a Voronoi split: no gaps, no duplicates; :mod:`.children`).
-Footprints needing more than ``max_per_footprint`` cutouts are not enhanced (their LR peaks stand
-in, flag ``ENHANCE_SKIPPED``).
+Footprints needing more than ``max_per_footprint`` cutouts, and a saturated star's own footprint
+(``STAR``, :mod:`.footprints`), are not enhanced (their LR peaks stand in, flag ``ENHANCE_SKIPPED``).
 
 The cutouts are not enhanced one by one: the tile is enhanced once, wherever a cutout lies, fully
 convolutionally (:func:`enhance_cutouts_in_plane`), and each cutout's enhanced view is cut from that
@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ConfigError
+from ..flags import flag_bit
 from ..geometry import extract_box
 from .footprints import Footprints
 
@@ -29,6 +30,7 @@ __all__ = ["CutoutConfig", "Cutouts", "EnhanceFn", "cut_footprint_cutouts", "enh
 #: ``(plane (C, H, W), sigma (C,), need=(H, W) bool) -> (C, factor H, factor W)``: a whole LR image
 #: enhanced where ``need`` is set (:meth:`galgan_ray.enhance.Enhancer.enhance_plane`).
 EnhanceFn = Callable[..., np.ndarray]
+_STAR = flag_bit("STAR")
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,8 @@ def cut_footprint_cutouts(footprints: Footprints, variance: np.ndarray, *, confi
     origins, centres, fps = [], [], []
     n_cut = np.zeros(n_fp, dtype=np.int32)
     for k in range(n_fp):
+        if footprints.flags[k] & _STAR:  # a saturated star's own footprint (field.footprints): its peak stands in
+            continue
         x0, x1, y0, y1 = (int(v) for v in bbox[k])
         if x1 - x0 + 1 <= usable and y1 - y0 + 1 <= usable:
             # One cutout on the footprint's centroid, moved just enough to hold its box plus margin.

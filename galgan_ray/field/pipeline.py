@@ -9,7 +9,7 @@ After the last stage only the :class:`TileOutput` (the tables and counts) travel
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -26,7 +26,7 @@ from .catalog import Catalog, TileStats, build_catalog, tile_stats
 from .children import Children, find_children
 from .cutouts import CutoutConfig, Cutouts, EnhanceFn, cut_footprint_cutouts, enhance_cutouts_in_plane
 from .footprints import FootprintConfig, Footprints, LowPeaks, find_footprints
-from .measure import Fluxes, MeasureConfig, measure_children
+from .measure import Fluxes, MeasureConfig, flag_template_fluxes, measure_children, measure_templates
 from .truth import HighPeaks, TruthConfig, TruthScores, find_high_peaks, score_truth
 
 __all__ = ["FieldConfig", "TileContext", "TileState", "TileOutput", "Step", "STEPS", "STAGES", "TILE_STEPS",
@@ -311,13 +311,19 @@ def _detect(s: TileState, ctx: TileContext) -> None:
                                rho=s.noise if s.noise is not None else float(s.rho), detect=ctx.config.detect,
                                ratio=ctx.model.ratio, edge_px=ctx.config.footprints.edge_px,
                                lr_size=ctx.model.lr_size, lr_psf_fwhm_px=ctx.lr_psf_fwhm_px)
-    s.enhanced = None  # used: it does not travel further
 
 
 def _photometry(s: TileState, ctx: TileContext) -> None:
-    s.fluxes = measure_children(s.footprints, s.children, s.tile.variance, psf=s.tile.psf,
-                                pixel_scale_arcsec=s.tile.pixel_scale_arcsec, config=ctx.config.measure,
-                                compute=ctx.compute)
+    fluxes = measure_children(s.footprints, s.children, s.tile.variance, psf=s.tile.psf,
+                              pixel_scale_arcsec=s.tile.pixel_scale_arcsec, config=ctx.config.measure,
+                              compute=ctx.compute)
+    t_flux, t_err, t_flags = measure_templates(s.footprints, s.children, s.cutouts, s.enhanced, s.tile.variance,
+                                               psf=s.tile.psf, psf_hr=ctx.psf_hr, factor=int(round(ctx.model.ratio)),
+                                               pixel_scale_arcsec=s.tile.pixel_scale_arcsec,
+                                               config=ctx.config.measure)
+    s.fluxes = flag_template_fluxes(replace(fluxes, template_flux=t_flux, template_flux_err=t_err,
+                                            flags=fluxes.flags | t_flags))
+    s.enhanced = None  # used: it does not travel further
 
 
 def _catalog(s: TileState, ctx: TileContext) -> None:

@@ -30,10 +30,13 @@ import json
 import logging
 import os
 import posixpath
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import fsspec
 import ray
 import ray.data
 
@@ -42,18 +45,20 @@ from ..config import config_json, dump_config, from_dict, to_dict
 from ..enhance import resolve_model
 from ..errors import ConfigError
 from ..field import FieldConfig
+from ..hats_catalog import write_hats_catalog
 from ..photometry import PhotometryComputeConfig
+from ..progress import progress_setting
 from ..provenance import provenance
 from ..sky import FieldSimConfig, make_simulated_field
 from ..storage import StorageConfig, join_url, open_fs, scrub_url, write_bytes_atomic
 from ..tiles import list_tile_sources
-from .commit import CommitStage, read_markers, run_fingerprint
+from .commit import CommitStage, claim_output, commit_refused, plan_tiles, read_markers, release_output, run_fingerprint
 from .reading import TileDatasource
 from .stages import EnhanceStage, MeasureStage, PrepareStage
 from .summary import format_summary, summarise
 
-__all__ = ["FieldComputeConfig", "FieldJobConfig", "init_ray", "check_resources", "resolve_model_grid", "build_pipeline",
-           "run_field"]
+__all__ = ["FieldComputeConfig", "FieldJobConfig", "init_ray", "check_resources", "check_output", "resolve_model_grid",
+           "build_pipeline", "run_field"]
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +133,20 @@ class FieldJobConfig:
     Attributes
     ----------
     inputs : tuple of str
-        Tile URLs (files, directories, globs; FITS or Parquet). Empty: simulate a field
-        (``simulate``) into ``OUTPUT/input/`` and process it.
+        Tile URLs (files, directories, globs; FITS or Parquet). Survey files as delivered (HSC
+        data-access cutouts and coadd patches with their PSF files, e.g. ``../shared/data/hsc_coadd_cutout``)
+        are grouped into patches by a naming rule or a manifest CSV
+        (:func:`galgan_ray.tiles.list_tile_sources`) and brought onto the model's grid as
+        ``galgan deblend`` brings one image (:func:`galgan_ray.survey.read_survey_patch`). Empty:
+        simulate a field (``simulate``) into ``OUTPUT/input/`` and process it.
     output : str
         Output URL (local path, ``s3://...``, ``gs://...``, ``memory://...``).
     checkpoint : str
         ``"default"`` (the shipped model, :func:`galgan_ray.enhance.default_checkpoint`) or a path/URL.
     overwrite : bool
-        Reprocess committed tiles (and accept markers made with another config or model).
+        Replace what the output holds: the earlier run's tables are removed first and every tile is
+        processed, even where another config or model wrote them (a run still writing there is
+        refused all the same). Without it a run resumes an output of its own fingerprint only.
     simulate : FieldSimConfig
         The simulated field made when ``inputs`` is empty.
     field : FieldConfig
@@ -176,10 +187,27 @@ def init_ray(compute: FieldComputeConfig) -> bool:
 
 
 def _can_autoscale(compute: FieldComputeConfig) -> bool:
-    """Whether the job joined a cluster by address (which may add nodes: ``ray job submit``,
-    ``cluster/*.yaml``); a local instance, or one the caller started in-process, has fixed resources."""
+    """Whether the job joined a cluster by address (``ray job submit``, ``cluster/*.yaml``) whose
+    autoscaler may add nodes. A local instance, one the caller started in-process, or a cluster whose
+    autoscaler runs Ray's read-only provider (``ray start --head`` without ``--autoscaling-config``)
+    has fixed resources."""
     address = compute.ray_address or os.environ.get("RAY_ADDRESS")
-    return bool(address) and address != "local"
+    return bool(address) and address != "local" and not _read_only_autoscaler()
+
+
+def _read_only_autoscaler() -> bool:
+    """Whether the connected cluster's autoscaler can add no node: Ray's read-only provider, which
+    names every node type ``node_<node id>`` in its status report. Unknown (no report yet, another
+    autoscaler version): False, so the job waits as on an autoscaling cluster."""
+    try:
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        report = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))["autoscaler_report"]
+        types = set((report.get("node_type_mapping") or {}).values())
+    except Exception:  # noqa: BLE001 - a private status record; any surprise means "unknown"
+        return False
+    return bool(types) and all(str(t).startswith("node_") for t in types)
 
 
 def check_resources(compute: FieldComputeConfig, *, enhance_gpus: float) -> None:
@@ -239,6 +267,83 @@ def resolve_model_grid(checkpoint: str, *, storage: StorageConfig = StorageConfi
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for the entrypoint of `ray job submit`
+
+
+def _submitted_job() -> str | None:
+    """The submission id when this process is a ``ray job submit`` entrypoint, else None."""
+    raw = os.environ.get(_JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        return str(json.loads(raw).get("metadata", {}).get("job_submission_id") or "?")
+    except (ValueError, AttributeError):
+        return "?"
+
+
+def check_output(output: str, storage: StorageConfig = StorageConfig()) -> str:
+    """The output URL of a run, checked before any work starts (a relative local path made absolute).
+
+    A local path must be a folder that can be created and written (not a regular file, nor below
+    one). A relative one resolves against the working directory, except in a ``ray job submit``
+    entrypoint: that runs in Ray's copy of the uploaded working directory, which Ray deletes with
+    its session, and the submitter's directory is not known there, so it is refused. On object
+    storage a probe object is written and removed with few retries, so a wrong endpoint, missing
+    bucket or missing credentials give one line at once instead of retries for minutes mid-run.
+
+    Returns
+    -------
+    str
+        The URL to write (an absolute path for local outputs).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``output`` and what is wrong with it.
+    """
+    url = str(output)
+    protocol, _ = fsspec.core.split_protocol(url)
+    if protocol in (None, "file", "local"):
+        path = os.path.expanduser(url.split("://", 1)[1] if protocol else url)
+        if not os.path.isabs(path):
+            job = _submitted_job()
+            if job:
+                raise ConfigError("output", f"{url!r} is a relative path, and a `ray job submit` job (here {job}) "
+                                            f"runs in Ray's copy of the working directory (deleted with the Ray "
+                                            f"session), not where it was submitted; give an absolute path or a URL, "
+                                            f"e.g. --set output=$PWD/{path.rstrip('/')} or --set output=s3://BUCKET/RUN")
+            path = os.path.abspath(path)
+        above = path
+        while not os.path.lexists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise ConfigError("output", f"{path} is a regular file, not a folder" if above == path
+                                        else f"{path} lies below {above}, a regular file, not a folder")
+        try:
+            os.makedirs(path, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as exc:
+            raise ConfigError("output", f"{path} cannot be written: {exc.strerror or exc}") from None
+        return path
+    options = dict(storage.options_for(url))
+    if protocol in ("s3", "s3a"):  # one attempt, short timeouts: an unreachable endpoint fails in seconds
+        options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 1}}
+    try:
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+        if hasattr(fs, "retries"):
+            fs.retries = 1  # s3fs retries each call 5 times on its own, with backoff
+        probe = posixpath.join(fs._strip_protocol(url).rstrip("/"), f".write-probe-{uuid.uuid4().hex}")
+        with fs.open(probe, "wb") as fh:
+            fh.write(b"")
+        fs.rm(probe)
+    except Exception as exc:  # noqa: BLE001 - botocore, gcsfs, fsspec raise many kinds
+        text = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ConfigError("output", f"{scrub_url(url)} cannot be written ({type(exc).__name__}: {text})") from None
+    return url
+
+
 def simulate_inputs(config: FieldJobConfig) -> tuple[list[str], dict]:
     """Make the simulated field under ``OUTPUT/input/`` once (reused when its config matches)."""
     url = join_url(config.output, "input")
@@ -272,7 +377,8 @@ def build_pipeline(sources: Sequence[str], *, config: FieldJobConfig, checkpoint
     #    is one block, i.e. one tile: a read task yields one 1-row block): Ray Data then fuses the
     #    reads into that pool (it fuses a task-pool map into a following actor pool when their remote
     #    args match and the actor pool asks for no batch size), so tiles are read in warm actors.
-    ds = ray.data.read_datasource(TileDatasource(sources, storage=config.storage), override_num_blocks=len(sources),
+    ds = ray.data.read_datasource(TileDatasource(sources, storage=config.storage, model=model),
+                                  override_num_blocks=len(sources),
                                   num_cpus=c.stage_num_cpus)
     ds = ds.map_batches(PrepareStage, fn_constructor_args=(model, config.field), fn_constructor_kwargs=kw,
                         compute=ray.data.ActorPoolStrategy(size=c.stage_actors), **{**common, "batch_size": None})
@@ -296,7 +402,9 @@ def build_pipeline(sources: Sequence[str], *, config: FieldJobConfig, checkpoint
 
 
 def run_field(config: FieldJobConfig, *, verbose: bool = True) -> dict[str, Any]:
-    """Process a field end to end on Ray (see the module docstring).
+    """Process a field end to end on Ray (see the module docstring), holding its output for the
+    run (:func:`~galgan_ray.ray_shell.commit.claim_output`: one output, one run); the committed
+    catalog is also written as a HATS catalog (``OUT/hats/``, :mod:`galgan_ray.hats_catalog`).
 
     Parameters
     ----------
@@ -309,12 +417,33 @@ def run_field(config: FieldJobConfig, *, verbose: bool = True) -> dict[str, Any]
     dict
         The summary (also written to ``OUT/summary.json``): ``tiles`` (``total``, ``done``,
         ``failed``, ``skipped``), ``sources``, ``footprints``, ``newly_resolved_blends``,
-        ``throughput`` (``sources_per_s``, ``deg2_per_hour``, ``wall_s``), ``model``, ``outputs``,
-        ``failures`` (list of ``{tileId, source, stage, reason}``), ``truth`` (simulations).
+        ``throughput`` (``sources_per_s``, ``deg2_per_hour``, ``wall_s``, ``cores``, ``core_h_per_deg2``), ``model``, ``outputs``,
+        ``failures`` (list of ``{tileId, source, stage, reason}``), ``hats`` (rows, partitions),
+        ``truth`` (simulations).
+
+    Raises
+    ------
+    ConfigError
+        Naming the output, when another run holds it or one with another config or model wrote it
+        (unless ``overwrite``).
     """
+    claims: list = []
+    try:
+        return _run_field(config, verbose=verbose, claims=claims)
+    finally:
+        for claim in claims:
+            release_output(claim, storage=config.storage)
+
+
+def _run_field(config: FieldJobConfig, *, verbose: bool, claims: list) -> dict[str, Any]:
     t_start = time.perf_counter()
     storage = config.storage
+    config = dataclasses.replace(config, output=check_output(config.output, storage))
     checkpoint, model, model_id = resolve_model_grid(config.checkpoint, storage=storage)
+    fprint = run_fingerprint(config.field, model_id)
+    markers = [] if config.overwrite else read_markers(config.output, storage)  # (overwrite clears them)
+    claims.append(claim_output(config.output, fingerprint=fprint, model_id=model_id, overwrite=config.overwrite,
+                               storage=storage, markers=markers))
     sim_info = None
     if config.inputs:
         inputs = list(config.inputs)
@@ -324,23 +453,20 @@ def run_field(config: FieldJobConfig, *, verbose: bool = True) -> dict[str, Any]
     for url in inputs:
         sources += list_tile_sources(url, storage_options=storage.options_for(url))
     sources = sorted(dict.fromkeys(sources))
-    fprint = run_fingerprint(config.field, model_id)
-    markers = {} if config.overwrite else read_markers(config.output, storage)
-    stale = sorted(s for s, m in markers.items() if m.get("fingerprint") != fprint)
-    if stale:
-        raise ConfigError(config.output, f"{len(stale)} committed tile(s) (e.g. {stale[0]}) were made with another "
-                                         f"config or model; use a new output or set overwrite=true")
-    todo = [s for s in sources if s not in markers]
-    skipped = [markers[s] for s in sources if s in markers]
+    plan = plan_tiles(sources, markers, storage=storage)  # committed tiles by content, not by path
+    todo, skipped = plan.todo, plan.skipped
     scrubbed = from_dict(FieldJobConfig, {**to_dict(config), "inputs": [scrub_url(u) for u in config.inputs]})
     metadata = provenance(scrubbed, checkpoint=model_id, fingerprint=fprint)
     metadata_json = json.dumps(metadata, sort_keys=True, default=str)
     write_bytes_atomic(join_url(config.output, "config.yaml"), dump_config(scrubbed).encode(), storage)
 
-    results: list[dict[str, Any]] = []
+    results = commit_refused(plan.refused, output=config.output, storage=storage, metadata_json=metadata_json)
     t_run = time.perf_counter()
     if todo:
         init_ray(config.compute)
+        if progress_setting() is False:  # -q / GALGAN_PROGRESS=0: no Ray Data progress either
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # its "disabled" notice
+            ray.data.DataContext.get_current().enable_progress_bars = False
         ds = build_pipeline(todo, config=config, checkpoint=checkpoint, model=model, metadata_json=metadata_json,
                             fingerprint=fprint)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -348,8 +474,15 @@ def run_field(config: FieldJobConfig, *, verbose: bool = True) -> dict[str, Any]
                 results.append({k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i])
                                 for k in ("tileId", "source", "status", "stage", "reason", "stats")})
     wall = time.perf_counter() - t_run
+    cores = float(ray.cluster_resources().get("CPU", config.compute.num_cpus)) if todo else None
+    try:
+        hats = write_hats_catalog(config.output, storage=storage)
+    except Exception as exc:  # noqa: BLE001 - a copy of the committed tables, which stand without it
+        log.error("%s: the HATS catalog was not written (jobs/hats_catalog.py retries): %s", config.output, exc)
+        hats = {"error": f"{type(exc).__name__}: {exc}"}
     summary = summarise(config, results, skipped, model_id=model_id, wall_s=wall,
-                         total_s=time.perf_counter() - t_start, n_sources_total=len(sources), sim_info=sim_info)
+                        total_s=time.perf_counter() - t_start, n_sources_total=plan.n_sources, sim_info=sim_info,
+                        hats=hats, cores=cores)
     write_bytes_atomic(join_url(config.output, "summary.json"), json.dumps(summary, indent=2, sort_keys=True,
                                                                           default=str).encode(), storage)
     if verbose:

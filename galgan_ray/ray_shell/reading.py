@@ -1,5 +1,10 @@
 """Read: survey tiles at fsspec URLs as a Ray dataset of pipeline rows, one read task per tile; and a
-run's committed tables as Ray datasets for the aggregation jobs (the layout is :mod:`galgan_ray.outputs`)."""
+run's committed tables as Ray datasets for the aggregation jobs (the layout is :mod:`galgan_ray.outputs`).
+
+A tile source is one of the package's tile files, a row of a Parquet file of tiles, or a survey patch
+(:func:`galgan_ray.tiles.patch_source`: HSC cutouts/patches as delivered, with their PSF files), which
+is brought onto the model's grid as ``galgan deblend`` brings one image
+(:func:`galgan_ray.survey.read_survey_patch`)."""
 from __future__ import annotations
 
 import io
@@ -11,11 +16,13 @@ from astropy.io import fits
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from ..checkpoint import ModelGrid
 from ..errors import InputError
 from ..field import TileState, pack_state
 from ..outputs import run_files, run_filesystem
 from ..storage import StorageConfig
-from ..tiles import read_tile, read_tile_source, read_url_bytes
+from ..survey import patch_tile_id, read_survey_patch
+from ..tiles import PATCH_TAG, read_tile, read_tile_source, read_url_bytes
 from .rows import failure_reason, make_row, rows_table
 
 __all__ = ["TileDatasource", "read_tile_row", "read_run_dataset"]
@@ -32,11 +39,21 @@ def _peek_tile_id(data: bytes) -> int:
     return -1
 
 
-def read_tile_row(source: str, storage: StorageConfig) -> dict[str, Any]:
+def read_tile_row(source: str, storage: StorageConfig, model: ModelGrid | None = None) -> dict[str, Any]:
     """One tile source -> a pipeline row: ``ok`` with the packed :class:`~galgan_ray.field.TileState`,
-    or ``failed`` at stage ``read`` with the reason (every problem becomes a failure row)."""
+    or ``failed`` at stage ``read`` with the reason (every problem becomes a failure row). A survey
+    patch needs the ``model`` whose grid it is brought onto."""
     try:
-        if "#row=" in source or source.lower().endswith(".parquet"):  # a Parquet row, or an unlistable file
+        if PATCH_TAG in source:
+            key = source.split(PATCH_TAG, 1)[0]
+            if model is None:
+                return make_row(patch_tile_id(key), source, "failed", "read",
+                                f"{key}: a survey patch is read onto a model's grid; no model was given", b"")
+            try:
+                tile, _ = read_survey_patch(source, model=model, storage_options=storage.options_for(key))
+            except InputError as exc:
+                return make_row(patch_tile_id(key), source, "failed", "read", str(exc), b"")
+        elif "#row=" in source or source.lower().endswith(".parquet"):  # a Parquet row, or an unlistable file
             tile = read_tile_source(source, storage_options=storage.options_for(source))
         else:
             data = read_url_bytes(source, storage_options=storage.options_for(source))
@@ -61,22 +78,26 @@ class TileDatasource(Datasource):
     sources : sequence of str
         Tile sources (:func:`galgan_ray.tiles.list_tile_sources`).
     storage : StorageConfig
+    model : ModelGrid, optional
+        The model's grids, onto which survey patches are brought.
     """
 
-    def __init__(self, sources: Sequence[str], *, storage: StorageConfig = StorageConfig()):
+    def __init__(self, sources: Sequence[str], *, storage: StorageConfig = StorageConfig(),
+                 model: ModelGrid | None = None):
         self.sources = list(sources)
         self.storage = storage
+        self.model = model
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
-        storage = self.storage
+        storage, model = self.storage, self.model
         tasks = []
         for source in self.sources:
             def read_fn(source=source) -> Iterable[pa.Table]:
-                yield rows_table([read_tile_row(source, storage)])
+                yield rows_table([read_tile_row(source, storage, model)])
 
             meta = BlockMetadata(num_rows=1, size_bytes=None, exec_stats=None, input_files=(source,))
             tasks.append(ReadTask(read_fn, meta))
