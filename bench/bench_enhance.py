@@ -16,8 +16,8 @@ default: every core this process may use):
    but no FLOPs here.
 2. **Peak**: a dense 3x3 convolution, 64 -> 64 channels on 128x128 maps, batch 32 (8 with ``--quick``),
    same threads, in NCHW and channels_last; the faster is this machine's fp32 conv peak. A large
-   sgemm is printed for reference. A bf16 conv peak is measured too, because this CPU has AMX
-   tiles that oneDNN uses for bf16.
+   sgemm is printed for reference. A bf16 conv peak is measured too: oneDNN uses the CPU's bf16
+   instructions (AVX-512 BF16 on this machine; AMX tiles on newer Xeons).
 3. **Achieved**: cutouts/s x FLOPs per cutout for Enhancer-style batched inference in several
    settings (Enhancer as shipped; the bare generator under no_grad / inference_mode; channels_last;
    a larger batch; torch.compile with inductor freezing; bf16 autocast), each checked against the

@@ -63,7 +63,7 @@ from .psf import draw_psf, measure_fwhm, normalize_psf
 
 __all__ = ["DEFAULT_MODELS", "default_checkpoint", "resolve_model", "Enhancer", "enhance_image",
            "estimate_noise_sigma", "model_available", "NAMED_MODELS", "PSF_MATCH_TOLERANCE", "PSF_BROADER_WARN",
-           "PIXEL_SCALE_MAX_RATIO", "PLANE_WINDOW_PX", "PLANE_HALO_PX"]
+           "PIXEL_SCALE_MAX_RATIO", "PLANE_WINDOW_PX", "PLANE_HALO_PX", "PRECISIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,9 @@ PIXEL_SCALE_MAX_RATIO = 10.0
 #: :meth:`Enhancer.enhance_plane`: core window and context (LR pixels). The shipped U-Net's influence
 #: falls to 6e-6 of the peak at 32 px (4e-4 at 24, 6e-3 at 16): tests/test_model_properties.py.
 PLANE_WINDOW_PX = 256
+#: Arithmetic of the generator's forward pass: float32, or bfloat16 autocast (AMX or AVX-512 BF16 on x86 CPUs,
+#: tensor cores on GPUs; the output and the empty-input response subtracted from it stay float32).
+PRECISIONS = ("fp32", "bf16")
 PLANE_HALO_PX = 32
 
 
@@ -154,6 +157,10 @@ class Enhancer:
         Default ``cuda`` when available, else ``cpu``.
     batch_size : int
         Cutouts per forward pass.
+    precision : {"fp32", "bf16"}
+        ``bf16``: the forward pass under bfloat16 autocast (``bench/bench_precision.py`` measures the
+        speed and ``tests/test_precision.py`` bounds what it changes in images and catalogs). fp32 is
+        the default and what every committed report used.
 
     Notes
     -----
@@ -175,9 +182,12 @@ class Enhancer:
     """
 
     def __init__(self, checkpoint: str | os.PathLike = "default", *, device: str | torch.device | None = None,
-                 batch_size: int = 256):
+                 batch_size: int = 256, precision: str = "fp32"):
         if batch_size < 1:
             raise InputError("batch_size", f"must be >= 1, got {batch_size}")
+        if precision not in PRECISIONS:
+            raise InputError("precision", f"must be one of {list(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self.checkpoint = resolve_model(checkpoint)
         self._requested_device = None if device is None else str(device)
         if device is None:
@@ -302,10 +312,12 @@ class Enhancer:
         The response is computed once per input shape."""
         kw = {} if crop else {"crop": False}
         key = (tuple(x.shape[1:]), crop)
-        if key not in self._zero:
-            zero = torch.zeros((1, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            self._zero[key] = self.generator(zero.contiguous(memory_format=torch.channels_last), **kw).float()
-        return (self.generator(x, **kw).float() - self._zero[key]).contiguous()
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            if key not in self._zero:
+                zero = torch.zeros((1, *x.shape[1:]), dtype=x.dtype, device=x.device)
+                self._zero[key] = self.generator(zero.contiguous(memory_format=torch.channels_last), **kw).float()
+            y = self.generator(x, **kw).float()
+        return (y - self._zero[key]).contiguous()
 
     def _forward_full(self, x_lr: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
         scaling = self.model_cfg.scaling
@@ -375,15 +387,16 @@ class Enhancer:
 
     def __reduce__(self):
         # Ray actors and process pools: ship the checkpoint path, reload (and re-verify) on arrival.
-        return (_rebuild_enhancer, (self.checkpoint, self._requested_device, self.batch_size))
+        return (_rebuild_enhancer, (self.checkpoint, self._requested_device, self.batch_size, self.precision))
 
     def __repr__(self) -> str:
         return (f"Enhancer({self.checkpoint!r}, bands {list(self.band_keys_low)} -> {list(self.band_keys_high)}, "
-                f"{self.pixel_scale_low_arcsec}\"/px -> {self.pixel_scale_high_arcsec}\"/px, device={self.device})")
+                f"{self.pixel_scale_low_arcsec}\"/px -> {self.pixel_scale_high_arcsec}\"/px, device={self.device}, "
+                f"precision={self.precision})")
 
 
-def _rebuild_enhancer(checkpoint: str, device: str | None, batch_size: int) -> Enhancer:
-    return Enhancer(checkpoint, device=device, batch_size=batch_size)
+def _rebuild_enhancer(checkpoint: str, device: str | None, batch_size: int, precision: str = "fp32") -> Enhancer:
+    return Enhancer(checkpoint, device=device, batch_size=batch_size, precision=precision)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -90,6 +90,10 @@ class EvalSpec(SkySampleConfig):
     chi_detection_beside : bool
         With ``detect_band`` and several bands: also the rows ``high_chi``, ``low_chi`` and
         ``{model}_chi`` (multi-band enhancers) with peaks on the chi-like sum of all bands.
+    photometry_all_models : bool
+        The photometry experiment at every model's peaks, not only the first's (the paired 7-band
+        benchmark: the 7-band and the 1-band model on the same blends and channel, Fig. 7 of each);
+        ``report["photometry_models"]`` holds each model's report.
     """
 
     seed: int = 5000
@@ -109,6 +113,7 @@ class EvalSpec(SkySampleConfig):
     n_empty: int = 0
     detect_band: str | None = None
     chi_detection_beside: bool = False
+    photometry_all_models: bool = False
 
 
 def band_index(spec: EvalSpec, band: str | None) -> int | None:
@@ -429,9 +434,16 @@ def evaluate(spec: EvalSpec, *, models: Mapping[str, str] | None = None, work_di
            "isolated_batch": ib, "isolated_sources": iso_sources, "detect_channel": ch}
     if photometry and first is not None and spec.photometry_blends > 0:
         t0 = time.perf_counter()
-        out["photometry"] = evaluate_photometry(channel_view(out, ch), headline=first,
-                                                max_blends=spec.photometry_blends)
+        view = channel_view(out, ch)
+        out["photometry"] = evaluate_photometry(view, headline=first, max_blends=spec.photometry_blends)
         report["photometry"] = out["photometry"]["report"]
+        if spec.photometry_all_models and len(models) > 1:
+            out["photometry_models"] = {first: out["photometry"]}
+            for name in models:
+                if name != first:
+                    out["photometry_models"][name] = evaluate_photometry(view, headline=name,
+                                                                         max_blends=spec.photometry_blends)
+            report["photometry_models"] = {k: v["report"] for k, v in out["photometry_models"].items()}
         timing["photometry_s"] = time.perf_counter() - t0
     timing["total_s"] = time.perf_counter() - t_start
     report["timing"] = timing

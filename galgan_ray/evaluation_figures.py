@@ -1,5 +1,7 @@
 """Figures of the blend benchmark: Fig. 4 (examples with peaks), Fig. 5/9 (dependence on the blend
-parameters), Fig. 6 (SOM of the parameter space) and the summary table as Markdown."""
+parameters; with the 7-band spec both models' rows), Fig. 6 (SOM of the parameter space), Fig. 7
+(photometry; with the 7-band spec also both models' photometry on the same blends) and the summary
+tables as Markdown."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +14,8 @@ from .metrics import binned_fraction
 from .photometry_eval import photometry_table, plot_photometry
 from .som import SOMConfig, fit_som
 
-__all__ = ["plot_all", "plot_examples", "plot_dependence", "plot_som", "markdown_table", "PARAMETER_LABELS"]
+__all__ = ["plot_all", "plot_examples", "plot_dependence", "plot_som", "markdown_table", "PARAMETER_LABELS",
+           "plot_photometry_models", "photometry_models_table"]
 
 PARAMETER_LABELS = {
     "sep_over_size": "separation / sqrt(r1^2 + r2^2)",
@@ -185,4 +188,61 @@ def plot_all(out: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:
         written["figure7"] = str(plot_photometry(out["photometry"], out_dir / "fig7_photometry.png"))
         (out_dir / "photometry.md").write_text(photometry_table(out["photometry"]["report"]))
         written["photometry_table"] = str(out_dir / "photometry.md")
+    if "photometry_models" in out:
+        reports = {k: v["report"] for k, v in out["photometry_models"].items()}
+        written["figure7_models"] = str(plot_photometry_models(reports, out_dir / "fig7_photometry_models.png"))
+        with open(out_dir / "photometry.md", "a") as fh:
+            fh.write("\n" + photometry_models_table(reports))
     return written
+
+
+def _model_bins(rep: Mapping[str, Any]) -> tuple[dict, dict]:
+    b = rep["methods"][rep["catalog_method"]]["bins"]
+    return b["low"], b["enhanced"]
+
+
+def plot_photometry_models(reports: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    """Fig. 7 for several models: the catalog method's dmag (dominant galaxy, all blends) per input magnitude, median and
+    68% half-width, at the low-resolution peaks and at each model's enhanced peaks (same blends)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    first = next(iter(reports.values()))
+    low, _ = _model_bins(first)
+    mids = lambda b: 0.5 * (np.asarray(b["mag_lo"]) + np.asarray(b["mag_hi"]))  # noqa: E731
+    axes[0].plot(mids(low), low["median"], "o-", color=_COLOURS["low"], label="low-res peaks")
+    axes[1].plot(mids(low), low["half_width_68"], "o-", color=_COLOURS["low"], label="low-res peaks")
+    title = []
+    for name, rep in reports.items():
+        _, enh = _model_bins(rep)
+        c = _COLOURS.get(name, None)
+        axes[0].plot(mids(enh), enh["median"], "s-", color=c, label=f"{name} peaks")
+        axes[1].plot(mids(enh), enh["half_width_68"], "s-", color=c, label=f"{name} peaks")
+        a = rep["all.dominant"]
+        title.append(f"{name}: RMS {a['rms_low']:.3f} -> {a['rms_enhanced']:.3f}")
+    axes[0].axhline(0, color="k", lw=1)
+    axes[0].set_ylabel("median dmag (measured - input)")
+    axes[1].set_ylabel("68% half-width of dmag")
+    for ax in axes:
+        ax.set_xlabel("input magnitude")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{first['catalog_method']} photometry, dominant galaxy, all blends; " + "; ".join(title), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def photometry_models_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: each model's catalog-method photometry on the same blends (``fig7_photometry_models.png``)."""
+    lines = ["Both models' peaks (`fig7_photometry_models.png`), the same blends and channel (catalog method, dominant galaxy). "
+             "All blends: low-res peaks -> the model's peaks; subset: where the low resolution finds one peak "
+             "and that model two (so the subsets differ between models).", "",
+             "| model | all: bias | all: NMAD | all: RMS | all: RMS factor | subset n | subset: bias factor "
+             "| subset: NMAD factor | subset: RMS factor |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, rep in reports.items():
+        a, h = rep["all.dominant"], rep["headline"]
+        lines.append(f"| {name} | {a['bias_low']:+.3f} -> {a['bias_enhanced']:+.3f} | {a['nmad_low']:.3f} -> "
+                     f"{a['nmad_enhanced']:.3f} | {a['rms_low']:.3f} -> {a['rms_enhanced']:.3f} | {a['rms_factor']:.2f} "
+                     f"| {rep['n_subset_low1_enh2']} | {h['bias_factor']:.1f} | {h['nmad_factor']:.2f} "
+                     f"| {h['rms_factor']:.2f} |")
+    return "\n".join(lines) + "\n"

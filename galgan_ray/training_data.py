@@ -179,7 +179,8 @@ def sky_crop_pairs(tiles: Sequence[Mapping[str, str | Path]], *, degrade_configs
     lr_out = np.empty((n_pairs, len(names), lr_size, lr_size), dtype=np.float32)
     hr_out = np.empty((n_pairs, len(names), hr_size, hr_size), dtype=np.float32)
     base_var = np.empty((n_pairs, len(names)), dtype=np.float64)
-    psf_hr = np.stack([draw_psf(b.psf, pixel_scale_arcsec=b.pixel_scale_arcsec) for b in high_bands])
+    side = max(draw_psf(b.psf, pixel_scale_arcsec=b.pixel_scale_arcsec).shape[0] for b in high_bands)
+    psf_hr = np.stack([draw_psf(b.psf, pixel_scale_arcsec=b.pixel_scale_arcsec, size=side) for b in high_bands])
     k_out = 0
     for k, tile_paths in enumerate(tiles):
         if per_tile[k] == 0:

@@ -160,8 +160,9 @@ def test_paired_seven_band_benchmark_scores_the_one_band_model_on_the_detection_
 
     spec = load_config(EvalSpec, str(resources.files("galgan_ray").joinpath("data/benchmark_7band.yaml")),
                        ["sky_size_arcsec=20", "n_sky_tiles=1", "n_blends=12", "n_isolated=4", "n_empty=4",
-                        "noise_calibration_galaxies=3", "noise_realizations=2", "photometry_blends=0",
+                        "noise_calibration_galaxies=3", "noise_realizations=2", "photometry_blends=12",
                         "baselines=[sep]", "min_high_significance=0"])
+    assert spec.photometry_all_models
     out = evaluate(spec, models={"enhanced": "default-7band", "enhanced_1band": "default"}, work_dir=tmp_path)
     rep = out["report"]
     assert {"high", "low", "enhanced", "enhanced_1band", "sep", "high_chi", "low_chi", "enhanced_chi"} <= set(rep["rows"])
@@ -177,3 +178,12 @@ def test_paired_seven_band_benchmark_scores_the_one_band_model_on_the_detection_
     df = rep["detection_fraction"]
     assert p["difference"] == pytest.approx(df["enhanced"]["fraction"] - df["enhanced_1band"]["fraction"])
     assert "enhanced_chi_minus_enhanced_1band_chi" not in rep["paired"]
+    # The photometry at each model's peaks, on the same blends (Fig. 7 of both models).
+    pm = rep["photometry_models"]
+    assert list(pm) == ["enhanced", "enhanced_1band"] and pm["enhanced"] is rep["photometry"]
+    assert pm["enhanced"]["n_blends"] == pm["enhanced_1band"]["n_blends"] == 12
+    from galgan_ray.evaluation_figures import photometry_models_table, plot_photometry_models
+
+    table = photometry_models_table(pm)
+    assert "| enhanced |" in table and "| enhanced_1band |" in table
+    assert plot_photometry_models(pm, tmp_path / "fig7_models.png").stat().st_size > 0

@@ -88,3 +88,48 @@ def test_the_field_job_gives_galgan_deblends_catalog(run, cutout_dir):
     for name in ("coord_ra", "coord_dec", "x", "y", "i_gmmFlux", "flags"):
         np.testing.assert_allclose(cat[name].to_numpy(), np.asarray(cols[name])[order], rtol=1e-6, atol=1e-9)
     assert PATCH_TAG in run["summary"]["failures"][0]["source"]
+
+
+@pytest.fixture(scope="module")
+def gri_run(cutout_dir, tmp_path_factory):
+    """The field job with a three-band (g, r, i) model on the same patch: the bands mapped by name."""
+    from galgan_ray.checkpoint import save_checkpoint
+    from galgan_ray.instrument import get_band
+    from galgan_ray.models import SRGANConfig, build_generator
+
+    cfg = SRGANConfig(in_channels=3, out_channels=3)  # untrained, skip=True: bicubic upsampling in each band
+    ckpt = save_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "gri.pt"),
+                           generator_state=build_generator(cfg).state_dict(), model_cfg=cfg,
+                           bands={"high": [get_band("hst", b) for b in ("F435W", "F606W", "F775W")],
+                                  "low": [get_band("hsc_udeep", b) for b in ("g", "r", "i")]})
+    out = tmp_path_factory.mktemp("out_gri") / "run"
+    ray.init(address="local", num_cpus=2, object_store_memory=250 * 1024 * 1024, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        summary = run_field(FieldJobConfig(inputs=(str(cutout_dir),), output=str(out), checkpoint=ckpt), verbose=False)
+    finally:
+        ray.shutdown()
+    return {"out": out, "summary": summary}
+
+
+def test_a_multi_band_model_takes_the_patch_bands_by_name_through_the_same_job(gri_run, cutout_dir):
+    """Several bands go the one-band way: a g, r, i model's catalog of the g, r, i patch has each band's
+    fluxes, in nJy from each file's own FLUXMAG0, at positions in the input's WCS."""
+    s = gri_run["summary"]
+    assert s["tiles"]["done"] == 1 and s["tiles"]["failed"] == 0, s
+    cat = read_run_table(str(gri_run["out"]), what="catalog").to_pandas()
+    assert len(cat) >= 40
+    for b in ("g", "r", "i"):
+        assert {f"{b}_gmmFlux", f"{b}_gmmFluxErr"} <= set(cat.columns)
+    ok = (cat["i_gmmFlux"] > 10 * cat["i_gmmFluxErr"]) & (cat["g_gmmFlux"] > 3 * cat["g_gmmFluxErr"])
+    assert ok.sum() >= 10
+    # colours of real galaxies: g, r, i fluxes of the same objects are of the same order, not 57x apart
+    for b in ("g", "r"):
+        ratio = np.median(cat.loc[ok, "i_gmmFlux"] / cat.loc[ok, f"{b}_gmmFlux"])
+        assert 0.5 < ratio < 20, (b, ratio)
+    img = next(cutout_dir.glob("*_300x300_i.fits"))
+    with fits.open(img) as h:
+        wcs = WCS(h[1].header).celestial
+    x, y = wcs.world_to_pixel_values(cat["coord_ra"].to_numpy(), cat["coord_dec"].to_numpy())
+    np.testing.assert_allclose(cat["x"], x, atol=1e-6)
+    np.testing.assert_allclose(cat["y"], y, atol=1e-6)

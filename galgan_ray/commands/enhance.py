@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--surface-brightness", action="store_true",
                    help="the image is surface brightness (e.g. MJy/sr), not flux per pixel")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="the model's arithmetic: bf16 autocast, faster on CPUs with bf16 instructions (AMX, AVX-512 BF16) and GPUs (default fp32)")
     p.set_defaults(func=run)
 
 
@@ -249,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     # this module to register itself.
     from ..enhance import Enhancer, enhance_image
 
-    enhancer = Enhancer(args.model, device=args.device)
+    enhancer = Enhancer(args.model, device=args.device, precision=args.precision)
     planes_arg = _parse_indices(args.band_index, args.image)
     image, wcs, header, rinfo = read_image(args.image, hdu=args.hdu, band_index=planes_arg,
                                            bands_low=enhancer.bands_low)

@@ -64,5 +64,8 @@ def run(args: argparse.Namespace) -> int:
         summary["paired"] = rep["paired"]
     if "photometry" in rep:
         summary["photometry_headline"] = rep["photometry"]["headline"]
+    if "photometry_models" in rep:
+        summary["photometry_models"] = {k: {"headline": v["headline"], "all.dominant": v["all.dominant"]}
+                                        for k, v in rep["photometry_models"].items()}
     print(json.dumps(summary, indent=2))
     return 0

@@ -51,6 +51,21 @@ LOW_SNR_THRESHOLD = 5.0
 
 _BOX_SIZES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
+
+def _footprint_box(bbox, cx: np.ndarray, cy: np.ndarray, margin: int) -> tuple[int, int, int]:
+    """``(ox, oy, size)``: the square box (a size of ``_BOX_SIZES`` where one fits) centred on a
+    footprint's bounding box ``(x0, x1, y0, y1)`` and its children at ``cx, cy``, ``margin`` px around."""
+    x0 = min(int(bbox[0]), int(np.floor(cx.min()))) - margin
+    x1 = max(int(bbox[1]), int(np.ceil(cx.max()))) + margin
+    y0 = min(int(bbox[2]), int(np.floor(cy.min()))) - margin
+    y1 = max(int(bbox[3]), int(np.ceil(cy.max()))) + margin
+    need = max(x1 - x0 + 1, y1 - y0 + 1)
+    size = next((s for s in _BOX_SIZES if s >= need), need)
+    ox = int(np.floor((x0 + x1) / 2.0 - (size - 1) / 2.0 + 0.5))
+    oy = int(np.floor((y0 + y1) / 2.0 - (size - 1) / 2.0 + 0.5))
+    return ox, oy, size
+
+
 #: What one more Levenberg-Marquardt loop (one more :func:`~galgan_ray.photometry.fit_fluxes` call)
 #: costs, in source-pixels evaluated per iteration: about 1.3 ms of fixed work per iteration (some
 #: hundred small torch operations) against 60-70 ns per source and pixel, on one CPU thread. It
@@ -220,14 +235,7 @@ def measure_children(footprints: Footprints, children: Children, variance: np.nd
     items = []
     for k in np.unique(cfp):
         rows = np.flatnonzero(cfp == k)
-        x0 = min(int(bbox[k, 0]), int(np.floor(cx[rows].min()))) - margin
-        x1 = max(int(bbox[k, 1]), int(np.ceil(cx[rows].max()))) + margin
-        y0 = min(int(bbox[k, 2]), int(np.floor(cy[rows].min()))) - margin
-        y1 = max(int(bbox[k, 3]), int(np.ceil(cy[rows].max()))) + margin
-        need = max(x1 - x0 + 1, y1 - y0 + 1)
-        size = next((s for s in _BOX_SIZES if s >= need), need)
-        ox = int(np.floor((x0 + x1) / 2.0 - (size - 1) / 2.0 + 0.5))
-        oy = int(np.floor((y0 + y1) / 2.0 - (size - 1) / 2.0 + 0.5))
+        ox, oy, size = _footprint_box(bbox[k], cx[rows], cy[rows], margin)
         items.append((int(k), rows, ox, oy, size, len(rows) > config.max_fit_children))
     # 2. Group the boxes: by fit mode, then by padded size.
     groups: dict[tuple[int, bool], list] = {}
@@ -412,14 +420,7 @@ def measure_templates(footprints: Footprints, children: Children, cutouts, enhan
     groups: dict[tuple[int, bool], list] = {}
     for k in np.unique(cfp):
         rows = np.flatnonzero(cfp == k)
-        x0 = min(int(bbox[k, 0]), int(np.floor(cx[rows].min()))) - margin
-        x1 = max(int(bbox[k, 1]), int(np.ceil(cx[rows].max()))) + margin
-        y0 = min(int(bbox[k, 2]), int(np.floor(cy[rows].min()))) - margin
-        y1 = max(int(bbox[k, 3]), int(np.ceil(cy[rows].max()))) + margin
-        need = max(x1 - x0 + 1, y1 - y0 + 1)
-        size = next((s for s in _BOX_SIZES if s >= need), need)
-        ox = int(np.floor((x0 + x1) / 2.0 - (size - 1) / 2.0 + 0.5))
-        oy = int(np.floor((y0 + y1) / 2.0 - (size - 1) / 2.0 + 0.5))
+        ox, oy, size = _footprint_box(bbox[k], cx[rows], cy[rows], margin)
         groups.setdefault((size, int(k) in views_of), []).append((int(k), rows, ox, oy))
     s_max_all = 1
     for (size, has_prior), group in groups.items():

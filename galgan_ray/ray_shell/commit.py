@@ -44,11 +44,12 @@ __all__ = ["commit_tiles", "CommitStage", "run_fingerprint", "read_markers", "so
 log = logging.getLogger(__name__)
 
 
-def run_fingerprint(field: FieldConfig, model_id: Mapping[str, str]) -> str:
-    """What must not change between a run and its resumption: science config, model and the
-    catalog's columns (a tile written before a column was added does not mix with newer ones)."""
+def run_fingerprint(field: FieldConfig, model_id: Mapping[str, str], *, precision: str = "fp32") -> str:
+    """What must not change between a run and its resumption: science config, model (and the
+    arithmetic it runs in, when not fp32) and the catalog's columns (a tile written before a column
+    was added does not mix with newer ones)."""
     columns = ",".join(c.name for c in object_columns(("{band}",)))
-    text = config_json(field) + "|" + model_id["sha256"] + "|" + columns
+    text = config_json(field) + "|" + model_id["sha256"] + ("" if precision == "fp32" else f"/{precision}") + "|" + columns
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

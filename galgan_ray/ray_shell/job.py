@@ -42,7 +42,7 @@ import ray.data
 
 from ..checkpoint import ModelGrid, read_checkpoint
 from ..config import config_json, dump_config, from_dict, to_dict
-from ..enhance import resolve_model
+from ..enhance import PRECISIONS, resolve_model
 from ..errors import ConfigError
 from ..field import FieldConfig
 from ..hats_catalog import write_hats_catalog
@@ -90,6 +90,10 @@ class FieldComputeConfig:
         Custom Ray resources per enhancement actor (e.g. ``{"accelerator": 1}``).
     enhance_batch_size : int
         Cutouts per forward pass.
+    enhance_precision : {"fp32", "bf16"}
+        Arithmetic of the model's forward pass (:class:`galgan_ray.enhance.Enhancer`): bf16 autocast
+        is faster on CPUs with bf16 instructions (``bench/bench_precision.py``) and changes the catalog
+        within the bounds ``tests/test_precision.py`` states; fp32 is the default.
     io_num_cpus : float
         CPUs reserved per commit actor.
     commit_actors : int
@@ -111,6 +115,7 @@ class FieldComputeConfig:
     enhance_num_gpus: float | None = None
     enhance_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     enhance_batch_size: int = 256
+    enhance_precision: str = "fp32"
     io_num_cpus: float = 0.25
     commit_actors: int = 1
     torch_threads: int = 1
@@ -122,6 +127,9 @@ class FieldComputeConfig:
         if min(self.stage_actors, self.enhance_actors, self.commit_actors, self.enhance_batch_size) < 1:
             raise ConfigError("compute", "stage_actors, enhance_actors, commit_actors and enhance_batch_size must "
                                          "be >= 1")
+        if self.enhance_precision not in PRECISIONS:
+            raise ConfigError("compute.enhance_precision", f"must be one of {list(PRECISIONS)}, "
+                                                           f"got {self.enhance_precision!r}")
         if self.stage_num_cpus < 0 or self.io_num_cpus < 0 or self.torch_threads < 1:
             raise ConfigError("compute", "CPUs must be >= 0 and torch_threads >= 1")
 
@@ -387,7 +395,8 @@ def build_pipeline(sources: Sequence[str], *, config: FieldJobConfig, checkpoint
     if c.enhance_resources:
         enh_args["resources"] = dict(c.enhance_resources)
     ds = ds.map_batches(EnhanceStage, fn_constructor_args=(checkpoint, config.field),
-                        fn_constructor_kwargs=dict(batch_size=c.enhance_batch_size, storage=config.storage, **kw),
+                        fn_constructor_kwargs=dict(batch_size=c.enhance_batch_size, precision=c.enhance_precision,
+                                                           storage=config.storage, **kw),
                         compute=ray.data.ActorPoolStrategy(size=c.enhance_actors), **enh_args)
     # 3. Children and photometry.
     ds = ds.map_batches(MeasureStage, fn_constructor_args=(model, config.field),
@@ -440,7 +449,7 @@ def _run_field(config: FieldJobConfig, *, verbose: bool, claims: list) -> dict[s
     storage = config.storage
     config = dataclasses.replace(config, output=check_output(config.output, storage))
     checkpoint, model, model_id = resolve_model_grid(config.checkpoint, storage=storage)
-    fprint = run_fingerprint(config.field, model_id)
+    fprint = run_fingerprint(config.field, model_id, precision=config.compute.enhance_precision)
     markers = [] if config.overwrite else read_markers(config.output, storage)  # (overwrite clears them)
     claims.append(claim_output(config.output, fingerprint=fprint, model_id=model_id, overwrite=config.overwrite,
                                storage=storage, markers=markers))

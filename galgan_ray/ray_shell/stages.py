@@ -113,12 +113,14 @@ class EnhanceStage(_TileStage):
     storage : StorageConfig
         For a checkpoint on object storage.
     torch_threads : int
+    precision : {"fp32", "bf16"}
+        The forward pass's arithmetic (:class:`galgan_ray.enhance.Enhancer`).
     """
 
     stage = "enhance"
 
     def __init__(self, checkpoint: str, config: FieldConfig, *, batch_size: int = 256, device: str | None = None,
-                 storage: StorageConfig = StorageConfig(), torch_threads: int = 1):
+                 storage: StorageConfig = StorageConfig(), torch_threads: int = 1, precision: str = "fp32"):
         torch.set_num_threads(int(torch_threads))
         storage.apply_defaults()
         if device is None:
@@ -126,10 +128,11 @@ class EnhanceStage(_TileStage):
             # when the stage is built outside Ray (a notebook, a test).
             device = "cuda" if (ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available()) else "cpu"
         self.device = device
-        self.enhancer = Enhancer(checkpoint, device=device, batch_size=batch_size)
-        self.rho = enhancer_noise_scale(self.enhancer, config)
+        self.enhancer = Enhancer(checkpoint, device=device, batch_size=batch_size, precision=precision)
+        self.rho = enhancer_noise_scale(self.enhancer, config)  # calibrated in the same arithmetic
+        where = str(device) if precision == "fp32" else f"{device} ({precision})"
         super().__init__(self.enhancer.grid, config, torch_threads=torch_threads,
-                         enhance_fn=self.enhancer.enhance_plane, rho=self.rho, enhance_device=str(device))
+                         enhance_fn=self.enhancer.enhance_plane, rho=self.rho, enhance_device=where)
 
 
 class _StageSequence:
