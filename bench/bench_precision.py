@@ -9,8 +9,13 @@ What it measures (one process, ``torch.set_num_threads(--threads)``, default eve
 the shipped 1-band model's ``Enhancer.enhance_plane`` on one LR image of galaxies and stars with
 white noise (``--side`` LR px square, the way the field job enhances a tile), in fp32 and under
 ``precision="bf16"`` (:class:`galgan_ray.enhance.Enhancer`), alternating, best of ``--repeats``;
-then the two images' difference (rms over the fp32 image's rms, max, total flux). The ratio printed
-last is fp32 wall over bf16 wall. What bf16 changes in catalogs is bounded by ``tests/test_precision.py``.
+then the two images' difference (rms over the fp32 image's rms, max, mean offset, total flux); then
+[3] the catalogs of the default simulated field (the job's ``simulate`` and ``field`` settings,
+:func:`galgan_ray.field.process_tile` per tile, each precision with the noise model calibrated in its
+own arithmetic): rows, rows within 0.5 LR px of a row of the other, their largest position and flux
+differences, and each catalog's purity against the truth (rows within 0.5" of a true object, as
+``../shared/tools/field_purity.py`` counts). The ratio printed last is fp32 wall over bf16 wall.
+``tests/test_precision.py`` bounds the catalog differences.
 """
 from __future__ import annotations
 
@@ -51,6 +56,40 @@ def cpu_bf16_flags() -> str:
     return ", ".join(have) or "none (bf16 is emulated)"
 
 
+def field_catalogs(enhancers: dict) -> dict[str, list[dict]]:
+    """The default simulated field's catalog and truth per tile, for each enhancer (``process_tile``)."""
+    import tempfile
+    from importlib import resources
+
+    import yaml
+
+    from galgan_ray.config import from_dict
+    from galgan_ray.field import FieldConfig, enhancer_noise_scale, process_tile
+    from galgan_ray.sky import FieldSimConfig, make_simulated_field
+    from galgan_ray.tiles import read_tile_source
+
+    job = yaml.safe_load(resources.files("galgan_ray").joinpath("data", "field_default.yaml").read_text())
+    config = from_dict(FieldConfig, job["field"], where="field")
+    with tempfile.TemporaryDirectory() as tmp:
+        info = make_simulated_field(from_dict(FieldSimConfig, job["simulate"], where="simulate"), tmp)
+        tiles = [read_tile_source(u) for u in info["tiles"]]
+    out = {}
+    for p, e in enhancers.items():
+        noise = enhancer_noise_scale(e, config)
+        states = [process_tile(t, model=e.grid, enhance_fn=e.enhance_plane, rho=noise, config=config) for t in tiles]
+        out[p] = [{"catalog": s.catalog.columns, "truth": s.truth.truth} for s in states]
+    return out
+
+
+def _purity(tiles: list[dict], radius_arcsec: float = 0.5) -> tuple[int, float]:
+    ra = np.concatenate([t["catalog"]["coord_ra"] for t in tiles])
+    dec = np.concatenate([t["catalog"]["coord_dec"] for t in tiles])
+    tra = np.concatenate([t["truth"]["coord_ra"] for t in tiles])
+    tdec = np.concatenate([t["truth"]["coord_dec"] for t in tiles])
+    d = np.hypot((ra[:, None] - tra[None]) * np.cos(np.radians(dec[:, None])), dec[:, None] - tdec[None]) * 3600
+    return len(ra), float(np.mean(d.min(axis=1) <= radius_arcsec)) if len(ra) else float("nan")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -85,7 +124,24 @@ def main(argv=None) -> int:
     print(f"    mean offset per HR pixel {d.mean():+.3g} = {d.mean() / noise:+.2g} x the pixel noise ({noise:.3g}); "
           f"summed over all {d.size} HR pixels it changes the image's total flux by {b.sum() / a.sum() - 1:+.2%} "
           f"(a source's flux is a sum over a few hundred pixels: see the catalogs)")
-    print("    catalogs: tests/test_precision.py (same rows, fluxes within 0.5 sigma)")
+    cats = field_catalogs(enh)
+    pairs = []
+    for a, b in zip(cats["fp32"], cats["bf16"]):
+        ca, cb = a["catalog"], b["catalog"]
+        if len(ca["x"]) and len(cb["x"]):
+            d = np.hypot(ca["x"][:, None] - cb["x"][None], ca["y"][:, None] - cb["y"][None])
+            j, dmin = d.argmin(axis=1), d.min(axis=1)
+            same = dmin < 0.5
+            band = next(k for k in ca if k.endswith("_gmmFlux"))
+            err = ca[band + "Err"][same]
+            pairs.append((dmin[same], np.abs(cb[band][j[same]] - ca[band][same]) / err,
+                          ca["flags"][same] == cb["flags"][j[same]]))
+    dpos, dflux, flags_same = (np.concatenate(v) for v in zip(*pairs))
+    (n32, p32), (n16, p16) = _purity(cats["fp32"]), _purity(cats["bf16"])
+    print(f"[3] the default simulated field ({len(cats['fp32'])} tiles, process_tile): fp32 {n32} rows (purity {p32:.3f}), "
+          f"bf16 {n16} rows (purity {p16:.3f}); {len(dpos)} fp32 rows have a bf16 row within 0.5 LR px: position "
+          f"difference max {dpos.max():.3f} LR px, gmmFlux difference max {dflux.max():.2f} sigma (median "
+          f"{np.median(dflux):.3f}), flags equal on {flags_same.mean():.1%}")
     print(f"summary: bf16_speedup={best['fp32'] / best['bf16']:.2f} (fp32 wall / bf16 wall, same image, same threads)")
     return 0
 

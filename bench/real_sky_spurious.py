@@ -7,8 +7,8 @@ Usage::
 The same scenes, truth, scored region and matching as ``bench/real_sky.py`` (the ``galgan deblend``
 row of ``docs/real_sky``): every scored catalog row is matched or spurious. For each, it prints how
 far the nearest HST detection is, how far the quasar, the row's HSC magnitude and S/N, and the
-**HST image smoothed to ground resolution** (a 0.6" FWHM Gaussian, significance against the sky's
-clipped MAD) at the row, the highest value within 3 HST px: a real source HST's PSF-matched 5-sigma
+**HST image filtered at ground resolution** (``real_sky``'s significance map of the background-
+subtracted image with a 0.6" FWHM Gaussian as the filter) at the row, the highest value within 3 HST px: a real source HST's PSF-matched 5-sigma
 truth misses (faint and extended) still shows there, a noise peak of the HSC image does not. Matched
 rows of the same HSC magnitude give the scale. Nothing here changes the real-sky score.
 """
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
+from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,25 +29,13 @@ import real_sky as rs  # noqa: E402
 
 from galgan_ray.commands.deblend import deblend_file, default_field_config  # noqa: E402
 from galgan_ray.enhance import Enhancer  # noqa: E402
-from galgan_ray.field.pipeline import enhancer_noise_scale  # noqa: E402
+from galgan_ray.field import enhancer_noise_scale  # noqa: E402
+from galgan_ray.instrument import NJY_ZEROPOINT  # noqa: E402
 from galgan_ray.matching import match_peaks  # noqa: E402
+from galgan_ray.psf import PSFConfig, draw_psf  # noqa: E402
 
 SMOOTH_FWHM_ARCSEC = 0.6
 MAG_BINS = (20.0, 25.0, 26.0, 27.0, 30.0)
-
-
-def smoothed_significance(image: np.ndarray, *, pixel_scale_arcsec: float, fwhm_arcsec: float = SMOOTH_FWHM_ARCSEC
-                          ) -> np.ndarray:
-    """The image smoothed by a Gaussian of ``fwhm_arcsec``, in units of its sky's clipped MAD."""
-    valid = np.isfinite(image) & (image != 0)
-    img = np.where(valid, image, 0.0).astype(float)
-    sm = ndimage.gaussian_filter(img - np.median(img[valid]), fwhm_arcsec / pixel_scale_arcsec / 2.355)
-    v = sm[valid]
-    med, mad = np.median(v), 1.4826 * np.median(np.abs(v - np.median(v)))
-    for _ in range(3):
-        keep = np.abs(v - med) < 3 * mad
-        med, mad = np.median(v[keep]), 1.4826 * np.median(np.abs(v[keep] - med))
-    return np.where(valid, (sm - med) / mad, np.nan)
 
 
 def _peak_near(smap: np.ndarray, x: float, y: float, r: int = 3) -> float:
@@ -74,17 +62,20 @@ def scene_rows(files, enhancer, noise) -> list[dict]:
     scored = rs._in_region(region, dx, dy) & (d_qso > rs.QSO_MASK_ARCSEC)
     band = next(k for k in cols if k.endswith("_gmmFlux"))[:-len("_gmmFlux")]
     flux, err = np.asarray(cols[f"{band}_gmmFlux"]), np.asarray(cols[f"{band}_gmmFluxErr"])
-    smap = smoothed_significance(sc.hst_image, pixel_scale_arcsec=s_hst)
+    # The HST image at ground resolution: real_sky's own significance map (clipped sky RMS of the
+    # filtered, background-subtracted image), with a Gaussian of the HSC seeing as the filter.
+    kernel = draw_psf(PSFConfig(kind="gaussian", fwhm_arcsec=SMOOTH_FWHM_ARCSEC), pixel_scale_arcsec=s_hst)
+    smap, _ = rs._significance_map(truth.image, np.isfinite(sc.hst_image), kernel)
     if len(t_xy):
-        dist = np.hypot(d_xy[:, None, 0] - t_xy[None, :, 0], d_xy[:, None, 1] - t_xy[None, :, 1])
-        d_hst, nearest = dist.min(axis=1) * s_hst, dist.argmin(axis=1)
+        d_hst, nearest = cKDTree(t_xy).query(d_xy)
+        d_hst = d_hst * s_hst
     else:
         d_hst, nearest = np.full(len(ra), np.inf), np.zeros(len(ra), int)
     mags = rs.kron_magnitudes(truth, zeropoint=sc.hst_zeropoint)
     rows = []
     for i in np.flatnonzero(scored):
         rows.append({"scene": sc.name, "matched": bool(m["peak_matched"][i]), "snr": float(flux[i] / err[i]),
-                     "mag": float(31.4 - 2.5 * np.log10(max(flux[i], 1e-3))),  # nJy -> AB
+                     "mag": float(NJY_ZEROPOINT - 2.5 * np.log10(max(flux[i], 1e-3))),
                      "d_hst_arcsec": float(d_hst[i]), "d_qso_arcsec": float(d_qso[i]),
                      "mag_nearest_hst": float(mags[nearest[i]]) if len(mags) else None,
                      "hst_smoothed_sigma": _peak_near(smap, dx[i], dy[i])})

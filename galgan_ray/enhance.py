@@ -83,10 +83,10 @@ PIXEL_SCALE_MAX_RATIO = 10.0
 #: :meth:`Enhancer.enhance_plane`: core window and context (LR pixels). The shipped U-Net's influence
 #: falls to 6e-6 of the peak at 32 px (4e-4 at 24, 6e-3 at 16): tests/test_model_properties.py.
 PLANE_WINDOW_PX = 256
+PLANE_HALO_PX = 32
 #: Arithmetic of the generator's forward pass: float32, or bfloat16 autocast (AMX or AVX-512 BF16 on x86 CPUs,
 #: tensor cores on GPUs; the output and the empty-input response subtracted from it stay float32).
 PRECISIONS = ("fp32", "bf16")
-PLANE_HALO_PX = 32
 
 
 # ----------------------------------------------------------------------------------------------

@@ -186,13 +186,13 @@ def plot_all(out: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:
     written["table"] = str(out_dir / "table.md")
     if "photometry" in out:
         written["figure7"] = str(plot_photometry(out["photometry"], out_dir / "fig7_photometry.png"))
-        (out_dir / "photometry.md").write_text(photometry_table(out["photometry"]["report"]))
+        text = photometry_table(out["photometry"]["report"])
+        if "photometry_models" in out:
+            reports = {k: v["report"] for k, v in out["photometry_models"].items()}
+            written["figure7_models"] = str(plot_photometry_models(reports, out_dir / "fig7_photometry_models.png"))
+            text += "\n" + photometry_models_table(reports)
+        (out_dir / "photometry.md").write_text(text)
         written["photometry_table"] = str(out_dir / "photometry.md")
-    if "photometry_models" in out:
-        reports = {k: v["report"] for k, v in out["photometry_models"].items()}
-        written["figure7_models"] = str(plot_photometry_models(reports, out_dir / "fig7_photometry_models.png"))
-        with open(out_dir / "photometry.md", "a") as fh:
-            fh.write("\n" + photometry_models_table(reports))
     return written
 
 

@@ -14,8 +14,7 @@ import torch
 
 from galgan_ray.enhance import Enhancer, model_available
 from galgan_ray.errors import InputError
-from galgan_ray.field import FieldConfig, process_tile
-from galgan_ray.field.pipeline import enhancer_noise_scale
+from galgan_ray.field import FieldConfig, enhancer_noise_scale, process_tile
 
 from test_field_sky import scene_tile
 
@@ -72,7 +71,8 @@ def test_the_field_job_takes_the_precision_as_part_of_the_run_identity():
     from galgan_ray.ray_shell.commit import run_fingerprint
     from galgan_ray.ray_shell.job import FieldComputeConfig as ComputeConfig
 
-    assert ComputeConfig().enhance_precision == "fp32" and ComputeConfig(enhance_precision="bf16")
+    assert ComputeConfig().enhance_precision == "fp32"
+    assert ComputeConfig(enhance_precision="bf16").enhance_precision == "bf16"
     with pytest.raises(ConfigError, match="enhance_precision"):
         ComputeConfig(enhance_precision="half")
     model_id = {"sha256": "0" * 64}

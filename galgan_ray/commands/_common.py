@@ -8,10 +8,11 @@ from importlib import resources
 from typing import Any, Sequence, TypeVar
 
 from ..config import load_config
+from ..enhance import PRECISIONS
 
 T = TypeVar("T")
 
-__all__ = ["add_config_arguments", "config_from_args", "print_json"]
+__all__ = ["add_config_arguments", "add_precision_argument", "config_from_args", "print_json"]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, what: str, default: str | None = None) -> None:
@@ -26,6 +27,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, what: str, default:
                         help=f"{what} config (keys map onto the dataclass; unknown keys are an error{note})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, e.g. --set blends.sep_scale_arcsec=0.8 (repeatable)")
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision {fp32,bf16}``: the model's arithmetic (:class:`galgan_ray.enhance.Enhancer`)."""
+    parser.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
+                        help="the model's arithmetic: bf16 autocast is faster on CPUs with bf16 instructions (AMX, "
+                             "AVX-512 BF16) and on GPUs, and changes catalogs a little (bench/bench_precision.py; "
+                             "default fp32)")
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, *, overrides: Sequence[str] = ()) -> T:

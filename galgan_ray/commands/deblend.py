@@ -20,6 +20,7 @@ from ..provenance import provenance
 from ..schema import band_name, catalog_table
 from ..storage import StorageConfig, parquet_bytes, write_bytes_atomic
 from ..survey import read_survey_image, to_model_tile
+from ._common import add_precision_argument
 
 __all__ = ["register", "run", "deblend_file", "default_field_config"]
 
@@ -41,8 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FIELD.yaml",
                    help="a field job config whose `field:` section sets the science (default: the shipped one)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="the model's arithmetic: bf16 autocast, faster on CPUs with bf16 instructions (AMX, AVX-512 BF16) and GPUs (default fp32)")
+    add_precision_argument(p)
     p.set_defaults(func=run)
 
 

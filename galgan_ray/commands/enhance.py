@@ -14,6 +14,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from .. import __version__
 from ..errors import InputError
+from ._common import add_precision_argument
 
 __all__ = ["register", "run", "read_image", "read_psf_planes", "write_enhanced"]
 
@@ -47,8 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--surface-brightness", action="store_true",
                    help="the image is surface brightness (e.g. MJy/sr), not flux per pixel")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="the model's arithmetic: bf16 autocast, faster on CPUs with bf16 instructions (AMX, AVX-512 BF16) and GPUs (default fp32)")
+    add_precision_argument(p)
     p.set_defaults(func=run)
 
 

@@ -92,8 +92,8 @@ class FieldComputeConfig:
         Cutouts per forward pass.
     enhance_precision : {"fp32", "bf16"}
         Arithmetic of the model's forward pass (:class:`galgan_ray.enhance.Enhancer`): bf16 autocast
-        is faster on CPUs with bf16 instructions (``bench/bench_precision.py``) and changes the catalog
-        within the bounds ``tests/test_precision.py`` states; fp32 is the default.
+        is faster on CPUs with bf16 instructions and changes the catalog (``bench/bench_precision.py``
+        measures both; ``tests/test_precision.py`` bounds the change on its scenes); fp32 is the default.
     io_num_cpus : float
         CPUs reserved per commit actor.
     commit_actors : int
