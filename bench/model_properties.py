@@ -1,0 +1,81 @@
+"""The trust properties of the shipped models, as numbers (``galgan_ray.model_properties``).
+
+Usage::
+
+    .venv/bin/python bench/model_properties.py [--model default --model default-fluxcons ...]   # ~1 min
+
+For each model: the largest output from an all-zero input; on pure noise (256 cutouts of unit
+white noise), the positional bias of the mean output over its scatter inside the cutout's outermost
+LR pixel and on that ring (the trust issue's target: < 0.5x everywhere), the worst deviation from
+flat in standard errors and the central box's; the shift errors for k = 1..4 LR px; windowed against
+whole-image inference; and the fixed-pattern check of ``galgan enhance`` (the mean of 6 and of 4
+enhanced noise images: scatter over independent noise's, brightest pixel over it; targets < 1.3 and
+< 8). ``tests/test_model_properties.py`` asserts the same measures. Last line, for the first model:
+``summary: zero_out=... bias_inner=... bias_ring=... shift_max=... pattern6=... brightest6=... pattern4=... brightest4=...``
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from galgan_ray.enhance import Enhancer  # noqa: E402
+from galgan_ray.model_properties import (noise_pattern, positional_bias, shift_error, window_error,  # noqa: E402
+                                         zero_response)
+
+
+def measure(name: str) -> dict:
+    torch.manual_seed(0)
+    enh = Enhancer(name, device="cpu")
+    out = {"model": name, "checkpoint": str(enh.checkpoint), "zero_out": zero_response(enh)}
+    pbs = positional_bias(enh, n_draws=256)
+    out["bias"] = [(p.band, p.max_inner, p.max_ring, p.z_interior, p.centre_z) for p in pbs]
+    if enh.n_bands == 1:
+        out["shift"] = {k: shift_error(enh, k) for k in (1, 2, 3, 4)}
+        out["window"] = window_error(enh)
+        out["pattern6"] = noise_pattern(enh, n_images=6)
+        out["pattern4"] = noise_pattern(enh, n_images=4)
+    return out
+
+
+def report(r: dict) -> None:
+    print(f"{r['model']} ({r['checkpoint']})")
+    print(f"  zero in: largest output {r['zero_out']:.2e} sigma per HR pixel (test: < 1e-3)")
+    for band, inner, ring, z, cz in r["bias"]:
+        print(f"  pure noise, {band}: positional bias {inner:.2f}x the scatter inside the outermost LR pixel, "
+              f"{ring:.2f}x on it (target < 0.5x); worst interior pixel {z:.1f} standard errors, centre {cz:+.1f}")
+    if "shift" in r:
+        print("  shifted input: " + ", ".join(f"k={k} {v:.2%}" for k, v in r["shift"].items())
+              + " of the peak (k=4: the U-Net's stride, exact up to float noise)")
+        print(f"  windowed vs whole image: {r['window']:.1e} of the peak")
+        for n in (6, 4):
+            ratio, brightest = r[f"pattern{n}"]
+            print(f"  mean of {n} enhanced noise images: scatter {ratio:.2f}x independent noise's (target < 1.3), "
+                  f"brightest pixel {brightest:.1f}x (target < 8)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", action="append", help="checkpoint (repeatable; default: default, default-fluxcons, "
+                                                     "default-7band)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    results = [measure(m) for m in (args.model or ["default", "default-fluxcons", "default-7band"])]
+    for r in results:
+        report(r)
+    r = results[0]
+    line = (f"summary: zero_out={r['zero_out']:.1e} bias_inner={max(b[1] for b in r['bias']):.2f} "
+            f"bias_ring={max(b[2] for b in r['bias']):.2f}")
+    if "shift" in r:
+        line += (f" shift_max={max(r['shift'].values()):.3f} pattern6={r['pattern6'][0]:.2f} "
+                 f"brightest6={r['pattern6'][1]:.1f} pattern4={r['pattern4'][0]:.2f} brightest4={r['pattern4'][1]:.1f}")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
