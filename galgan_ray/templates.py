@@ -206,9 +206,13 @@ def lr_operator(psf_hr: np.ndarray, psf_lr: np.ndarray, *, factor: int) -> Calla
     def to_lr(x: np.ndarray) -> np.ndarray:
         # Real float32 FFTs of a linear ('same') convolution, the kernel's spectrum cached per size:
         # 3x faster than scipy.signal.fftconvolve here, and 1e-7 of the peak is far below any
-        # template's accuracy.
+        # template's accuracy. Only the 'same' window is kept, so the circular convolution need not
+        # hold the whole linear one: a length of n + k - 1 - k // 2 keeps the wrap-around out of that
+        # window (the full n + k - 1 would, for 66 px boxes and the 81 px kernel, transform 1.9x the
+        # pixels for the same result).
         m, hh, ww = x.shape
-        shape = (sp_fft.next_fast_len(hh + kh - 1, real=True), sp_fft.next_fast_len(ww + kw - 1, real=True))
+        shape = (sp_fft.next_fast_len(hh + kh - 1 - kh // 2, real=True),
+                 sp_fft.next_fast_len(ww + kw - 1 - kw // 2, real=True))
         if shape not in spectra:
             spectra[shape] = sp_fft.rfft2(kernel, s=shape)
         conv = sp_fft.irfft2(sp_fft.rfft2(np.asarray(x, dtype=np.float32), s=shape) * spectra[shape], s=shape)
