@@ -144,7 +144,7 @@ def main(argv=None) -> None:
     pull = (res["flux"] - fluxes) / res["flux_err"]
     ok = res["flags"] == 0
     device = comp.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"batched fit_fluxes ({args.mode}, {args.dtype}, {device}, {torch.get_num_threads()} threads, "
+    print(f"batched fit_fluxes, first run ({args.mode}, {args.dtype}, {device}, {torch.get_num_threads()} threads, "
           f"batch {args.batch_size}): {t_batch:.2f} s for {n_src} sources = {ms_batch:.3f} ms/source; "
           f"LM iterations mean {res['n_iter'].mean():.1f}, max {res['n_iter'].max()}; "
           f"converged {res['converged'].mean():.3f}; unflagged {ok.mean():.3f}")
@@ -176,7 +176,7 @@ def main(argv=None) -> None:
     ms_tmpl = t_tmpl / n_src * 1e3
     tok = tres["flags"] == 0
     tpull = (tres["flux"] - fluxes) / tres["flux_err"]
-    print(f"template_fluxes (HST-like prior, {prior.shape[-1]}x{prior.shape[-1]} px): {t_tmpl:.2f} s for {n_src} "
+    print(f"template_fluxes, best run (HST-like prior, {prior.shape[-1]}x{prior.shape[-1]} px): {t_tmpl:.2f} s for {n_src} "
           f"sources = {ms_tmpl:.3f} ms/source; unflagged {tok.mean():.3f}")
     print(f"  flux pulls (unflagged): mean {np.mean(tpull[tok]):+.3f}, std {np.std(tpull[tok]):.3f}; "
           f"median |flux/true - 1| {np.median(np.abs(tres['flux'][tok] / fluxes[tok] - 1)):.3f}")

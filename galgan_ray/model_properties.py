@@ -23,8 +23,8 @@ import numpy as np
 from .enhance import Enhancer, enhance_image
 from .geometry import make_tan_wcs
 
-__all__ = ["PositionalBias", "noise_pattern", "positional_bias", "shift_error", "window_error", "zero_response",
-           "galaxy_field"]
+__all__ = ["PositionalBias", "galaxy_field", "noise_pattern", "positional_bias", "shift_error", "window_error",
+           "zero_response"]
 
 
 def zero_response(enhancer: Enhancer, *, size: int = 22, plane_px: int = 60) -> float:
@@ -44,10 +44,9 @@ class PositionalBias:
     Attributes
     ----------
     band : str
-    ratio : numpy.ndarray
-        Per HR pixel: ``|mean - mean over the cutout|`` over the per-pixel scatter.
     max_inner : float
-        ``ratio``'s largest value inside the cutout's outermost LR pixel.
+        The largest ``|mean - mean over the cutout|`` over the per-pixel scatter, inside the cutout's
+        outermost LR pixel.
     max_ring : float
         Its largest value on that ring (where the network sees its zero padding).
     z_interior : float
@@ -60,7 +59,6 @@ class PositionalBias:
     """
 
     band: str
-    ratio: np.ndarray
     max_inner: float
     max_ring: float
     z_interior: float
@@ -78,6 +76,7 @@ def positional_bias(enhancer: Enhancer, *, n_draws: int = 256, size: int = 22, s
     edge, inner = f, slice(6 * f, n_hr - 6 * f)
     half = n_hr // 2
     centre = slice(half - 8, half + 8)
+    n_centre = 16 * 16
     res = []
     for b in range(c):
         mean, scatter = out[:, b].mean(axis=0), out[:, b].std(axis=0, ddof=1)
@@ -85,9 +84,9 @@ def positional_bias(enhancer: Enhancer, *, n_draws: int = 256, size: int = 22, s
         ratio = bias / scatter
         z = bias[inner, inner] / (scatter[inner, inner] / np.sqrt(n_draws))
         offset = mean[centre, centre].mean() - mean[inner, inner].mean()
-        # the central box's mean over 256 pixels' worth of draws, pixels counted as independent
-        err = scatter[inner, inner].mean() / np.sqrt(n_draws * 256 / 16)
-        res.append(PositionalBias(band=str(enhancer.band_keys_low[b]), ratio=ratio,
+        # the central box's mean: n_centre pixels of n_draws draws, one in 16 counted as independent
+        err = scatter[inner, inner].mean() / np.sqrt(n_draws * n_centre / 16)
+        res.append(PositionalBias(band=str(enhancer.band_keys_low[b]),
                                   max_inner=float(ratio[edge:-edge, edge:-edge].max()), max_ring=float(ratio.max()),
                                   z_interior=float(z.max()), centre_z=float(offset / err), n_draws=n_draws))
     return res

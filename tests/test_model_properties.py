@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +87,9 @@ def enhancer_7band() -> Enhancer:
 
 
 def test_seven_bands_zero_in_gives_zero_out(enhancer_7band):
+    c = enhancer_7band.n_bands
+    out = enhancer_7band.enhance_cutouts(np.zeros((1, c, 22, 22), np.float32), np.ones((1, c), np.float32))
+    assert out.shape == (1, c, 64, 64)
     assert zero_response(enhancer_7band) < 1e-3
 
 
