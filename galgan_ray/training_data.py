@@ -15,8 +15,12 @@ This recipe gives no position in the cutout a meaning. A training set is a mix o
 Every LR input gets its sky noise here (:func:`add_lr_noise`, :class:`LRNoiseConfig`), at a depth
 drawn between the band's and ``depth_factor_max`` times shallower, white or correlated like a
 resampled coadd; the LR PSF of each part can be jittered in width (``psf_fwhm_jitter``) so the
-model does not depend on a perfectly matched PSF. ``sigma_lr`` is the per-pixel standard deviation
-of the noise added (what a MAD of the sky measures).
+model does not depend on a perfectly matched PSF, and can take the shape of a real survey PSF image
+(``lr_psf_images``: wings, asymmetry, a core that is not a Moffat's) at those widths
+(:func:`psf_shape_degrade_configs`). ``sigma_lr`` is the per-pixel standard deviation of the noise
+added (what a MAD of the sky measures). A residual sky (``LRNoiseConfig.sky_residual``: a pedestal
+and a gradient, as a coadd's background subtraction leaves them) can be added to both images of a
+pair (:func:`add_sky_residual`): a smooth sky stays a smooth sky, never a source.
 
 Every part draws from generators seeded by ``[seed, stream, item]``, so the sample is reproducible.
 """
@@ -36,17 +40,18 @@ from .blends import BlendConfig, simulate_blends, simulate_isolated
 from .degrade import DegradeConfig, degrade_tile, get_degrader
 from .errors import ConfigError, InputError
 from .instrument import BandConfig
-from .psf import draw_psf
+from .psf import PSFConfig, draw_psf, measure_fwhm, read_psf
 from .tiles import Tile
 
-__all__ = ["LRNoiseConfig", "correlated_noise", "add_lr_noise", "jittered_degrade_configs", "sky_crop_pairs",
+__all__ = ["LRNoiseConfig", "correlated_noise", "add_lr_noise", "jittered_degrade_configs", "psf_shape_degrade_configs",
+           "add_sky_residual", "sky_crop_pairs",
            "noise_only_pairs", "placed_pairs", "concat_pairs", "describe"]
 
 log = logging.getLogger(__name__)
 
 _PAIR_KEYS = ("image_lr", "image_hr", "sigma_lr")
 # Streams of the generators (second seed entry), one per part of the sample.
-_STREAM_NOISE, _STREAM_CROPS, _STREAM_NOISE_ONLY = 11, 12, 13
+_STREAM_NOISE, _STREAM_CROPS, _STREAM_NOISE_ONLY, _STREAM_SKY = 11, 12, 13, 14
 
 
 @dataclass(frozen=True)
@@ -64,11 +69,16 @@ class LRNoiseConfig:
         the same per-pixel sigma.
     max_phase : float
         Largest sub-pixel phase of that kernel along each axis (0.5: neighbour correlation up to 0.5).
+    sky_residual : float
+        Largest residual sky per item, in units of its LR noise sigma: a pedestal drawn uniformly in
+        ``+- sky_residual`` plus a plane whose change across the cutout is drawn in the same range
+        (:func:`add_sky_residual`; 0: none).
     """
 
     depth_factor_max: float = 1.0
     correlated_fraction: float = 0.0
     max_phase: float = 0.5
+    sky_residual: float = 0.0
 
     def __post_init__(self):
         if not self.depth_factor_max >= 1.0:
@@ -77,6 +87,8 @@ class LRNoiseConfig:
             raise ConfigError("data.noise.correlated_fraction", f"must be in [0, 1], got {self.correlated_fraction}")
         if not 0.0 <= self.max_phase <= 0.5:
             raise ConfigError("data.noise.max_phase", f"must be in [0, 0.5], got {self.max_phase}")
+        if not 0.0 <= self.sky_residual <= 5.0:
+            raise ConfigError("data.noise.sky_residual", f"must be in [0, 5], got {self.sky_residual}")
 
 
 def correlated_noise(shape: tuple[int, ...], rng: np.random.Generator, *, phase: tuple[float, float]) -> np.ndarray:
@@ -134,6 +146,74 @@ def jittered_degrade_configs(config: DegradeConfig, *, jitter: float, n: int, se
     for f in factors:
         low = tuple(replace(b, psf=replace(b.psf, fwhm_arcsec=b.psf.fwhm_arcsec * float(f))) for b in config.low)
         out.append(replace(config, low=low))
+    return out
+
+
+def psf_shape_degrade_configs(config: DegradeConfig, files: Sequence[str | Path], *, pixel_scale_arcsec: float,
+                              jitter: float, n: int, seed: int) -> list[DegradeConfig]:
+    """``n`` copies of ``config`` whose LR PSF is a real PSF image (``files``, drawn in turn after a
+    shuffle by ``seed``), its sampling rescaled so that its FWHM is the band's FWHM times factors
+    spread evenly over ``1 +- jitter``: real PSF shapes at the widths the model is trained for.
+
+    ``pixel_scale_arcsec`` is the sampling of the PSF images (0.168 for HSC's PSF picker). A file that
+    cannot be read or measured is an error that names it. (The image's own pixel response is rescaled
+    with it: under 1 % of the FWHM at HSC's sampling.)
+    """
+    files = [str(f) for f in files]
+    if not files:
+        raise ConfigError("data.lr_psf_images", "matches no PSF file")
+    if not pixel_scale_arcsec > 0:
+        raise ConfigError("data.lr_psf_pixel_scale_arcsec", f"must be > 0, got {pixel_scale_arcsec}")
+    rng = np.random.default_rng([int(seed), 6])
+    order = [files[i] for i in rng.permutation(len(files))]
+    factors = np.linspace(1.0 - jitter, 1.0 + jitter, n) if jitter > 0 and n > 1 else np.ones(max(n, 1))
+    rng.shuffle(factors)
+    out = []
+    for j, f in enumerate(factors):
+        path = order[j % len(order)]
+        fwhm = measure_fwhm(read_psf(path), pixel_scale_arcsec=pixel_scale_arcsec)
+        if not fwhm > 0:
+            raise InputError(path, "its FWHM cannot be measured (not a peaked PSF image)")
+        low = []
+        for b in config.low:
+            target = b.psf.fwhm_arcsec * float(f)
+            low.append(replace(b, psf=PSFConfig(kind="fits", path=path,
+                                                pixel_scale_arcsec=pixel_scale_arcsec * target / fwhm)))
+        out.append(replace(config, low=tuple(low)))
+    return out
+
+
+def add_sky_residual(pairs: Mapping[str, np.ndarray], *, amplitude: float, seed: int) -> dict[str, np.ndarray]:
+    """A residual sky on both images of each pair: a pedestal ``a`` and a plane ``gx x + gy y``
+    (``x, y`` in units of the cutout's side, centred), ``a, gx, gy`` uniform in ``+- amplitude``
+    times the item's ``sigma_lr``, drawn from ``default_rng([seed, 14, i])``. The HR image gets the
+    same sky per unit area (divided by the pixel-area ratio), so the model learns to carry a smooth
+    sky through, not to make sources of it or to subtract it."""
+    if amplitude <= 0 or not len(pairs.get("image_lr", ())):
+        return dict(pairs)
+    lr = np.array(pairs["image_lr"], dtype=np.float32, copy=True)
+    hr = np.array(pairs["image_hr"], dtype=np.float32, copy=True)
+    n, c, h, w = lr.shape
+    hh, hw = hr.shape[-2:]
+    area = (hh / h) * (hw / w)
+
+    def plane(size_y, size_x):
+        y = (np.arange(size_y) + 0.5) / size_y - 0.5
+        x = (np.arange(size_x) + 0.5) / size_x - 0.5
+        return y[:, None], x[None, :]
+
+    ly, lx = plane(h, w)
+    hy, hx = plane(hh, hw)
+    sig = np.asarray(pairs["sigma_lr"], dtype=np.float64).reshape(n, -1)
+    for i in range(n):
+        a, gx, gy = np.random.default_rng([int(seed), _STREAM_SKY, i]).uniform(-amplitude, amplitude, 3)
+        for ch in range(c):
+            s = sig[i, min(ch, sig.shape[1] - 1)]
+            lr[i, ch] += (s * (a + gx * lx + gy * ly)).astype(np.float32)
+            if ch < hr.shape[1]:
+                hr[i, ch] += (s * (a + gx * hx + gy * hy) / area).astype(np.float32)
+    out = dict(pairs)
+    out["image_lr"], out["image_hr"] = lr, hr
     return out
 
 

@@ -7,6 +7,7 @@ Data-parallel training (``use_ray``) is the Ray shell's: the caller passes its t
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import time
@@ -40,11 +41,13 @@ from .instrument import BandConfig
 from .training import TrainConfig, train_dcgan, train_srgan
 from .training_data import (
     LRNoiseConfig,
+    add_sky_residual,
     concat_pairs,
     describe,
     jittered_degrade_configs,
     noise_only_pairs,
     placed_pairs,
+    psf_shape_degrade_configs,
     sky_crop_pairs,
 )
 
@@ -94,6 +97,14 @@ class TrainDataConfig(SkySampleConfig):
     psf_fwhm_jitter : float
         ``position_free``: the LR PSF's FWHM is scaled by factors spread over ``1 +- this`` (per sky
         tile, and over equal chunks of the placed pairs).
+    lr_psf_images : tuple of str
+        ``position_free``: glob patterns of real LR PSF images (FITS, e.g. HSC's PSF picker); a share
+        ``lr_psf_fraction`` of the degradations uses their shapes, at the jittered widths
+        (:func:`galgan_ray.training_data.psf_shape_degrade_configs`).
+    lr_psf_pixel_scale_arcsec : float
+        Sampling of those images.
+    lr_psf_fraction : float
+        Share of the degradations (sky tiles, chunks of placed pairs) with a real PSF shape.
     """
 
     seed: int = 1000
@@ -111,19 +122,23 @@ class TrainDataConfig(SkySampleConfig):
     real_fraction: float = 0.0
     noise: LRNoiseConfig = field(default_factory=LRNoiseConfig)
     psf_fwhm_jitter: float = 0.0
+    lr_psf_images: tuple[str, ...] = ()
+    lr_psf_pixel_scale_arcsec: float = 0.168
+    lr_psf_fraction: float = 0.5
 
     def __post_init__(self):
         if self.recipe not in ("centred", "position_free"):
             raise ConfigError("data.recipe", f"must be centred or position_free, got {self.recipe!r}")
-        for name in ("sky_crop_fraction", "noise_only_fraction", "real_fraction", "blend_fraction"):
+        for name in ("sky_crop_fraction", "noise_only_fraction", "real_fraction", "blend_fraction", "lr_psf_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"data.{name}", f"must be in [0, 1], got {getattr(self, name)}")
         if self.sky_crop_fraction + self.noise_only_fraction > 1.0:
             raise ConfigError("data.sky_crop_fraction", "sky_crop_fraction + noise_only_fraction must be <= 1")
         if self.recipe == "centred" and (self.sky_crop_fraction or self.noise_only_fraction or self.real_galaxies
-                                         or self.psf_fwhm_jitter or self.noise != LRNoiseConfig()):
-            raise ConfigError("data.recipe", "sky crops, noise-only cutouts, real stamps, the noise model and the "
-                                             "PSF jitter belong to recipe: position_free")
+                                         or self.psf_fwhm_jitter or self.noise != LRNoiseConfig()
+                                         or self.lr_psf_images):
+            raise ConfigError("data.recipe", "sky crops, noise-only cutouts, real stamps, the noise model, the "
+                                             "PSF jitter and real PSF shapes belong to recipe: position_free")
         if self.real_fraction > 0 and not self.real_galaxies:
             raise ConfigError("data.real_fraction", "needs data.real_galaxies (a RealGalaxyCatalog file)")
 
@@ -211,6 +226,17 @@ def _position_free_pairs(cfg: TrainDataConfig, galaxies: dict, tiles: list, *, d
     n_real = int(round(n_placed * cfg.real_fraction)) if cfg.real_galaxies else 0
     n_jitter = 8 if cfg.psf_fwhm_jitter > 0 else 1
     configs = jittered_degrade_configs(dc, jitter=cfg.psf_fwhm_jitter, n=n_jitter, seed=cfg.seed)
+    if cfg.lr_psf_images and cfg.lr_psf_fraction > 0:
+        # Real PSF shapes beside the analytic ones: 16 degradations in all, the share asked for real.
+        files = sorted({f for pat in cfg.lr_psf_images for f in glob.glob(pat)})
+        if not files:
+            raise ConfigError("data.lr_psf_images", f"{list(cfg.lr_psf_images)} match no file")
+        n_shape = max(1, int(round(16 * cfg.lr_psf_fraction)))
+        n_moffat = 16 - n_shape
+        configs = (jittered_degrade_configs(dc, jitter=cfg.psf_fwhm_jitter, n=n_moffat, seed=cfg.seed)
+                   if n_moffat else []) + psf_shape_degrade_configs(
+            dc, files, pixel_scale_arcsec=cfg.lr_psf_pixel_scale_arcsec, jitter=cfg.psf_fwhm_jitter, n=n_shape,
+            seed=cfg.seed)
     parts = {
         "sky_crops": sky_crop_pairs(tiles, degrade_configs=configs, high_bands=dc.high, n_pairs=n_crops,
                                     noise=cfg.noise, seed=cfg.seed,
@@ -230,7 +256,10 @@ def _position_free_pairs(cfg: TrainDataConfig, galaxies: dict, tiles: list, *, d
         parts["placed_real"] = placed_pairs(real, degrade_configs=real_configs, blends=cfg.blends, n_pairs=n_real,
                                             blend_fraction=cfg.blend_fraction, noise=cfg.noise, seed=cfg.seed,
                                             stream=22)
-    return concat_pairs(list(parts.values()), seed=cfg.seed), describe(parts)
+    pairs = concat_pairs(list(parts.values()), seed=cfg.seed)
+    if cfg.noise.sky_residual > 0:
+        pairs = add_sky_residual(pairs, amplitude=cfg.noise.sky_residual, seed=cfg.seed)
+    return pairs, describe(parts)
 
 
 def run_training(cfg: TrainJobConfig, *, out: str, work_dir: str | Path = "runs/train",

@@ -9,8 +9,9 @@ import pytest
 from galgan_ray.dataset import BandsConfig, make_sky_tiles
 from galgan_ray.degrade import get_degrader
 from galgan_ray.errors import ConfigError
-from galgan_ray.training_data import (LRNoiseConfig, add_lr_noise, correlated_noise, jittered_degrade_configs,
-                                      noise_only_pairs, sky_crop_pairs)
+from galgan_ray.training_data import (LRNoiseConfig, add_lr_noise, add_sky_residual, correlated_noise,
+                                      jittered_degrade_configs, noise_only_pairs, psf_shape_degrade_configs,
+                                      sky_crop_pairs)
 from galgan_ray.training_job import TrainDataConfig
 
 pytest.importorskip("galsim")
@@ -67,3 +68,38 @@ def test_psf_jitter_spreads_the_fwhm_and_recipe_keys_are_checked():
     with pytest.raises(ConfigError, match="real_galaxies"):
         TrainDataConfig(recipe="position_free", real_fraction=0.2)
     assert replace(TrainDataConfig(), recipe="position_free", sky_crop_fraction=0.4).sky_crop_fraction == 0.4
+
+
+def test_real_psf_shapes_take_the_jittered_widths_and_conserve_flux(shared_data):
+    from galgan_ray.psf import draw_psf, measure_fwhm
+
+    dc = BandsConfig(high=("hst/F775W",), low=("hsc_udeep/i",)).degrade_config(add_noise=False)
+    files = sorted((shared_data / "hsc_hst_pairs").glob("psf_hsc_*.fits"))
+    cfgs = psf_shape_degrade_configs(dc, files, pixel_scale_arcsec=0.168, jitter=0.08, n=4, seed=0)
+    assert [c.low[0].psf.kind for c in cfgs] == ["fits"] * 4
+    want = sorted(0.6 * np.linspace(0.92, 1.08, 4))
+    got = sorted(measure_fwhm(draw_psf(c.low[0].psf, pixel_scale_arcsec=0.18), pixel_scale_arcsec=0.18) for c in cfgs)
+    assert got == pytest.approx(want, abs=0.01)  # the real shapes, at the widths asked for
+    point = np.zeros((1, 1, 64, 64), np.float32)
+    point[0, 0, 32, 32] = 1000.0
+    for c in cfgs:
+        assert get_degrader(c)(point)["image_lr"].sum() == pytest.approx(1000.0, rel=1e-3)
+    with pytest.raises(ConfigError, match="lr_psf_images"):
+        psf_shape_degrade_configs(dc, [], pixel_scale_arcsec=0.168, jitter=0.08, n=4, seed=0)
+
+
+def test_sky_residual_is_the_same_sky_in_both_images():
+    rng = np.random.default_rng(0)
+    pairs = {"image_lr": rng.normal(size=(5, 1, 22, 22)).astype(np.float32),
+             "image_hr": rng.normal(size=(5, 1, 66, 66)).astype(np.float32),
+             "sigma_lr": np.full((5, 1), 2.0, np.float32)}
+    out = add_sky_residual(pairs, amplitude=0.5, seed=3)
+    d_lr = out["image_lr"] - pairs["image_lr"]
+    d_hr = out["image_hr"] - pairs["image_hr"]
+    # The same sky per unit area: the HR block sums give the LR sky; smooth, and within the amplitude.
+    assert np.allclose(d_hr.reshape(5, 1, 22, 3, 22, 3).sum(axis=(3, 5)), d_lr, atol=1e-5)
+    assert np.abs(d_lr).max() <= 2.0 * 0.5 * 2 + 1e-6
+    assert d_lr.std(axis=(2, 3)).max() > 0 and np.abs(np.diff(d_lr, 2, axis=-1)).max() < 1e-5
+    assert add_sky_residual(pairs, amplitude=0.0, seed=3)["image_lr"] is pairs["image_lr"]
+    with pytest.raises(ConfigError, match="sky_residual"):
+        LRNoiseConfig(sky_residual=-1.0)
