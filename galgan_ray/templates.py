@@ -214,7 +214,7 @@ def lr_operator(psf_hr: np.ndarray, psf_lr: np.ndarray, *, factor: int) -> Calla
         # The block sum along the rows is done on the spectrum: the kernel's spectrum carries the
         # f-row box and the shift to the window, and the spectrum folded f-fold (aliasing is the
         # Fourier form of keeping every f-th row) is inverted on f times fewer rows; the columns are
-        # block-summed after the inverse. Half the time of inverting the whole convolution.
+        # block-summed after the inverse.
         m, hh, ww = x.shape
         l0 = f * sp_fft.next_fast_len(-(-(hh + kh - 1 - kh // 2) // f))
         l1 = sp_fft.next_fast_len(ww + kw - 1 - kw // 2, real=True)
@@ -227,7 +227,7 @@ def lr_operator(psf_hr: np.ndarray, psf_lr: np.ndarray, *, factor: int) -> Calla
             spectra[shape] = spec.astype(np.complex64)
         out = np.empty((m, hh // f, ww // f))
         # In blocks of ~1.5 MB of spectrum: the temporaries stay in cache and are not page-faulted
-        # in afresh for every call (2.5x faster for 2000 templates than one call on all of them).
+        # in afresh for every call, as one call on thousands of templates would have them.
         step = max(1, _FFT_BLOCK_BYTES // (8 * l0 * (l1 // 2 + 1)))
         for i in range(0, m, step):
             spec = sp_fft.rfft2(np.asarray(x[i:i + step], dtype=np.float32), s=shape) * spectra[shape]
@@ -273,7 +273,7 @@ def split_light(prior: np.ndarray, centres: np.ndarray, *, pixel_scale_arcsec: f
     sig = _significant(p, smooth_px=config.smooth_fwhm_arcsec / pixel_scale_arcsec, threshold=config.threshold_sigma)
     r_px = config.dilate_arcsec / pixel_scale_arcsec
     # All images at once, in blocks that keep the (B, S, H, W) temporaries in cache.
-    block = max(1, _SPLIT_BLOCK_PX // max(s * h * w, 1))
+    block = _image_block(s, h, w)
     for i in range(0, n, block):
         sl = slice(i, i + block)
         if valid[sl].any():
@@ -281,8 +281,14 @@ def split_light(prior: np.ndarray, centres: np.ndarray, *, pixel_scale_arcsec: f
     return out
 
 
-#: split_light works on blocks of about this many (image, child, pixel) elements.
+#: split_light and the shares' squares in template_fluxes work on blocks of about this many (image,
+#: child, pixel) elements: their (B, S, H, W) temporaries stay in cache.
 _SPLIT_BLOCK_PX = 1 << 17
+
+
+def _image_block(s: int, h: int, w: int) -> int:
+    """Images per block of ``_SPLIT_BLOCK_PX`` elements, for ``s`` children of ``h x w`` pixels."""
+    return max(1, _SPLIT_BLOCK_PX // max(s * h * w, 1))
 #: Labels the 2-D islands of a stack of images at once: no connection between images.
 _STACK_STRUCTURE = np.stack([np.zeros((3, 3), bool), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3), bool)])
 
@@ -342,8 +348,7 @@ def _split_block(p: np.ndarray, c: np.ndarray, valid: np.ndarray, sig: np.ndarra
     parts = raw[:, None] * share
     if config.leftover == "nearest":
         left = np.where(tot > 0, np.float32(0.0), raw)
-        has_left = left.any(axis=(1, 2))
-        if has_left.any():
+        if left.any():
             yy, xx = np.arange(h), np.arange(w)
             cx = np.where(valid, c[..., 0], np.nan)[:, :, None, None]
             cy = np.where(valid, c[..., 1], np.nan)[:, :, None, None]
@@ -548,10 +553,11 @@ def template_fluxes(image_lr: np.ndarray, variance_lr: np.ndarray, prior: np.nda
     var_lr = np.asarray(variance_lr, dtype=np.float64)
     sky_var = var_lr if var_lr.ndim == 1 else np.nanmedian(np.where(np.isfinite(var_lr), var_lr, np.nan), axis=(1, 2))
     share2 = np.zeros((n, s))
-    for i in range(0, n, 64):  # in blocks: the (N, S, H, W) float64 temporaries would not fit in cache
-        blk = parts[i:i + 64]
+    block = _image_block(s, *parts.shape[-2:])
+    for i in range(0, n, block):  # in blocks, as split_light: the float64 temporaries stay in cache
+        blk = parts[i:i + block]
         total = blk.sum(axis=1, keepdims=True, dtype=np.float64)
-        share2[i:i + 64] = np.where(total > 0, (blk / np.maximum(total, _TINY)) ** 2, 0.0).sum(axis=(-2, -1))
+        share2[i:i + block] = np.where(total > 0, (blk / np.maximum(total, _TINY)) ** 2, 0.0).sum(axis=(-2, -1))
     px_per_lr = (parts.shape[-1] / w) ** 2
     noisy = prior_sky_noise(np.asarray(prior)) > 0  # a noiseless prior (a model, a simulation's truth) adds none
     light_var = np.where(no_light | ~noisy[:, None], 0.0, sky_var[:, None] * share2 / px_per_lr)

@@ -133,17 +133,22 @@ def add_lr_noise(image_lr: np.ndarray, sky_sigma: Sequence[float], *, config: LR
     return image, sigma.astype(np.float32)
 
 
+def _width_factors(jitter: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` FWHM factors spread evenly over ``1 +- jitter`` (all 1 for no jitter), shuffled by ``rng``."""
+    if not jitter < 0.5:
+        raise ConfigError("data.psf_fwhm_jitter", f"must be < 0.5, got {jitter}")
+    factors = np.linspace(1.0 - jitter, 1.0 + jitter, n) if jitter > 0 and n > 1 else np.ones(max(n, 1))
+    rng.shuffle(factors)
+    return factors
+
+
 def jittered_degrade_configs(config: DegradeConfig, *, jitter: float, n: int, seed: int) -> list[DegradeConfig]:
     """``n`` copies of ``config`` whose LR PSFs have their FWHM scaled by factors spread evenly over
     ``1 +- jitter`` (shuffled by ``seed``); ``jitter = 0`` gives ``[config] * n``."""
     if jitter <= 0 or n <= 1:
         return [config] * max(n, 1)
-    if not jitter < 0.5:
-        raise ConfigError("data.psf_fwhm_jitter", f"must be < 0.5, got {jitter}")
-    factors = np.linspace(1.0 - jitter, 1.0 + jitter, n)
-    np.random.default_rng([int(seed), 5]).shuffle(factors)
     out = []
-    for f in factors:
+    for f in _width_factors(jitter, n, np.random.default_rng([int(seed), 5])):
         low = tuple(replace(b, psf=replace(b.psf, fwhm_arcsec=b.psf.fwhm_arcsec * float(f))) for b in config.low)
         out.append(replace(config, low=low))
     return out
@@ -166,10 +171,8 @@ def psf_shape_degrade_configs(config: DegradeConfig, files: Sequence[str | Path]
         raise ConfigError("data.lr_psf_pixel_scale_arcsec", f"must be > 0, got {pixel_scale_arcsec}")
     rng = np.random.default_rng([int(seed), 6])
     order = [files[i] for i in rng.permutation(len(files))]
-    factors = np.linspace(1.0 - jitter, 1.0 + jitter, n) if jitter > 0 and n > 1 else np.ones(max(n, 1))
-    rng.shuffle(factors)
     out = []
-    for j, f in enumerate(factors):
+    for j, f in enumerate(_width_factors(jitter, n, rng)):
         path = order[j % len(order)]
         fwhm = measure_fwhm(read_psf(path), pixel_scale_arcsec=pixel_scale_arcsec)
         if not fwhm > 0:

@@ -224,19 +224,20 @@ def _position_free_pairs(cfg: TrainDataConfig, galaxies: dict, tiles: list, *, d
     n_noise = int(round(n * cfg.noise_only_fraction))
     n_placed = n - n_crops - n_noise
     n_real = int(round(n_placed * cfg.real_fraction)) if cfg.real_galaxies else 0
-    n_jitter = 8 if cfg.psf_fwhm_jitter > 0 else 1
-    configs = jittered_degrade_configs(dc, jitter=cfg.psf_fwhm_jitter, n=n_jitter, seed=cfg.seed)
     if cfg.lr_psf_images and cfg.lr_psf_fraction > 0:
         # Real PSF shapes beside the analytic ones: 16 degradations in all, the share asked for real.
         files = sorted({f for pat in cfg.lr_psf_images for f in glob.glob(pat)})
         if not files:
             raise ConfigError("data.lr_psf_images", f"{list(cfg.lr_psf_images)} match no file")
         n_shape = max(1, int(round(16 * cfg.lr_psf_fraction)))
-        n_moffat = 16 - n_shape
-        configs = (jittered_degrade_configs(dc, jitter=cfg.psf_fwhm_jitter, n=n_moffat, seed=cfg.seed)
-                   if n_moffat else []) + psf_shape_degrade_configs(
-            dc, files, pixel_scale_arcsec=cfg.lr_psf_pixel_scale_arcsec, jitter=cfg.psf_fwhm_jitter, n=n_shape,
-            seed=cfg.seed)
+        n_analytic = 16 - n_shape
+    else:
+        files, n_shape, n_analytic = [], 0, 8 if cfg.psf_fwhm_jitter > 0 else 1
+    configs = (jittered_degrade_configs(dc, jitter=cfg.psf_fwhm_jitter, n=n_analytic, seed=cfg.seed)
+               if n_analytic else [])
+    if n_shape:
+        configs += psf_shape_degrade_configs(dc, files, pixel_scale_arcsec=cfg.lr_psf_pixel_scale_arcsec,
+                                             jitter=cfg.psf_fwhm_jitter, n=n_shape, seed=cfg.seed)
     parts = {
         "sky_crops": sky_crop_pairs(tiles, degrade_configs=configs, high_bands=dc.high, n_pairs=n_crops,
                                     noise=cfg.noise, seed=cfg.seed,
