@@ -10,7 +10,11 @@ far the nearest HST detection is, how far the quasar, the row's HSC magnitude an
 **HST image filtered at ground resolution** (``real_sky``'s significance map of the background-
 subtracted image with a 0.6" FWHM Gaussian as the filter) at the row, the highest value within 3 HST px: a real source HST's PSF-matched 5-sigma
 truth misses (faint and extended) still shows there, a noise peak of the HSC image does not. Matched
-rows of the same HSC magnitude give the scale. Nothing here changes the real-sky score.
+rows of the same HSC magnitude give the scale. Two nulls say what that statistic gives where
+there is no source: the same maximum on the *negated* map at the same rows (noise alone is symmetric
+about zero, a source is not), and on the map itself at random scored positions with no HST detection
+within the matching radius (``N_RANDOM`` per scene, seeded): the sky between the HST detections, its
+faint undetected galaxies included. Nothing here changes the real-sky score.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from galgan_ray.matching import match_peaks  # noqa: E402
 from galgan_ray.psf import PSFConfig, draw_psf  # noqa: E402
 
 SMOOTH_FWHM_ARCSEC = 0.6
+N_RANDOM = 200
 MAG_BINS = (20.0, 25.0, 26.0, 27.0, 30.0)
 
 
@@ -46,7 +51,23 @@ def _peak_near(smap: np.ndarray, x: float, y: float, r: int = 3) -> float:
     return float(np.nanmax(smap[yi - r:yi + r + 1, xi - r:xi + r + 1]))
 
 
-def scene_rows(files, enhancer, noise) -> list[dict]:
+def random_empty(smap: np.ndarray, region: np.ndarray, t_xy: np.ndarray, *, radius_px: float, n: int,
+                 seed: int) -> list[float]:
+    """The statistic of :func:`_peak_near` at ``n`` random scored pixels with no HST detection within
+    ``radius_px`` (the sky the spurious rows lie on, as the truth sees it)."""
+    rng = np.random.default_rng(seed)
+    iy, ix = np.nonzero(region)
+    if not len(ix):
+        return []
+    pick = rng.choice(len(ix), size=min(4 * n, len(ix)), replace=False)
+    x, y = ix[pick].astype(float), iy[pick].astype(float)
+    if len(t_xy):
+        d, _ = cKDTree(t_xy).query(np.column_stack([x, y]))
+        x, y = x[d > radius_px], y[d > radius_px]
+    return [_peak_near(smap, xi, yi) for xi, yi in zip(x[:n], y[:n])]
+
+
+def scene_rows(files, enhancer, noise, *, seed: int = 0) -> tuple[list[dict], list[float]]:
     sc = rs.read_scene(files)
     s_hst = rs.pixel_scale_of(sc.hst_wcs)
     region = rs.scored_region(sc)
@@ -78,11 +99,13 @@ def scene_rows(files, enhancer, noise) -> list[dict]:
                      "mag": float(NJY_ZEROPOINT - 2.5 * np.log10(max(flux[i], 1e-3))),
                      "d_hst_arcsec": float(d_hst[i]), "d_qso_arcsec": float(d_qso[i]),
                      "mag_nearest_hst": float(mags[nearest[i]]) if len(mags) else None,
-                     "hst_smoothed_sigma": _peak_near(smap, dx[i], dy[i])})
-    return rows
+                     "hst_smoothed_sigma": _peak_near(smap, dx[i], dy[i]),
+                     "hst_smoothed_negated_sigma": _peak_near(-smap, dx[i], dy[i])})
+    radius = rs.radius_pixels(rs.MATCH_RADIUS_ARCSEC, pixel_scale_arcsec=s_hst)
+    return rows, random_empty(smap, region, t_xy, radius_px=radius, n=N_RANDOM, seed=seed)
 
 
-def report(rows: list[dict], n_scenes: int) -> None:
+def report(rows: list[dict], n_scenes: int, random_values: list[float]) -> None:
     sp = [r for r in rows if not r["matched"]]
     ok = [r for r in rows if r["matched"]]
     arr = lambda g, k: np.array([r[k] for r in g], dtype=float)  # noqa: E731
@@ -107,9 +130,17 @@ def report(rows: list[dict], n_scenes: int) -> None:
             snr.append(np.median(arr(sel, "snr")) if sel else np.nan)
         print(f"  {lo:4.1f}-{hi:4.1f}   | {cells[0]:>28} | {cells[1]:>29} | {snr[0]:.1f}, {snr[1]:.1f}")
     s_all = arr(sp, "hst_smoothed_sigma")
+    s_neg = arr(sp, "hst_smoothed_negated_sigma")
+    s_rnd = np.asarray(random_values, dtype=float)
+    s_rnd = s_rnd[np.isfinite(s_rnd)]
+    print(f"nulls for the spurious rows' {np.isfinite(s_all).sum()} values (median, share > 3 sigma): at the rows "
+          f"{np.nanmedian(s_all):.1f}, {np.nanmean(s_all > 3):.0%}; the negated map at the same rows "
+          f"{np.nanmedian(s_neg):.1f}, {np.nanmean(s_neg > 3):.0%}; {len(s_rnd)} random scored positions "
+          f"without an HST detection within {rs.MATCH_RADIUS_ARCSEC}\" {np.median(s_rnd):.1f}, {np.mean(s_rnd > 3):.0%}")
     print(f"summary: spurious_per_scene={len(sp) / n_scenes:.2f} spurious_hst_smoothed_median={np.nanmedian(s_all):.1f} "
           f"spurious_above_3sigma={np.nanmean(s_all > 3):.2f} matched_hst_smoothed_median="
-          f"{np.nanmedian(arr(ok, 'hst_smoothed_sigma')):.1f}")
+          f"{np.nanmedian(arr(ok, 'hst_smoothed_sigma')):.1f} random_empty_above_3sigma={np.mean(s_rnd > 3):.2f} "
+          f"negated_above_3sigma={np.nanmean(s_neg > 3):.2f}")
 
 
 def main(argv=None) -> int:
@@ -121,12 +152,14 @@ def main(argv=None) -> int:
     files = rs.find_scenes(args.data_dir)
     enhancer = Enhancer(args.model)
     noise = enhancer_noise_scale(enhancer, default_field_config())
-    rows = []
-    for f in files:
-        rows.extend(scene_rows(f, enhancer, noise))
+    rows, random_values = [], []
+    for k, f in enumerate(files):
+        r, v = scene_rows(f, enhancer, noise, seed=k)
+        rows.extend(r)
+        random_values.extend(v)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    report(rows, len(files))
+    report(rows, len(files), random_values)
     return 0
 
 

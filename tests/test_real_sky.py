@@ -147,3 +147,24 @@ def test_missing_data_folder_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not found" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_spurious_nulls_sample_only_scored_sky_away_from_the_truth():
+    """bench/real_sky_spurious.py's random null: scored pixels only, none within the radius of a detection."""
+    path = BENCH.parent / "real_sky_spurious.py"
+    spec = importlib.util.spec_from_file_location("bench_real_sky_spurious", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    h = w = 80
+    yy, xx = np.mgrid[:h, :w]
+    smap = xx.astype(float)  # the value tells where a sample came from: the max of columns x-3..x+3
+    region = np.zeros((h, w), bool)
+    region[10:70, 10:40] = True
+    t_xy = np.array([[20.0, 30.0]])
+    vals = mod.random_empty(smap, region, t_xy, radius_px=8.0, n=50, seed=1)
+    assert len(vals) == 50
+    x = np.asarray(vals) - 3  # the sampled column
+    assert x.min() >= 10 and x.max() <= 39
+    assert vals == mod.random_empty(smap, region, t_xy, radius_px=8.0, n=50, seed=1)  # seeded
+    # nothing near the detection: with the whole region inside its radius, no sample
+    assert mod.random_empty(smap, region, np.array([[25.0, 40.0]]), radius_px=200.0, n=10, seed=0) == []
