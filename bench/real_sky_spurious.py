@@ -93,6 +93,7 @@ def scene_rows(files, enhancer, noise, *, seed: int = 0) -> tuple[list[dict], li
     else:
         d_hst, nearest = np.full(len(ra), np.inf), np.zeros(len(ra), int)
     mags = rs.kron_magnitudes(truth, zeropoint=sc.hst_zeropoint)
+    negated = -smap
     rows = []
     for i in np.flatnonzero(scored):
         rows.append({"scene": sc.name, "matched": bool(m["peak_matched"][i]), "snr": float(flux[i] / err[i]),
@@ -100,7 +101,7 @@ def scene_rows(files, enhancer, noise, *, seed: int = 0) -> tuple[list[dict], li
                      "d_hst_arcsec": float(d_hst[i]), "d_qso_arcsec": float(d_qso[i]),
                      "mag_nearest_hst": float(mags[nearest[i]]) if len(mags) else None,
                      "hst_smoothed_sigma": _peak_near(smap, dx[i], dy[i]),
-                     "hst_smoothed_negated_sigma": _peak_near(-smap, dx[i], dy[i])})
+                     "hst_smoothed_negated_sigma": _peak_near(negated, dx[i], dy[i])})
     radius = rs.radius_pixels(rs.MATCH_RADIUS_ARCSEC, pixel_scale_arcsec=s_hst)
     return rows, random_empty(smap, region, t_xy, radius_px=radius, n=N_RANDOM, seed=seed)
 
@@ -133,14 +134,16 @@ def report(rows: list[dict], n_scenes: int, random_values: list[float]) -> None:
     s_neg = arr(sp, "hst_smoothed_negated_sigma")
     s_rnd = np.asarray(random_values, dtype=float)
     s_rnd = s_rnd[np.isfinite(s_rnd)]
+    med, above = np.nanmedian(s_all), np.nanmean(s_all > 3)
+    neg_above, rnd_above = np.nanmean(s_neg > 3), np.mean(s_rnd > 3)
     print(f"nulls for the spurious rows' {np.isfinite(s_all).sum()} values (median, share > 3 sigma): at the rows "
-          f"{np.nanmedian(s_all):.1f}, {np.nanmean(s_all > 3):.0%}; the negated map at the same rows "
-          f"{np.nanmedian(s_neg):.1f}, {np.nanmean(s_neg > 3):.0%}; {len(s_rnd)} random scored positions "
-          f"without an HST detection within {rs.MATCH_RADIUS_ARCSEC}\" {np.median(s_rnd):.1f}, {np.mean(s_rnd > 3):.0%}")
-    print(f"summary: spurious_per_scene={len(sp) / n_scenes:.2f} spurious_hst_smoothed_median={np.nanmedian(s_all):.1f} "
-          f"spurious_above_3sigma={np.nanmean(s_all > 3):.2f} matched_hst_smoothed_median="
-          f"{np.nanmedian(arr(ok, 'hst_smoothed_sigma')):.1f} random_empty_above_3sigma={np.mean(s_rnd > 3):.2f} "
-          f"negated_above_3sigma={np.nanmean(s_neg > 3):.2f}")
+          f"{med:.1f}, {above:.0%}; the negated map at the same rows {np.nanmedian(s_neg):.1f}, {neg_above:.0%}; "
+          f"{len(s_rnd)} random scored positions without an HST detection within {rs.MATCH_RADIUS_ARCSEC}\" "
+          f"{np.median(s_rnd):.1f}, {rnd_above:.0%}")
+    print(f"summary: spurious_per_scene={len(sp) / n_scenes:.2f} spurious_hst_smoothed_median={med:.1f} "
+          f"spurious_above_3sigma={above:.2f} matched_hst_smoothed_median="
+          f"{np.nanmedian(arr(ok, 'hst_smoothed_sigma')):.1f} random_empty_above_3sigma={rnd_above:.2f} "
+          f"negated_above_3sigma={neg_above:.2f}")
 
 
 def main(argv=None) -> int:

@@ -15,8 +15,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "real_sky.py"
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_real_sky", BENCH)
+def _load_bench(path: Path = BENCH, name: str = "bench_real_sky"):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
     spec.loader.exec_module(mod)
@@ -151,20 +151,20 @@ def test_missing_data_folder_exits_2(tmp_path, capsys):
 
 def test_spurious_nulls_sample_only_scored_sky_away_from_the_truth():
     """bench/real_sky_spurious.py's random null: scored pixels only, none within the radius of a detection."""
-    path = BENCH.parent / "real_sky_spurious.py"
-    spec = importlib.util.spec_from_file_location("bench_real_sky_spurious", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load_bench(BENCH.parent / "real_sky_spurious.py", "bench_real_sky_spurious")
     h = w = 80
     yy, xx = np.mgrid[:h, :w]
-    smap = xx.astype(float)  # the value tells where a sample came from: the max of columns x-3..x+3
+    # the value tells where a sample came from: the window's maximum is at (x + 3, y + 3)
+    smap = 1000.0 * yy + xx
     region = np.zeros((h, w), bool)
     region[10:70, 10:40] = True
     t_xy = np.array([[20.0, 30.0]])
     vals = mod.random_empty(smap, region, t_xy, radius_px=8.0, n=50, seed=1)
     assert len(vals) == 50
-    x = np.asarray(vals) - 3  # the sampled column
-    assert x.min() >= 10 and x.max() <= 39
+    y, x = np.divmod(np.asarray(vals), 1000.0)
+    x, y = x - 3, y - 3  # the sampled pixel
+    assert x.min() >= 10 and x.max() <= 39 and y.min() >= 10 and y.max() <= 69
+    assert np.hypot(x - 20.0, y - 30.0).min() > 8.0
     assert vals == mod.random_empty(smap, region, t_xy, radius_px=8.0, n=50, seed=1)  # seeded
     # nothing near the detection: with the whole region inside its radius, no sample
     assert mod.random_empty(smap, region, np.array([[25.0, 40.0]]), radius_px=200.0, n=10, seed=0) == []
