@@ -352,3 +352,45 @@ def test_no_negative_or_insignificant_flux_passes_unflagged():
     unsup, low = flag_bit("UNSUPPORTED"), flag_bit("LOW_SNR")
     assert [bool(v & unsup) for v in out.flags] == [False, True, True, True]
     assert [bool(v & low) for v in out.flags] == [False, True, True, True]
+
+
+def test_symmetry_test_ignores_a_mirror_on_a_brighter_third_child():
+    """symmetric_excess: a real galaxy whose mirror about a bright neighbour falls on a third, brighter
+    child is not taken for the neighbour's symmetric light (it was, before the third-child rule:
+    a mag-24.65 galaxy of the default field, 26 sigma in the joint fit, was left out); a shred with
+    nothing at its mirror still has no excess, and a fainter third child leaves the test in place."""
+    from galgan_ray.field.children import Children
+    from galgan_ray.field.measure import symmetric_excess
+
+    n, sigma = 80, 1.0
+    psf = np.array(draw_psf(HSC.psf, pixel_scale_arcsec=0.18, size=25))[None]
+    k = psf[0] / psf[0].sum()
+
+    def scene(sources):
+        img = np.zeros((n, n))
+        for (x, y), f in sources:
+            img[int(y) - 12:int(y) + 13, int(x) - 12:int(x) + 13] += f * k
+        return img[None]
+
+    def excess(sources, xy, other_child_px):
+        xy = np.asarray(xy, float)
+        ch = Children(fp=np.zeros(len(xy), np.int32), x=xy[:, 0], y=xy[:, 1],
+                      significance=np.ones(len(xy), np.float32), flags=np.zeros(len(xy), np.int64),
+                      n_peaks_enhanced=np.array([len(xy)], np.int32))
+        flux = np.array([[f] for _, f in sources])
+        return symmetric_excess(scene(sources), np.full((1, n, n), sigma**2), psf=psf, children=ch, flux=flux,
+                                other_child_px=other_child_px)
+
+    bright, real, third = ((40, 40), 20000.0), ((46, 40), 600.0), ((34, 40), 4000.0)
+    pos = [bright[0], real[0], third[0]]
+    before = excess([bright, real, third], pos, 0.0)
+    after = excess([bright, real, third], pos, 1.7)
+    assert before[1] < 5.0 <= after[1], (before, after)  # the real galaxy: rejected by the mirror on the third
+    assert np.isinf(after[0])  # the brightest child has no brighter sibling
+    # a fainter third child at the mirror: the test stays and the real galaxy still has its excess
+    faint = ((34, 40), 150.0)
+    kept = excess([bright, real, faint], pos, 1.7)
+    assert np.isfinite(kept[1]) and kept[1] >= 5.0
+    # a shred: a child on the bright galaxy's own symmetric light, nothing at its mirror, has no excess
+    shred = excess([bright, ((46, 40), 0.0)], [bright[0], (46, 40)], 1.7)
+    assert shred[1] < 5.0

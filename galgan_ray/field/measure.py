@@ -35,6 +35,7 @@ from ..flags import flag_bit
 from ..geometry import extract_box
 from ..gmm import fit_psf_mixture
 from ..photometry import PhotometryComputeConfig, PhotometryConfig, fit_fluxes
+from ..psf import measure_fwhm
 from ..templates import TemplateConfig, lr_operator, template_fluxes
 from .children import Children
 from .footprints import Footprints
@@ -102,6 +103,10 @@ class MeasureConfig:
         light in excess of a brighter sibling's point-symmetric light (:func:`symmetric_excess`).
     symmetry_max_arcsec : float
         Siblings farther than this do not explain a child's light by symmetry.
+    symmetry_other_child_fwhm : float
+        A mirror point closer than this many LR PSF FWHM to a third child of the footprint, brighter
+        than the child tested, does not test the child (it would measure the third child's light;
+        :func:`symmetric_excess`).
     templates : TemplateConfig
         Template photometry (the catalog's ``templateFlux``): the enhanced image as the
         morphological prior, fluxes solved linearly on the LR image (:func:`measure_templates`).
@@ -113,6 +118,7 @@ class MeasureConfig:
     psf_n_gauss: int = 3
     support_snr: float = 5.0
     symmetry_max_arcsec: float = 3.0
+    symmetry_other_child_fwhm: float = 0.5
     templates: TemplateConfig = field(default_factory=TemplateConfig)
 
     def __post_init__(self):
@@ -120,6 +126,8 @@ class MeasureConfig:
             raise ConfigError("measure.psf_n_gauss", "need psf_n_gauss >= 1, margin_px >= 0, max_fit_children >= 1")
         if not self.support_snr >= 0:
             raise ConfigError("measure.support_snr", f"must be >= 0, got {self.support_snr}")
+        if not self.symmetry_other_child_fwhm >= 0:
+            raise ConfigError("measure.symmetry_other_child_fwhm", f"must be >= 0, got {self.symmetry_other_child_fwhm}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -280,13 +288,15 @@ def measure_children(footprints: Footprints, children: Children, variance: np.nd
                 flags[rows] |= res["flags"][i, :s].astype(np.int64) & ~np.int64(_EDGE)
             hlr[rows] = ref["hlr_arcsec"][i, :s]
     excess = symmetric_excess(image_sub, variance, psf=psf, children=children, flux=flux,
-                              footprints=footprints, max_distance_px=config.symmetry_max_arcsec / pixel_scale_arcsec)
+                              footprints=footprints, max_distance_px=config.symmetry_max_arcsec / pixel_scale_arcsec,
+                              other_child_px=config.symmetry_other_child_fwhm * measure_fwhm(psf[0]))
     return support_children(Fluxes(flux=flux, flux_err=err, flags=flags, hlr_arcsec=hlr),
                             support_snr=config.support_snr, excess=excess)
 
 
 def symmetric_excess(image: np.ndarray, variance: np.ndarray, *, psf: np.ndarray, children: Children,
-                     flux: np.ndarray, footprints: Footprints | None = None, max_distance_px: float = np.inf) -> np.ndarray:
+                     flux: np.ndarray, footprints: Footprints | None = None, max_distance_px: float = np.inf,
+                     other_child_px: float = 0.0) -> np.ndarray:
     """How far each child's light exceeds what a brighter child of its footprint explains by symmetry.
 
     Galaxies and stars are close to point-symmetric about their centres (the SDSS deblender's
@@ -296,8 +306,12 @@ def symmetric_excess(image: np.ndarray, variance: np.ndarray, *, psf: np.ndarray
     flux, V its variance); each child keeps its smallest excess over the brighter children (higher F
     at their own position) of its footprint within ``max_distance_px``. A shred of a bright galaxy's disk or a star's
     wing has none; a real companion has its own light. Only mirrors inside the footprint's own
-    segment count (elsewhere the light is another source's). Children without a brighter sibling,
-    or whose mirror falls off the tile, on unusable pixels or outside the segment, get ``inf``.
+    segment count (elsewhere the light is another source's), and so do only mirrors farther than
+    ``other_child_px`` from every other child of the footprint brighter than the child tested: a
+    mirror on such a third child measures that child's light, not the brighter sibling's, and would
+    reject a real galaxy of a group (a fainter third child cannot cancel the child's own light).
+    Children without a brighter sibling, or whose mirror falls off the tile, on unusable pixels, outside
+    the segment or on another child, get ``inf``.
     """
     n = len(children)
     out = np.full(n, np.inf)
@@ -338,6 +352,13 @@ def symmetric_excess(image: np.ndarray, variance: np.ndarray, *, psf: np.ndarray
                 ix = np.clip(np.rint(mx).astype(int), 0, w - 1)
                 iy = np.clip(np.rint(my).astype(int), 0, h - 1)
                 inside &= footprints.seg[iy, ix] == footprints.label[fp]
+            if other_child_px > 0 and len(rows) > 2:
+                third = np.ones((len(mx), len(rows)), bool)
+                third[np.arange(len(mx)), brighter] = False  # the mirror's own centre
+                third[:, a] = False
+                third[:, ref[rows] <= ref[j]] = False  # a fainter third child leaves the test its power
+                d = np.hypot(mx[:, None] - x[None, :], my[:, None] - y[None, :])
+                inside &= ~((d < other_child_px) & third).any(axis=1)
             if not inside.any():
                 continue
             mx, my = mx[inside], my[inside]
