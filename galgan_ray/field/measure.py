@@ -355,8 +355,7 @@ def symmetric_excess(image: np.ndarray, variance: np.ndarray, *, psf: np.ndarray
             if other_child_px > 0 and len(rows) > 2:
                 third = np.ones((len(mx), len(rows)), bool)
                 third[np.arange(len(mx)), brighter] = False  # the mirror's own centre
-                third[:, a] = False
-                third[:, ref[rows] <= ref[j]] = False  # a fainter third child leaves the test its power
+                third[:, ref[rows] <= ref[j]] = False  # the child itself, and fainter children: no say
                 d = np.hypot(mx[:, None] - x[None, :], my[:, None] - y[None, :])
                 inside &= ~((d < other_child_px) & third).any(axis=1)
             if not inside.any():
