@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python jobs/process_field.py --set output=/tmp/fld -q
-    .venv/bin/python bench/field_impure.py /tmp/fld [--radius 0.5] [--json OUT.json]   # ~10 s
+    .venv/bin/python bench/field_impure.py /tmp/fld [--radius 0.5] [--json OUT.json]   # ~1 s
 
 The purity of ``../shared/tools/field_purity.py`` counts a row as impure when no true object (any
 magnitude, stars included) lies within ``--radius``. This script says, for each such row, whether the
@@ -18,7 +18,7 @@ degradation) shows compact light there, and whose light it is:
 - ``hr_excess_njy``: the HR image's flux within ``APERTURE_ARCSEC`` of the row above the annulus
   median: the compact light itself, to set beside the row's ``templateFlux``.
 - ``host``: the true object brighter than the row (by ``{band}_templateFlux``) nearest in units of
-  its half-light radius: its magnitude, distance (") and distance / hlr.
+  its half-light radius: its magnitude, half-light radius ("), distance (") and distance / hlr.
 
 Matched rows give the scale, and random positions on the tiles' inner regions (``N_RANDOM``,
 seeded) the null. Last line: ``summary: n_rows=... n_impure=... impure_hr_peak=...
@@ -36,8 +36,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 from astropy.io import fits
+from astropy.stats import mad_std
 from astropy.wcs import WCS
 from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from galgan_ray.instrument import NJY_ZEROPOINT
 
 SMOOTH_SIGMA_PX = 1.5
 PEAK_RADIUS_ARCSEC = 0.2
@@ -46,7 +51,6 @@ APERTURE_ARCSEC = 0.3
 HR_PEAK_SIGMA = 5.0
 HOST_MAX_HLR = 8.0
 N_RANDOM = 200
-NJY_AB = 31.4  # AB zeropoint of nJy
 
 
 def _window(shape, x: float, y: float, m: int):
@@ -89,17 +93,18 @@ def hr_excess(image: np.ndarray, x: float, y: float, *, scale: float) -> float:
     return float(box[inner].sum() - (np.median(ring) if ring.size else 0.0) * inner.sum())
 
 
-def _host(tru, ra: float, dec: float, flux: float) -> dict:
-    """The true object brighter than ``flux`` nearest in half-light radii (module docstring)."""
-    cosd = np.cos(np.radians(dec))
-    d = 3600.0 * np.hypot((tru.coord_ra.values - ra) * cosd, tru.coord_dec.values - dec)
+def _host(tru, d: np.ndarray, flux: float) -> dict:
+    """The true object brighter than ``flux`` nearest in half-light radii (module docstring), ``d``
+    the distances (") of all true objects."""
     brighter = tru.flux_njy.values > flux
     if not brighter.any():
-        return {"host_mag": None, "host_arcsec": None, "host_hlr": None}
+        return {"host_mag": None, "host_hlr_arcsec": None, "host_arcsec": None, "host_hlr": None,
+                "host_is_star": None}
     hlr = np.maximum(tru.hlr_arcsec.values, 0.05)
     k = np.flatnonzero(brighter)[np.argmin((d / hlr)[brighter])]
-    return {"host_mag": float(tru.mag.values[k]), "host_arcsec": float(d[k]),
-            "host_hlr": float(d[k] / hlr[k]), "host_is_star": bool(tru.is_star.values[k])}
+    return {"host_mag": float(tru.mag.values[k]), "host_hlr_arcsec": float(tru.hlr_arcsec.values[k]),
+            "host_arcsec": float(d[k]), "host_hlr": float(d[k] / hlr[k]),
+            "host_is_star": bool(tru.is_star.values[k])}
 
 
 def analyse(out: Path, *, radius: float = 0.5, seed: int = 0) -> dict:
@@ -118,7 +123,6 @@ def analyse(out: Path, *, radius: float = 0.5, seed: int = 0) -> dict:
     flux_col = flux_cols[0]
     rng = np.random.default_rng(seed)
     rows, random_sig = [], []
-    tiles = sorted({int(t) for t in cat["tile"]}) if len(cat) else []
     per_tile = max(N_RANDOM // max(len(files), 1), 1)
     for f in files:
         tile = int(f.name.split("_")[1].split(".")[0])
@@ -128,26 +132,25 @@ def analyse(out: Path, *, radius: float = 0.5, seed: int = 0) -> dict:
         wcs = WCS(hdr).celestial
         scale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600.0
         sm = ndimage.gaussian_filter(image, SMOOTH_SIGMA_PX)
-        noise = 1.4826 * float(np.median(np.abs(sm - np.median(sm))))
+        noise = float(mad_std(sm))
         for _ in range(per_tile):
             x = rng.uniform(hdr["INNRX0"], hdr["INNRX1"])
             y = rng.uniform(hdr["INNRY0"], hdr["INNRY1"])
             random_sig.append(hr_peak_sigma(sm, noise, x, y, scale=scale))
-        if tile not in tiles:
-            continue
         sub = cat[cat["tile"] == tile]
+        if sub.empty:
+            continue
         x, y = wcs.world_to_pixel_values(sub.coord_ra.values, sub.coord_dec.values)
-        for k, (idx, r) in enumerate(sub.iterrows()):
+        for k, (_, r) in enumerate(sub.iterrows()):
             ra, dec = float(r.coord_ra), float(r.coord_dec)
-            cosd = np.cos(np.radians(dec))
-            d = 3600.0 * np.hypot((tru.coord_ra.values - ra) * cosd, tru.coord_dec.values - dec)
+            d = 3600.0 * np.hypot((tru.coord_ra.values - ra) * np.cos(np.radians(dec)), tru.coord_dec.values - dec)
             flux = float(r[flux_col]) if np.isfinite(r[flux_col]) else 0.0
             rows.append({"tile": tile, "objectId": int(r.objectId), "flags": int(r["flags"]),
                          "templateFlux": flux, "nearest_truth_arcsec": float(d.min()) if len(d) else np.inf,
                          "matched": bool(len(d) and d.min() < radius),
                          "hr_peak_sigma": hr_peak_sigma(sm, noise, float(x[k]), float(y[k]), scale=scale),
                          "hr_excess_njy": hr_excess(image, float(x[k]), float(y[k]), scale=scale),
-                         **_host(tru, ra, dec, flux)})
+                         **_host(tru, d, flux)})
     impure = [r for r in rows if not r["matched"]]
     matched = [r for r in rows if r["matched"]]
 
@@ -155,7 +158,7 @@ def analyse(out: Path, *, radius: float = 0.5, seed: int = 0) -> dict:
         return float(np.mean([r["hr_peak_sigma"] >= HR_PEAK_SIGMA for r in rs])) if rs else float("nan")
 
     in_host = [r for r in impure if r["host_hlr"] is not None and r["host_hlr"] <= HOST_MAX_HLR
-               and not r.get("host_is_star")]
+               and not r["host_is_star"]]
     return {"rows": rows, "random_hr_peak_sigma": random_sig,
             "summary": {"n_rows": len(rows), "n_impure": len(impure), "impure_hr_peak": share(impure),
                         "matched_hr_peak": share(matched),
@@ -171,15 +174,16 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     res = analyse(a.out, radius=a.radius)
     print(f"{'tile':>4} {'objectId':>10} {'flux nJy':>9} {'mag':>6} {'near_as':>7} {'HR pk sig':>9} {'HR excess':>9} "
-          f"{'host mag':>8} {'host_as':>7} {'host/hlr':>8}")
+          f"{'flux/HR':>7} {'host mag':>8} {'hlr_as':>6} {'host_as':>7} {'host/hlr':>8}")
     for r in res["rows"]:
         if r["matched"]:
             continue
-        mag = NJY_AB - 2.5 * np.log10(r["templateFlux"]) if r["templateFlux"] > 0 else np.nan
-        host = (f"{r['host_mag']:8.2f} {r['host_arcsec']:7.2f} {r['host_hlr']:8.1f}" if r["host_mag"] is not None
-                else f"{'-':>8} {'-':>7} {'-':>8}")
+        mag = NJY_ZEROPOINT - 2.5 * np.log10(r["templateFlux"]) if r["templateFlux"] > 0 else np.nan
+        ratio = r["templateFlux"] / r["hr_excess_njy"] if r["hr_excess_njy"] > 0 else np.nan
+        host = (f"{r['host_mag']:8.2f} {r['host_hlr_arcsec']:6.2f} {r['host_arcsec']:7.2f} {r['host_hlr']:8.1f}"
+                if r["host_mag"] is not None else f"{'-':>8} {'-':>6} {'-':>7} {'-':>8}")
         print(f"{r['tile']:4d} {r['objectId']:10d} {r['templateFlux']:9.0f} {mag:6.2f} "
-              f"{r['nearest_truth_arcsec']:7.2f} {r['hr_peak_sigma']:9.1f} {r['hr_excess_njy']:9.0f} {host}")
+              f"{r['nearest_truth_arcsec']:7.2f} {r['hr_peak_sigma']:9.1f} {r['hr_excess_njy']:9.0f} {ratio:7.1f} {host}")
     s = res["summary"]
     matched = [r["hr_peak_sigma"] for r in res["rows"] if r["matched"]]
     if matched:

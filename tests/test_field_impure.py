@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "field_impure.py"
 
@@ -38,7 +39,6 @@ def test_a_knot_on_a_disk_is_a_prominent_peak_with_its_own_flux_and_smooth_disk_
     with_knot = disk + knot + rng.normal(0, noise, disk.shape)
     plain = disk + rng.normal(0, noise, disk.shape)
     for img, expect_peak in ((with_knot, True), (plain, False)):
-        from scipy import ndimage
         sm = ndimage.gaussian_filter(img, fi.SMOOTH_SIGMA_PX)
         sm_noise = noise / (2 * np.sqrt(np.pi) * fi.SMOOTH_SIGMA_PX)  # white noise through the Gaussian
         sig = fi.hr_peak_sigma(sm, sm_noise, kx + 1.0, ky - 1.0, scale=SCALE)
