@@ -24,7 +24,7 @@ from .progress import progress
 from .templates import TemplateConfig, template_fluxes
 
 __all__ = ["evaluate_photometry", "plot_photometry", "photometry_table", "nmad", "improvement", "fit_error_model",
-           "photutils_fluxes",
+           "photutils_fluxes", "isolated_template_photometry",
            "METHODS", "CATALOG_METHOD"]
 
 
@@ -346,19 +346,10 @@ def evaluate_photometry(out: Mapping[str, Any], *, headline: str = "enhanced", c
     mag_stamp = _stamp_mags(out["sources"], np.asarray(bb["blendId"])[:n], truth_hr.shape[1])
     mag_in = mag_stamp if input_flux == "stamp" else mag_gmm_hr
 
-    def peak_lists(peaks, m):
-        idx = np.asarray(peaks["index"])
-        xy = np.c_[peaks["x"], peaks["y"]]
-        return [xy[idx == i] for i in range(m)]
-
-    def to_lr(lists):
-        return [np.column_stack(hr_to_lr_pixels(q[:, 0], q[:, 1], n_high=n_hr, n_low=n_lr, ratio=ratio))
-                if len(q) else q.reshape(0, 2) for q in lists]
-
     radius = max(out["report"]["spec"]["match_radius_arcsec"], assoc_radius_arcsec) / scale_lr
-    peak_sets = {"low": (peak_lists(out["peaks"]["low"], n), None),
-                 "enhanced": (None, peak_lists(out["peaks"][headline], n))}
-    peak_sets["enhanced"] = (to_lr(peak_sets["enhanced"][1]), peak_sets["enhanced"][1])
+    enh = _peak_lists(out["peaks"][headline], n)
+    peak_sets = {"low": (_peak_lists(out["peaks"]["low"], n), None),
+                 "enhanced": (_to_lr(enh, n_hr=n_hr, n_low=n_lr, ratio=ratio), enh)}
     blends = out["blends"]
     primary = np.asarray(blends["primary_index"])[:n]
     secondary = np.asarray(blends["secondary_index"])[:n]
@@ -372,15 +363,7 @@ def evaluate_photometry(out: Mapping[str, Any], *, headline: str = "enhanced", c
         return np.concatenate([dom, d[rows_, secondary][sel]]) if both else dom
 
     # The isolated galaxies (the photometric floor), when the benchmark kept them.
-    iso = None
-    if out.get("isolated_batch") is not None and headline in out.get("enhanced_isolated", {}):
-        ib = out["isolated_batch"]
-        ni = len(ib["image_hr"])
-        iso_in = _stamp_mags(out["isolated_sources"], np.asarray(ib["blendId"]), 1)[:, 0]
-        enh_i = peak_lists(out["peaks_isolated"][headline], ni)
-        iso = {"batch": ib, "n": ni, "mag_in": iso_in, "truth_lr": out["truth_lr_isolated"],
-               "prior": out["enhanced_isolated"][headline][:, 0],
-               "sets": {"low": (peak_lists(out["peaks_isolated"]["low"], ni), None), "enhanced": (to_lr(enh_i), enh_i)}}
+    iso = _isolated_set(out, headline)
 
     report: dict[str, Any] = {"n_blends": int(n), "n_subset_low1_enh2": int(subset.sum()), "input_flux": input_flux,
                               "gmm_hr_minus_stamp_mag_median": float(np.nanmedian(mag_gmm_hr - mag_stamp)),
@@ -445,6 +428,64 @@ def evaluate_photometry(out: Mapping[str, Any], *, headline: str = "enhanced", c
     return {"report": report, "mag_in": mag_in, "mag_low": arrays[catalog_method]["low"],
             "mag_enhanced": arrays[catalog_method]["enhanced"], "primary": primary, "subset": subset,
             "method": catalog_method}
+
+
+def _peak_lists(peaks: Mapping[str, np.ndarray], m: int) -> list[np.ndarray]:
+    idx = np.asarray(peaks["index"])
+    xy = np.c_[peaks["x"], peaks["y"]]
+    return [xy[idx == i] for i in range(m)]
+
+
+def _to_lr(lists: list[np.ndarray], *, n_hr: int, n_low: int, ratio: float) -> list[np.ndarray]:
+    return [np.column_stack(hr_to_lr_pixels(q[:, 0], q[:, 1], n_high=n_hr, n_low=n_low, ratio=ratio))
+            if len(q) else q.reshape(0, 2) for q in lists]
+
+
+def _isolated_set(out: Mapping[str, Any], headline: str) -> dict[str, Any] | None:
+    """The benchmark's isolated galaxies (the photometric floor), when it kept them: their batch,
+    input magnitudes, LR truth, prior and the (LR, HR) peak lists at both peak sets."""
+    if out.get("isolated_batch") is None or headline not in out.get("enhanced_isolated", {}):
+        return None
+    ib = out["isolated_batch"]
+    ni = len(ib["image_hr"])
+    dc = out["degrade_config"]
+    iso_in = _stamp_mags(out["isolated_sources"], np.asarray(ib["blendId"]), 1)[:, 0]
+    enh_i = _peak_lists(out["peaks_isolated"][headline], ni)
+    enh_lr = _to_lr(enh_i, n_hr=ib["image_hr"].shape[-1], n_low=ib["image_lr"].shape[-1],
+                    ratio=dc.scale_low_arcsec / dc.scale_high_arcsec)
+    return {"batch": ib, "n": ni, "mag_in": iso_in, "truth_lr": out["truth_lr_isolated"],
+            "prior": out["enhanced_isolated"][headline][:, 0],
+            "sets": {"low": (_peak_lists(out["peaks_isolated"]["low"], ni), None), "enhanced": (enh_lr, enh_i)}}
+
+
+def isolated_template_photometry(out: Mapping[str, Any], *, headline: str = "enhanced",
+                                 template_config: TemplateConfig | None = None,
+                                 assoc_radius_arcsec: float = 1.0) -> dict[str, np.ndarray]:
+    """Template photometry of a benchmark's isolated galaxies brighter than ``ISOLATED_MAG_MAX`` at the
+    enhanced peaks, galaxy by galaxy: what the template error model is calibrated on
+    (``bench/calibrate_template_errors.py``).
+
+    Returns ``flux``, ``flux_err`` (nJy, with ``template_config``'s systematic term), ``n_peaks``
+    (enhanced peaks in the cutout: more than one, the enhancer split the galaxy), ``mag_in`` and
+    ``dmag`` (measured minus input), one entry per galaxy with a finite, positive flux and error.
+    """
+    iso = _isolated_set(out, headline)
+    if iso is None:
+        raise ValueError(f"the benchmark result holds no isolated galaxies enhanced by {headline!r}")
+    ib, dc = iso["batch"], out["degrade_config"]
+    degrader = Degrader(replace(dc, high=dc.high[:1], low=dc.low[:1]))
+    p_lr, p_hr = iso["sets"]["enhanced"]
+    res = template_fluxes(ib["image_lr"][:, 0], np.asarray(ib["sigma_lr"][:, 0], float) ** 2, iso["prior"],
+                          _pad(p_hr), pixel_scale_arcsec=dc.scale_high_arcsec,
+                          to_low_resolution=lambda x: degrader.noiseless(x[:, None])[:, 0], psf_lr=out["psf_lr"],
+                          centres_lr=_pad(p_lr), config=template_config or TemplateConfig())
+    radius = max(out["report"]["spec"]["match_radius_arcsec"], assoc_radius_arcsec) / dc.scale_low_arcsec
+    keys = ("flux", "flux_err")
+    got = {k: _assign_fluxes(p_lr, iso["truth_lr"], _unpad(res[k], p_lr), radius_px=radius)[:, 0] for k in keys}
+    d = _mag(got["flux"]) - iso["mag_in"]
+    sel = (iso["mag_in"] < ISOLATED_MAG_MAX) & np.isfinite(d) & (got["flux"] > 0) & (got["flux_err"] > 0)
+    return {**{k: v[sel] for k, v in got.items()}, "n_peaks": np.array([len(q) for q in p_lr])[sel],
+            "mag_in": iso["mag_in"][sel], "dmag": d[sel]}
 
 
 def _isolated_floor(method, iso, out, psf_mix, degrader, config, template_config, scale_lr, scale_hr, radius):

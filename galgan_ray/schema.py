@@ -104,7 +104,7 @@ def _band_columns(b: str) -> tuple[Column, ...]:
                f"image and solved linearly with its siblings' (galgan_ray.templates); the catalog's "
                f"recommended flux. NaN when unconstrained (flag TEMPLATE_FAILED)", _PATTERN),
         Column(f"{b}_templateFluxErr", pa.float64(), "nJy",
-               f"1-sigma error of {b}_templateFlux (solve, prior noise and a 2% template systematic)", _PATTERN),
+               f"1-sigma error of {b}_templateFlux (solve, prior noise and a 1.5% template systematic)", _PATTERN),
         Column(f"{b}_gmmFlux", pa.float64(), "nJy", f"Gaussian-mixture forced flux in band {b}", _PATTERN),
         Column(f"{b}_gmmFluxErr", pa.float64(), "nJy", f"1-sigma error of {b}_gmmFlux", _PATTERN),
     )

@@ -187,3 +187,23 @@ def test_paired_seven_band_benchmark_scores_the_one_band_model_on_the_detection_
     table = photometry_models_table(pm)
     assert "| enhanced |" in table and "| enhanced_1band |" in table
     assert plot_photometry_models(pm, tmp_path / "fig7_models.png").stat().st_size > 0
+
+
+def test_isolated_template_photometry_is_the_reports_isolated_set(tiny_run):
+    # What bench/calibrate_template_errors.py calibrates on: the report's isolated galaxies, galaxy by galaxy.
+    from galgan_ray.instrument import NJY_ZEROPOINT
+    from galgan_ray.photometry_eval import isolated_template_photometry
+    from galgan_ray.templates import TemplateConfig
+
+    out, _ = tiny_run
+    iso = out["report"]["photometry"]["methods"]["template"]["isolated"]["enhanced"]
+    stat = isolated_template_photometry(out, template_config=TemplateConfig(systematic_fraction=0.0))
+    shipped = isolated_template_photometry(out)
+    assert len(stat["flux"]) == len(shipped["flux"]) == iso["n"]
+    assert (stat["n_peaks"] >= 1).all() and (stat["mag_in"] < 24.0).all()
+    assert np.allclose(shipped["flux"], stat["flux"])
+    frac = TemplateConfig().systematic_fraction
+    assert np.allclose(shipped["flux_err"] ** 2, stat["flux_err"] ** 2 + (frac * stat["flux"]) ** 2)
+    assert np.allclose(shipped["dmag"], NJY_ZEROPOINT - 2.5 * np.log10(shipped["flux"]) - shipped["mag_in"])
+    if iso["n"]:
+        assert np.isclose(np.median(shipped["dmag"]), iso["bias"])

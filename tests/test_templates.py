@@ -111,7 +111,7 @@ def test_degenerate_templates_are_flagged_not_invented():
     assert_allclose(empty["amplitude"][0, 0], 7.0)
 
 
-@pytest.mark.parametrize("bad", ["threshold_sigma", "smooth_fwhm_arcsec"])
+@pytest.mark.parametrize("bad", ["threshold_sigma", "smooth_fwhm_arcsec", "systematic_fraction"])
 def test_config_rejects_negative_values(bad):
     from galgan_ray.errors import ConfigError
 
