@@ -1,11 +1,23 @@
 """Shared test fixtures (keep minimal)."""
 import contextlib
+import importlib.util
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(script: str):
+    """A ``bench/`` script as a module (``load_bench("real_sky")``), to test its functions."""
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", BENCH_DIR / f"{script}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="session")

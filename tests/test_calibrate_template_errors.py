@@ -1,22 +1,8 @@
 """bench/calibrate_template_errors.py: the pick of the template systematic (synthetic galaxies, < 1 s)."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
+from conftest import load_bench
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "calibrate_template_errors.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_calibrate_template_errors", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cte = _load()
+cte = load_bench("calibrate_template_errors")
 
 
 def _galaxies(n, systematic, rng):

@@ -1,24 +1,11 @@
 """bench/field_impure.py: the HR-support measures of impure field rows (synthetic images, < 1 s)."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_bench
 from scipy import ndimage
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "field_impure.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_field_impure", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fi = _load()
+fi = load_bench("field_impure")
 SCALE = 0.06
 
 

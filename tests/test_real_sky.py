@@ -2,28 +2,16 @@
 
 Skips where ``../shared/data/hsc_hst_qso_fields`` is absent (a fresh clone).
 """
-import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_bench
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "real_sky.py"
-
-
-def _load_bench(path: Path = BENCH, name: str = "bench_real_sky"):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
-
-
-rs = _load_bench()
+rs = load_bench("real_sky")
 
 
 pytestmark = pytest.mark.realdata
@@ -151,7 +139,7 @@ def test_missing_data_folder_exits_2(tmp_path, capsys):
 
 def test_spurious_nulls_sample_only_scored_sky_away_from_the_truth():
     """bench/real_sky_spurious.py's random null: scored pixels only, none within the radius of a detection."""
-    mod = _load_bench(BENCH.parent / "real_sky_spurious.py", "bench_real_sky_spurious")
+    mod = load_bench("real_sky_spurious")
     h = w = 80
     yy, xx = np.mgrid[:h, :w]
     # the value tells where a sample came from: the window's maximum is at (x + 3, y + 3)
