@@ -46,12 +46,13 @@ def sky_photometry(sky: str, *, model: str, work_dir: str) -> dict[str, np.ndarr
     """The isolated galaxies of one sky, at the enhanced peaks, with statistical errors only.
 
     ``sky``: a seed of the benchmark spec, ``default`` (the benchmark's own), or ``real:CATALOG``
-    (the galaxies of a GalSim RealGalaxyCatalog of real HST stamps, as ``galgan evaluate --real-galaxies``)."""
+    (the galaxies of a GalSim RealGalaxyCatalog of real HST stamps, as ``galgan evaluate
+    --real-galaxies``)."""
     spec_path = str(resources.files("galgan_ray").joinpath("data/benchmark_default.yaml"))
     real = sky[5:] if sky.startswith("real:") else None
     spec = load_config(EvalSpec, spec_path, [] if sky == "default" or real else [f"seed={sky}"])
-    out = evaluate(spec, models={"enhanced": model}, work_dir=f"{work_dir}/{abs(hash(sky))}", photometry=False,
-                   real_galaxies=real)
+    out = evaluate(spec, models={"enhanced": model}, work_dir=f"{work_dir}/{Path(real).stem if real else sky}",
+                   photometry=False, real_galaxies=real)
     return isolated_template_photometry(out, template_config=TemplateConfig(systematic_fraction=0.0))
 
 

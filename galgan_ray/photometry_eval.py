@@ -475,13 +475,14 @@ def isolated_template_photometry(out: Mapping[str, Any], *, headline: str = "enh
     ib, dc = iso["batch"], out["degrade_config"]
     degrader = Degrader(replace(dc, high=dc.high[:1], low=dc.low[:1]))
     p_lr, p_hr = iso["sets"]["enhanced"]
-    res = template_fluxes(ib["image_lr"][:, 0], np.asarray(ib["sigma_lr"][:, 0], float) ** 2, iso["prior"],
-                          _pad(p_hr), pixel_scale_arcsec=dc.scale_high_arcsec,
-                          to_low_resolution=lambda x: degrader.noiseless(x[:, None])[:, 0], psf_lr=out["psf_lr"],
-                          centres_lr=_pad(p_lr), config=template_config or TemplateConfig())
+    fl, er, _ = _method_fluxes("template", images_lr=ib["image_lr"][:, 0], sigma_lr=ib["sigma_lr"][:, 0],
+                               prior_hr=iso["prior"], peaks_lr=p_lr, peaks_hr=p_hr, psf_lr=out["psf_lr"],
+                               psf_mix=None, degrader=degrader, config=None,
+                               template_config=template_config or TemplateConfig(), scale_lr=dc.scale_low_arcsec,
+                               scale_hr=dc.scale_high_arcsec, low=False)
     radius = max(out["report"]["spec"]["match_radius_arcsec"], assoc_radius_arcsec) / dc.scale_low_arcsec
-    keys = ("flux", "flux_err")
-    got = {k: _assign_fluxes(p_lr, iso["truth_lr"], _unpad(res[k], p_lr), radius_px=radius)[:, 0] for k in keys}
+    got = {k: _assign_fluxes(p_lr, iso["truth_lr"], v, radius_px=radius)[:, 0]
+           for k, v in (("flux", fl), ("flux_err", er))}
     d = _mag(got["flux"]) - iso["mag_in"]
     sel = (iso["mag_in"] < ISOLATED_MAG_MAX) & np.isfinite(d) & (got["flux"] > 0) & (got["flux_err"] > 0)
     return {**{k: v[sel] for k, v in got.items()}, "n_peaks": np.array([len(q) for q in p_lr])[sel],
