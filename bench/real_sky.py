@@ -114,7 +114,7 @@ from galgan_ray.commands.deblend import deblend_file, default_field_config
 from galgan_ray.field import enhancer_noise_scale
 from galgan_ray.baselines import richardson_lucy, upsample_bicubic, upsample_psf
 from galgan_ray.cutouts import COSMOS_F814W_ZEROPOINT, _zeropoint_from_header
-from galgan_ray.detect import _prepare_psf, _subpixel
+from galgan_ray.detect import _prepare_psf, extract_objects
 from galgan_ray.enhance import Enhancer, enhance_image, estimate_noise_sigma
 from galgan_ray.errors import InputError
 from galgan_ray.geometry import pixel_scale_of
@@ -408,17 +408,6 @@ def _significance_map(sub: np.ndarray, valid: np.ndarray, kernel: np.ndarray) ->
     return (np.where(valid, fmap / s, 0.0) if s > 0 else fmap), s
 
 
-def _peak_positions(smap: np.ndarray, objs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each object's highest significance pixel, refined by a three-point Gaussian fit along each axis."""
-    xp, yp = np.asarray(objs["xpeak"], np.int64), np.asarray(objs["ypeak"], np.int64)
-    ny, nx = smap.shape
-    xm, xq = np.clip(xp - 1, 0, nx - 1), np.clip(xp + 1, 0, nx - 1)
-    ym, yq = np.clip(yp - 1, 0, ny - 1), np.clip(yp + 1, 0, ny - 1)
-    dx, _ = _subpixel(smap[yp, xm], smap[yp, xp], smap[yp, xq])
-    dy, _ = _subpixel(smap[ym, xp], smap[yp, xp], smap[yq, xp])
-    return xp + dx, yp + dy
-
-
 def detect_sources(image: np.ndarray, wcs: WCS, *, psf: np.ndarray, valid: np.ndarray | None = None,
                    exclude_radec: tuple[float, float] | None = None, exclude_radius_arcsec: float = 0.0,
                    source: str = "image") -> Detections:
@@ -463,17 +452,14 @@ def detect_sources(image: np.ndarray, wcs: WCS, *, psf: np.ndarray, valid: np.nd
     # Why not sep's own matched filter (an err array and filter_kernel): its deblending kept faint
     # galaxies on a quasar's wing in the quasar's segment even at deblend_cont = 0, where the same
     # sep on this map splits every local maximum.
-    sep.set_extract_pixstack(max(300000, 2 * img.size))
-    sep.set_sub_object_limit(4096)
     smap = np.ascontiguousarray(smap)
     det_mask = bad.copy()
     if exclude_radec is not None and exclude_radius_arcsec > 0:
         qx, qy = wcs.world_to_pixel_values(*exclude_radec)
         yy, xx = np.mgrid[:img.shape[0], :img.shape[1]]
         det_mask |= np.hypot(xx - qx, yy - qy) * scale <= exclude_radius_arcsec
-    objs = sep.extract(smap, NSIGMA, mask=det_mask, minarea=minarea, filter_kernel=None,
-                       deblend_nthresh=DEBLEND_NTHRESH, deblend_cont=DEBLEND_CONT, clean=CLEAN)
-    x, y = _peak_positions(smap, objs) if len(objs) else (np.zeros(0), np.zeros(0))
+    x, y, objs = extract_objects(smap, nsigma=NSIGMA, mask=det_mask, minarea=minarea,
+                                 deblend_nthresh=DEBLEND_NTHRESH, deblend_cont=DEBLEND_CONT, clean=CLEAN)
     if len(x):
         ra, dec = (np.asarray(v, float) for v in wcs.pixel_to_world_values(x, y))
     else:
@@ -604,6 +590,19 @@ def _in_region(region: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
+def match_detections(scene: Scene, truth_xy: np.ndarray, region: np.ndarray, det_ra, det_dec):
+    """One row's detections matched to the truth (module docstring, step 6): ``(match, scored)``, the
+    :func:`galgan_ray.matching.match_peaks` result and whether each detection lies in the scored region."""
+    if len(det_ra):
+        dx, dy = scene.hst_wcs.world_to_pixel_values(det_ra, det_dec)
+        d_xy = np.column_stack([np.asarray(dx, float), np.asarray(dy, float)])
+    else:
+        d_xy = np.zeros((0, 2))
+    radius = radius_pixels(MATCH_RADIUS_ARCSEC, pixel_scale_arcsec=pixel_scale_of(scene.hst_wcs))
+    m = match_peaks(truth_xy, d_xy, radius_px=radius)
+    return m, _in_region(region, d_xy[:, 0], d_xy[:, 1])
+
+
 def score_scene(scene: Scene, enhancer: Enhancer, *, keep_images: bool = False, deblend=None) -> dict[str, Any]:
     """Detect, match and count one scene (module docstring, steps 3-7).
 
@@ -636,19 +635,12 @@ def score_scene(scene: Scene, enhancer: Enhancer, *, keep_images: bool = False, 
     else:
         t_isolated = np.ones(len(truth.x), bool)
     t_xy = np.column_stack([truth.x, truth.y])
-    radius = radius_pixels(MATCH_RADIUS_ARCSEC, pixel_scale_arcsec=s_hst)
     out_rows: dict[str, Any] = {}
     matched_by: dict[str, np.ndarray] = {}
     detector = {"hst": truth.meta}
     images = {"hst": (truth.image, scene.hst_wcs, truth)} if keep_images else None
     def score_row(name, det_ra, det_dec, info):
-        if len(det_ra):
-            dx, dy = scene.hst_wcs.world_to_pixel_values(det_ra, det_dec)
-            d_xy = np.column_stack([np.asarray(dx, float), np.asarray(dy, float)])
-        else:
-            d_xy = np.zeros((0, 2))
-        m = match_peaks(t_xy, d_xy, radius_px=radius)
-        d_scored = _in_region(region, d_xy[:, 0], d_xy[:, 1])
+        m, d_scored = match_detections(scene, t_xy, region, det_ra, det_dec)
         spurious = d_scored & ~m["peak_matched"]
         tm = m["truth_matched"]
         matched_by[name] = tm

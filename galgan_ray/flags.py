@@ -39,7 +39,8 @@ FLAGS: tuple[FlagDefinition, ...] = (
     FlagDefinition(10, "STAR", "classified as a point source (CLASS_STAR above the cut)"),
     FlagDefinition(11, "ENHANCE_SKIPPED", "no enhanced image was made for this footprint"),
     FlagDefinition(12, "UNSUPPORTED", "the low-resolution pixels do not support this child: its fitted flux is "
-                                      "below measure.support_snr times its error in the footprint's joint fit; left "
+                                      "below measure.support_snr times its error in the footprint's joint fit "
+                                      "(measure.support_snr_added for DEBLEND_ADDED children); left "
                                       "out of the catalog unless keep_unsupported"),
     FlagDefinition(13, "LOW_RES_PEAK", "a low-resolution peak that no enhanced child reproduces (none within "
                                        "half the LR PSF FWHM), kept as a child: enhancement adds children, it "
@@ -52,6 +53,10 @@ FLAGS: tuple[FlagDefinition, ...] = (
                                         "bias the flux or be the source"),
     FlagDefinition(16, "NO_DATA", "within a PSF FWHM of pixels with no data (NO_DATA or UNMASKEDNAN mask plane: "
                                   "outside the survey's coverage); the flux may miss light"),
+    FlagDefinition(17, "DEBLEND_ADDED", "not an object of the plain low-resolution detection (5 sigma matched "
+                                        "filter, SExtractor-style deblending; matched one to one within "
+                                        "measure.added_radius_arcsec): a source only deblending finds; it needs a "
+                                        "joint-fit S/N of measure.support_snr_added"),
 )
 
 _BY_NAME = {f.name: f for f in FLAGS}

@@ -30,9 +30,10 @@ from typing import Literal
 import numpy as np
 import sep
 from scipy import ndimage
+from astropy.stats import sigma_clipped_stats
 from scipy.interpolate import RectBivariateSpline
 
-from ..detect import DetectConfig, find_peaks_tiled, matched_filter
+from ..detect import DetectConfig, extract_objects, find_peaks_tiled, matched_filter
 from ..errors import ConfigError
 from ..flags import flag_bit
 from ..geometry import extract_box
@@ -40,7 +41,7 @@ from ..psf import measure_fwhm
 from ..tiles import Tile
 
 __all__ = ["FootprintConfig", "LowPeaks", "Footprints", "find_footprints", "estimate_background", "mesh_background",
-           "segment_noise_scale", "psf_extent"]
+           "segment_noise_scale", "psf_extent", "plain_detections"]
 
 _EDGE = flag_bit("EDGE")
 _MASKED = flag_bit("MASKED")
@@ -102,6 +103,13 @@ class FootprintConfig:
         Core of the blocks the tile-level peak finder works in
         (:func:`galgan_ray.detect.find_peaks_tiled`); the high-resolution tiles of simulations use
         three times this.
+    plain_min_area_arcsec2, plain_deblend_nthresh, plain_deblend_cont, plain_back_arcsec : float, int, float, float
+        The plain detection (:attr:`Footprints.detections`, :func:`plain_detections`): SExtractor-style
+        objects of the matched-filter significance of the detection image at the detector's
+        ``nsigma`` (:func:`galgan_ray.detect.extract_objects`), with this minimum area, deblending
+        levels and contrast, after a sep background of this mesh (SExtractor's "hot" mode, which
+        takes bright objects' wings; 0: none) -- the real-sky benchmark's detector on the
+        low-resolution image.
     """
 
     thresh_sigma: float = 1.5
@@ -118,8 +126,17 @@ class FootprintConfig:
     star_radius_fwhm: float = 1.5
     edge_px: float = 2.0
     peak_block_px: int = 128
+    plain_min_area_arcsec2: float = 0.005
+    plain_deblend_nthresh: int = 32
+    plain_deblend_cont: float = 0.005
+    plain_back_arcsec: float = 2.0
 
     def __post_init__(self):
+        if not (self.plain_min_area_arcsec2 >= 0 and self.plain_deblend_nthresh >= 1
+                and 0 <= self.plain_deblend_cont <= 1 and self.plain_back_arcsec >= 0):
+            raise ConfigError("footprints.plain_deblend_cont",
+                              "need plain_min_area_arcsec2 >= 0, plain_deblend_nthresh >= 1, "
+                              "0 <= plain_deblend_cont <= 1 and plain_back_arcsec >= 0")
         if not self.thresh_sigma > 0 or self.min_area_px < 1:
             raise ConfigError("footprints.thresh_sigma", "need thresh_sigma > 0 and min_area_px >= 1")
         if self.background not in ("mesh", "sep", "none"):
@@ -202,6 +219,11 @@ class Footprints:
     pixel_flags : numpy.ndarray or None
         int64 ``(H, W)``: the tile's ``SATURATED``, ``BRIGHT_OBJECT`` and ``NO_DATA`` pixel flags grown
         by one PSF FWHM (:meth:`flags_at`), or None when the tile has none.
+    detections : numpy.ndarray or None
+        float64 ``(D, 2)``: ``(x, y)`` of the plain detection (``plain_*`` of :class:`FootprintConfig`):
+        what a survey's own catalog of this image holds. A child farther from every one of them is a
+        source only deblending finds (``DEBLEND_ADDED``, :func:`galgan_ray.field.measure.support_children`).
+        None: not made.
     """
 
     image_sub: np.ndarray
@@ -219,6 +241,7 @@ class Footprints:
     noise_scale: float = 1.0
     segment_noise_scale: float = 1.0
     pixel_flags: np.ndarray | None = None
+    detections: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.label)
@@ -610,6 +633,18 @@ def find_footprints(tile: Tile, *, config: FootprintConfig, detect: DetectConfig
     saturated = None if pixel_flags is None else (np.asarray(pixel_flags) & _SATURATED) != 0
     pk, star_label, star_radius = _star_peaks(pk, seg=seg, det=det, dvar=dvar * seg_scale**2, good=~bad,
                                               saturated=saturated, psf=psf_det, cfg=cfg)
+    # The plain detection: the stars' discs left out (SExtractor's deblending contrast is a share of the
+    # whole object's flux: next to a bright star, that of the star), the stars themselves put in.
+    star_disc = np.zeros((h, w), bool)
+    is_star = star_radius > 0
+    if is_star.any():
+        yy, xx = np.mgrid[:h, :w]
+        for k in np.flatnonzero(is_star):
+            star_disc |= np.hypot(xx - pk["x"][k], yy - pk["y"][k]) <= star_radius[k]
+    detections = plain_detections(det, bad=bad, psf=psf_det, noise_sigma=sig_det * noise_scale, detect=detect,
+                                  cfg=cfg, pixel_scale_arcsec=tile.pixel_scale_arcsec, exclude=star_disc)
+    if is_star.any():
+        detections = np.vstack([detections, np.column_stack([pk["x"][is_star], pk["y"][is_star]])])
     ix = np.clip(np.rint(pk["x"]).astype(np.int64), 0, w - 1)
     iy = np.clip(np.rint(pk["y"]).astype(np.int64), 0, h - 1)
     label = np.where(star_label > 0, star_label, seg[iy, ix])
@@ -691,7 +726,43 @@ def find_footprints(tile: Tile, *, config: FootprintConfig, detect: DetectConfig
                      star_radius=star_radius.astype(np.float32) if np.any(star_radius > 0) else None)
     return Footprints(image_sub=image, seg=seg, label=labels.astype(np.int32), bbox=bbox, npix=npix, x=fx, y=fy,
                       n_peaks_low=n_low, flags=fflags, peaks=peaks, noise_sigma=noise, n_segments=int(n_segments),
-                      noise_scale=float(noise_scale), segment_noise_scale=float(seg_scale), pixel_flags=grown)
+                      noise_scale=float(noise_scale), segment_noise_scale=float(seg_scale), pixel_flags=grown,
+                      detections=detections)
+
+
+def plain_detections(det: np.ndarray, *, bad: np.ndarray, psf: np.ndarray, noise_sigma: float, detect: DetectConfig,
+                     cfg: FootprintConfig, pixel_scale_arcsec: float, exclude: np.ndarray | None = None) -> np.ndarray:
+    """``(D, 2)`` positions of the plain detection of the detection image (:attr:`Footprints.detections`).
+
+    A sep background of ``plain_back_arcsec`` mesh is subtracted; the matched-filter significance is
+    scaled to its own sky RMS (3-sigma-clipped MAD, sources above 3 sigma dilated by the kernel's half
+    width left out), thresholded at ``detect.nsigma`` and deblended SExtractor-style
+    (:func:`galgan_ray.detect.extract_objects`); unusable pixels and ``exclude`` (the stars' discs:
+    :func:`find_footprints` adds the stars themselves) are left out.
+    """
+    img = np.ascontiguousarray(np.where(bad, 0.0, det), dtype=np.float32)
+    if cfg.plain_back_arcsec > 0:  # SExtractor's "hot" mode: a fine mesh takes bright objects' wings
+        h, w = img.shape
+        mesh = int(max(8, min(round(cfg.plain_back_arcsec / float(pixel_scale_arcsec)), h, w)))
+        back = sep.Background(img, mask=np.ascontiguousarray(bad), bw=mesh, bh=mesh, fw=3, fh=3).back()
+        img = np.where(bad, 0.0, img - back)
+    mf = matched_filter(img, psf=psf, noise_sigma=noise_sigma, psf_energy=detect.psf_energy)
+    sig = mf["significance"]
+    # In units of its own sky RMS (sources above 3 sigma, dilated by the kernel's half width, left out).
+    half = max(mf["kernel"].shape[0] // 2, 1)
+    usable = ndimage.binary_erosion(~bad, iterations=half)
+    if usable.sum() > 100:
+        _, _, s0 = sigma_clipped_stats(sig[usable], sigma=3.0, maxiters=10, stdfunc="mad_std")
+        sky = usable & ~ndimage.binary_dilation(sig > 3.0 * s0, iterations=half)
+        if sky.sum() > 100:
+            _, _, s1 = sigma_clipped_stats(sig[sky], sigma=3.0, maxiters=10, stdfunc="mad_std")
+            if s1 > 0:
+                sig = sig / s1
+    minarea = max(1, int(round(cfg.plain_min_area_arcsec2 / float(pixel_scale_arcsec) ** 2)))
+    mask = bad if exclude is None else (bad | exclude)
+    x, y, _ = extract_objects(np.where(bad, 0.0, sig), nsigma=detect.nsigma, mask=mask, minarea=minarea,
+                              deblend_nthresh=cfg.plain_deblend_nthresh, deblend_cont=cfg.plain_deblend_cont)
+    return np.column_stack([x, y]).astype(np.float64) if len(x) else np.zeros((0, 2))
 
 
 def _unit_noise(sig: np.ndarray, *, sky: np.ndarray, usable: np.ndarray | None, min_pixels: int) -> float | None:

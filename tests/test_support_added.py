@@ -1,0 +1,107 @@
+"""The plain low-resolution detection and the support test of the children only deblending finds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from galgan_ray.detect import extract_objects
+from galgan_ray.errors import ConfigError
+from galgan_ray.field import Children, FieldConfig, FootprintConfig, find_footprints
+from galgan_ray.field.measure import Fluxes, MeasureConfig, deblend_added, support_children
+from galgan_ray.flags import describe_flags, flag_bit
+
+from test_field import point_tile
+
+
+def _blob(shape, x, y, peak, sigma=1.5):
+    yy, xx = np.indices(shape)
+    return peak * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / sigma**2)
+
+
+def test_extract_objects_finds_what_rises_above_the_threshold_where_it_is():
+    rng = np.random.default_rng(1)
+    smap = rng.normal(0, 1, (80, 80)) * 0.3
+    smap += _blob(smap.shape, 20.3, 30.6, 20.0) + _blob(smap.shape, 60.0, 50.0, 12.0)
+    smap += _blob(smap.shape, 40.0, 70.0, 3.0)  # below 5 sigma
+    smap += _blob(smap.shape, 65.0, 15.0, 30.0)  # in the mask
+    mask = np.zeros(smap.shape, bool)
+    mask[8:23, 55:76] = True
+    x, y, objs = extract_objects(smap, nsigma=5.0, mask=mask, minarea=1)
+    assert len(x) == len(objs) == 2
+    order = np.argsort(x)
+    np.testing.assert_allclose(x[order], [20.3, 60.0], atol=0.15)
+    np.testing.assert_allclose(y[order], [30.6, 50.0], atol=0.15)
+    x0, _, _ = extract_objects(np.zeros((20, 20)), nsigma=5.0)
+    assert len(x0) == 0
+
+
+def _children(xy):
+    xy = np.asarray(xy, float).reshape(-1, 2)
+    n = len(xy)
+    return Children(fp=np.zeros(n, np.int32), x=xy[:, 0], y=xy[:, 1], significance=np.ones(n, np.float32),
+                    flags=np.zeros(n, np.int64), n_peaks_enhanced=np.array([n], np.int32))
+
+
+class _FP:  # deblend_added reads only the footprints' plain detections
+    def __init__(self, det):
+        self.detections = det
+
+
+def test_deblend_added_matches_detections_to_children_one_to_one():
+    ch = _children([(10.0, 10.0), (10.8, 10.0), (30.0, 30.0), (50.0, 12.0)])
+    det = np.array([[10.1, 10.0], [50.5, 12.0]])
+    added = deblend_added(ch, _FP(det), radius_px=2.0)
+    # of the two children near the first detection one is that detection, the other deblending's
+    assert added.tolist() == [False, True, True, False]
+    assert deblend_added(ch, _FP(np.zeros((0, 2))), radius_px=2.0).all()
+    assert deblend_added(ch, _FP(None), radius_px=2.0) is None
+
+
+def test_a_child_only_deblending_finds_needs_the_higher_significance():
+    f = Fluxes(flux=np.array([[100.0], [100.0], [300.0], [100.0]]), flux_err=np.full((4, 1), 10.0),
+               flags=np.zeros(4, np.int64), hlr_arcsec=np.zeros(4))
+    added = np.array([False, True, True, False])
+    out = support_children(f, support_snr=5.0, added=added, support_snr_added=25.0)
+    unsup, dadd = flag_bit("UNSUPPORTED"), flag_bit("DEBLEND_ADDED")
+    assert [bool(v & unsup) for v in out.flags] == [False, True, False, False]  # S/N 10, 10, 30, 10
+    assert [bool(v & dadd) for v in out.flags] == added.tolist()
+    assert "DEBLEND_ADDED" in describe_flags(int(out.flags[2]))
+    # without the rule (no plain detection) nothing changes
+    base = support_children(f, support_snr=5.0)
+    assert not np.any(base.flags & (unsup | dadd))
+
+
+def test_footprints_carry_the_plain_detection_of_the_tile():
+    pos = [(25.0, 25.0), (70.0, 30.0), (60.0, 75.0)]
+    t = point_tile(pos, [1500.0, 1500.0, 1500.0], n=100)
+    cfg = FieldConfig()
+    fp = find_footprints(t, config=cfg.footprints, detect=cfg.detect)
+    det = fp.detections
+    assert det is not None and det.shape == (3, 2)
+    d = np.hypot(det[:, None, 0] - np.array(pos)[None, :, 0], det[:, None, 1] - np.array(pos)[None, :, 1])
+    assert np.all(d.min(axis=0) < 0.5)  # each source once, where it is
+    empty = find_footprints(point_tile([], [], n=100), config=cfg.footprints, detect=cfg.detect)
+    assert empty.detections.shape == (0, 2)
+
+
+def test_support_added_config_is_checked():
+    with pytest.raises(ConfigError, match="support_snr_added"):
+        MeasureConfig(support_snr=5.0, support_snr_added=3.0)
+    with pytest.raises(ConfigError, match="added_radius_arcsec"):
+        MeasureConfig(added_radius_arcsec=0.0)
+    with pytest.raises(ConfigError, match="plain_deblend_cont"):
+        FootprintConfig(plain_deblend_cont=2.0)
+
+
+def test_the_calibration_rule_keeps_the_simulated_skies_and_then_the_fewest_unconfirmed_rows():
+    from conftest import load_bench
+
+    cs = load_bench("calibrate_support")
+    calib = {5.0: {"spurious_per_scene": 3.8}, 15.0: {"spurious_per_scene": 3.0},
+             20.0: {"spurious_per_scene": 2.4}, 25.0: {"spurious_per_scene": 2.2}}
+    good, bad = {"purity": 0.96, "completeness": 0.96}, {"purity": 0.96, "completeness": 0.93}
+    sims = {0: {5.0: good, 15.0: good, 20.0: good, 25.0: good}, 1: {5.0: good, 15.0: good, 20.0: good, 25.0: bad}}
+    assert cs.pick(calib, {"spurious_per_scene": 1.3}, sims) == 20.0  # 25 costs sky 1 its completeness
+    assert cs.pick(calib, {"spurious_per_scene": 1.3}, {0: {t: bad for t in calib}}) is None
+    assert cs.within_margin(calib, {"spurious_per_scene": 1.3}) is None
+    assert cs.within_margin(calib, {"spurious_per_scene": 2.0}) == 20.0
