@@ -108,9 +108,9 @@ class MeasureConfig:
         it is not, so the default is the detector's 5 sigma. The same threshold applies to a child's
         light in excess of a brighter sibling's point-symmetric light (:func:`symmetric_excess`).
     support_snr_added : float
-        The fitted S/N a child needs when no object of the plain low-resolution detection lies within
-        ``added_radius_arcsec`` of it (``DEBLEND_ADDED``: :attr:`Footprints.detections`, what a
-        survey's own catalog of the image holds). Such a child is a claim of the deblending alone --
+        The fitted S/N a child needs when it is not an object of the plain low-resolution detection
+        (``DEBLEND_ADDED``: :attr:`Footprints.detections`, what a survey's own catalog of the image
+        holds, matched one to one within ``added_radius_arcsec``; :func:`deblend_added`). Such a child is a claim of the deblending alone --
         an extra peak of the LR peak finder or a child of the enhanced image -- and its fitted flux
         is a share of a footprint whose brighter members one profile misfits, so the misfit, not
         the pixel noise, sets how significant it must be. Chosen by ``bench/calibrate_support.py``:
@@ -118,8 +118,8 @@ class MeasureConfig:
         with the fewest unconfirmed rows on half of the real COSMOS fields (the other half checks it);
         ``support_snr`` (5) turns the rule off.
     added_radius_arcsec : float
-        A child within this of a plain detection is that detection (the real-sky benchmark's
-        matching radius).
+        Largest distance of a child from the plain detection it is matched to (the real-sky
+        benchmark's matching radius).
     symmetry_max_arcsec : float
         Siblings farther than this do not explain a child's light by symmetry.
     symmetry_other_child_fwhm : float
