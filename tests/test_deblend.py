@@ -49,7 +49,8 @@ def test_deblend_writes_the_field_schema_and_a_gzipped_copy_gives_the_same_catal
     with open(img, "rb") as fi, gzip.open(gz, "wb") as fo:
         shutil.copyfileobj(fi, fo)
     assert main(["deblend", img, "--psf", psf, "--out", str(tmp_path / "a.parquet")]) == 0
-    assert "sources in" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sources in" in out
     assert main(["deblend", str(gz), "--psf", psf, "--out", str(tmp_path / "b.parquet")]) == 0
     a, b = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
     assert a.num_rows > 0 and a.column_names == b.column_names
@@ -61,6 +62,10 @@ def test_deblend_writes_the_field_schema_and_a_gzipped_copy_gives_the_same_catal
     from galgan_ray.flags import flag_bit
 
     assert not np.any(flags & flag_bit("UNSUPPORTED"))
+    n_added = int(np.sum((flags & flag_bit("DEBLEND_ADDED")) != 0))
+    assert (f"{n_added} row(s) only deblending finds" in out) == (n_added > 0)  # the summary counts them
+    snr = a["i_gmmFlux"].to_numpy() / a["i_gmmFluxErr"].to_numpy()
+    assert np.all(snr[(flags & flag_bit("DEBLEND_ADDED")) != 0] >= 20.0)  # measure.support_snr_added
     flux = a["i_gmmFlux"].to_numpy()
     assert np.all((flux > 0) | ((flags & flag_bit("LOW_SNR")) != 0))  # a negative flux is never unflagged
     # positions are the input image's pixels

@@ -86,7 +86,8 @@ def deblend_file(image: str, *, psf: str | None = None, psf_pixel_scale_arcsec: 
                "unsupported_kept": int(res.stats.n_unsupported) if config.keep_unsupported else 0,
                "median_snr": float(np.median(flux / err)) if len(flux) else None,
                "low_snr_rows": int(np.sum((cols["flags"] & flag_bit("LOW_SNR")) != 0)),
-               "star_rows": int(np.sum((cols["flags"] & flag_bit("STAR")) != 0))}
+               "star_rows": int(np.sum((cols["flags"] & flag_bit("STAR")) != 0)),
+               "deblend_added_rows": int(np.sum((cols["flags"] & flag_bit("DEBLEND_ADDED")) != 0))}
     return cols, summary, res, enh
 
 
@@ -118,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     if s["star_rows"]:
         print(f"  {s['star_rows']} star(s) (saturated, or bright and point-like): one row each, flagged STAR, "
               f"not deblended")
+    if s["deblend_added_rows"]:
+        print(f"  {s['deblend_added_rows']} row(s) only deblending finds (no object of the plain low-resolution "
+              f"detection): flagged DEBLEND_ADDED, each at S/N >= {config.measure.support_snr_added:g}")
     for w in s["warnings"]:
         print(f"  warning: {w}")
     return 0
