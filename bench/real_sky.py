@@ -832,6 +832,7 @@ def plot_examples(scenes: list[dict[str, Any]], out: Path, *, n: int = N_EXAMPLE
         panels = [("hsc", ["hsc", "bicubic", "richardson_lucy"]), ("enhanced", ["enhanced", "deblend"]), ("hst", [])]
         hst_wcs = ims["hst"][1]
         for icol, (key, rows) in enumerate(panels):
+            rows = [r for r in rows if r in s["rows"]]  # hsc_hst_pairs has no deblend row
             ax = axes[irow, icol]
             img, wcs, det = ims[key]
             ax.imshow(asinh_display(img, noise=det.sigma_pixel), origin="lower", cmap="gray_r", interpolation="nearest")
