@@ -156,3 +156,15 @@ def test_spurious_nulls_sample_only_scored_sky_away_from_the_truth():
     assert vals == mod.random_empty(smap, region, t_xy, radius_px=8.0, n=50, seed=1)  # seeded
     # nothing near the detection: with the whole region inside its radius, no sample
     assert mod.random_empty(smap, region, np.array([[25.0, 40.0]]), radius_px=200.0, n=10, seed=0) == []
+
+
+def test_the_pair_scenes_run_end_to_end_without_a_deblend_row(shared_data, tmp_path):
+    """hsc_hst_pairs (cubes, no zero points) has no `galgan deblend` row: the report and its figure
+    are written with the rows it has."""
+    pairs = shared_data / "hsc_hst_pairs"
+    if not pairs.is_dir():
+        pytest.skip(f"real HSC/HST pair scenes not found at {pairs}")
+    assert rs.main(["--data", str(pairs), "--limit", "1", "--out", str(tmp_path / "pairs"), "--threads", "1"]) == 0
+    report = json.loads((tmp_path / "pairs" / "report.json").read_text())
+    assert "deblend" not in report["scenes"][0]["rows"] and "hsc" in report["scenes"][0]["rows"]
+    assert (tmp_path / "pairs" / "real_sky_examples.png").stat().st_size > 0
