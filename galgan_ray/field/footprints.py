@@ -743,7 +743,7 @@ def plain_detections(det: np.ndarray, *, bad: np.ndarray, psf: np.ndarray, noise
     img = np.ascontiguousarray(np.where(bad, 0.0, det), dtype=np.float32)
     if cfg.plain_back_arcsec > 0:  # SExtractor's "hot" mode: a fine mesh takes bright objects' wings
         h, w = img.shape
-        mesh = int(max(8, min(round(cfg.plain_back_arcsec / float(pixel_scale_arcsec)), h, w)))
+        mesh = int(max(1, min(max(8, round(cfg.plain_back_arcsec / float(pixel_scale_arcsec))), h, w)))
         back = sep.Background(img, mask=np.ascontiguousarray(bad), bw=mesh, bh=mesh, fw=3, fh=3).back()
         img = np.where(bad, 0.0, img - back)
     mf = matched_filter(img, psf=psf, noise_sigma=noise_sigma, psf_energy=detect.psf_energy)
