@@ -15,16 +15,19 @@ pixel-noise threshold (``support_snr`` = 5) lets such shares through on the real
 What is done, with ``bench/real_sky.py``'s scenes, truth (HST F814W, its one detector), scored region
 and one-to-one matching within 0.4":
 
-1. Every scene is deblended (``galgan deblend``'s path, :func:`galgan_ray.commands.deblend.deblend_file`)
-   once per threshold T of the grid (``measure.support_snr_added = T``; 5 = ``support_snr``: the rule off).
+1. Every scene is deblended once (``galgan deblend``'s path, :func:`galgan_ray.commands.deblend.deblend_file`)
+   with the rule off (``support_snr_added = support_snr``); each row keeps its fitted S/N and its
+   ``DEBLEND_ADDED`` bit. The catalog at a threshold T is that catalog less its ``DEBLEND_ADDED`` rows
+   below T (:func:`kept_at`): the test only flags rows after the fit, so this is exactly what the
+   pipeline writes at T (``tests/test_support_added.py`` checks it on a real cutout).
 2. The HSC image itself is detected with ``real_sky``'s detector (its ``hsc`` row), for its spurious count.
 3. The scenes are split by their order (sorted by number): the 1st, 3rd, 5th, ... **calibrate**, the
    others **check** (scored only).
 4. Simulated skies (``--sim-seeds``, default 0 and 1): the default field's sky (``jobs/process_field.py``'s
-   ``simulate`` settings, ``simulate.seed = field.seed``), each tile through
-   :func:`galgan_ray.field.process_tile` at each T, scored as ``../shared/tools/field_purity.py`` scores
-   a field run (purity: rows within 0.5" of a true object; completeness: true objects brighter than
-   mag 25 with a row within 0.5").
+   ``simulate`` settings, ``simulate.seed = field.seed``), each tile once through
+   :func:`galgan_ray.field.process_tile` with the rule off and cut at each T the same way, scored as
+   ``../shared/tools/field_purity.py`` scores a field run (purity: rows within 0.5" of a true object;
+   completeness: true objects brighter than mag 25 with a row within 0.5").
 5. The rule: of the thresholds at which every simulated sky keeps purity and completeness >= 0.95
    (the trust issue's field targets), the one with the fewest spurious rows per scene on the
    calibration half (the smaller on a tie). Also printed: the smallest T at which the calibration
@@ -56,6 +59,8 @@ import real_sky as rs  # noqa: E402
 from galgan_ray.commands.deblend import deblend_file, default_field_config  # noqa: E402
 from galgan_ray.enhance import Enhancer  # noqa: E402
 from galgan_ray.field import enhancer_noise_scale  # noqa: E402
+from galgan_ray.field.measure import Fluxes, fitted_snr  # noqa: E402
+from galgan_ray.flags import flag_bit  # noqa: E402
 
 DEFAULT_GRID = (5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0)
 #: The trust issue's real-sky target: spurious rows per scene at most the HSC image's plus this.
@@ -64,34 +69,41 @@ SPURIOUS_MARGIN = 0.5
 FIELD_TARGET = 0.95
 
 
-def _quasar_kept(scene, ra, dec) -> np.ndarray:
-    """Rows outside the quasar's disc (``real_sky``'s deblend row leaves the same 1" out)."""
-    if scene.qso_radec is None or not len(ra):
-        return np.ones(len(ra), bool)
-    q_ra, q_dec = scene.qso_radec
-    return np.hypot((ra - q_ra) * np.cos(np.radians(q_dec)), dec - q_dec) * 3600 > rs.QSO_MASK_ARCSEC
+def catalog_rows(cols: dict) -> dict[str, np.ndarray]:
+    """Positions, fitted S/N (:func:`galgan_ray.field.measure.fitted_snr` over the catalog's bands) and
+    ``DEBLEND_ADDED`` bit of a catalog's rows."""
+    bands = [k[:-len("_gmmFlux")] for k in cols if k.endswith("_gmmFlux")]
+    flux = np.column_stack([np.asarray(cols[f"{b}_gmmFlux"], float) for b in bands])
+    err = np.column_stack([np.asarray(cols[f"{b}_gmmFluxErr"], float) for b in bands])
+    flags = np.asarray(cols["flags"], np.int64)
+    snr = fitted_snr(Fluxes(flux=flux, flux_err=err, flags=flags, hlr_arcsec=np.zeros(len(flags))))
+    return {"ra": np.asarray(cols["coord_ra"], float), "dec": np.asarray(cols["coord_dec"], float), "snr": snr,
+            "added": (flags & flag_bit("DEBLEND_ADDED")) != 0}
 
 
-def scene_truth(files) -> dict:
-    """One scene: the truth's scored sources and the HSC image's own detections (``real_sky``'s ``hsc`` row)."""
+def kept_at(rows: dict[str, np.ndarray], threshold: float) -> np.ndarray:
+    """The rows a run at ``support_snr_added = threshold`` writes, from a run with the rule off: the
+    test only flags rows after the fit (their fluxes and every other row stay as they are), so this
+    is exactly that run's catalog."""
+    return ~(rows["added"] & (rows["snr"] < threshold))
+
+
+def scene_record(files, enhancer, noise, config) -> dict:
+    """One scene: the truth's scored sources, the HSC image's own detections (``real_sky``'s ``hsc``
+    row) and ``galgan deblend``'s catalog with the rule off, the quasar's disc left out as
+    ``real_sky``'s deblend row leaves it."""
     sc = rs.read_scene(files)
     region = rs.scored_region(sc)
-    excl = {"exclude_radec": sc.qso_radec, "exclude_radius_arcsec": rs.QSO_MASK_ARCSEC}
-    truth = rs.detect_sources(sc.hst_image, sc.hst_wcs, psf=sc.hst_psf, source=files.hst, **excl)
+    truth = rs.detect_truth(sc)
     hsc = rs.detect_sources(sc.hsc_image, sc.hsc_wcs, psf=sc.hsc_psf, valid=sc.hsc_valid,
-                            source=f"{files.hsc} [hsc]", **excl)
-    return {"scene": sc.name, "files": files, "scene_obj": sc, "region": region,
-            "t_xy": np.column_stack([truth.x, truth.y]), "t_scored": rs._in_region(region, truth.x, truth.y),
-            "rows": {"hsc": (hsc.ra, hsc.dec)}}
-
-
-def deblend_rows(rec: dict, enhancer, noise, config) -> tuple[np.ndarray, np.ndarray]:
-    """``galgan deblend``'s catalog positions of one scene under ``config`` (the quasar's disc left out)."""
-    files = rec["files"]
+                            source=f"{files.hsc} [hsc]", exclude_radec=sc.qso_radec,
+                            exclude_radius_arcsec=rs.QSO_MASK_ARCSEC)
     cols, _, _, _ = deblend_file(files.hsc, psf=files.hsc_psf, enhancer=enhancer, noise=noise, config=config)
-    ra, dec = np.asarray(cols["coord_ra"], float), np.asarray(cols["coord_dec"], float)
-    keep = _quasar_kept(rec["scene_obj"], ra, dec)
-    return ra[keep], dec[keep]
+    rows = catalog_rows(cols)
+    keep = rs.outside_quasar(sc, rows["ra"], rows["dec"])
+    return {"scene": sc.name, "scene_obj": sc, "region": region, "t_xy": np.column_stack([truth.x, truth.y]),
+            "t_scored": rs._in_region(region, truth.x, truth.y), "hsc": (hsc.ra, hsc.dec),
+            "deblend": {k: v[keep] for k, v in rows.items()}}
 
 
 def score(rec: dict, ra, dec) -> tuple[int, int, int]:
@@ -101,28 +113,35 @@ def score(rec: dict, ra, dec) -> tuple[int, int, int]:
     return int(t.sum()), int((t & m["truth_matched"]).sum()), int((d_scored & ~m["peak_matched"]).sum())
 
 
-def tally(recs: list[dict], row) -> dict:
-    """Sums over scenes of one row (``"hsc"`` or a threshold)."""
+def tally(recs: list[dict], threshold: float | None) -> dict:
+    """Sums over scenes: the HSC image's own detections (``threshold`` None) or the catalog at ``threshold``."""
     n_t = n_m = n_s = 0
     for r in recs:
-        t, m, s = score(r, *r["rows"][row])
+        if threshold is None:
+            ra, dec = r["hsc"]
+        else:
+            d = r["deblend"]
+            keep = kept_at(d, threshold)
+            ra, dec = d["ra"][keep], d["dec"][keep]
+        t, m, s = score(r, ra, dec)
         n_t, n_m, n_s = n_t + t, n_m + m, n_s + s
     n = max(len(recs), 1)
     return {"recall": n_m / n_t if n_t else float("nan"), "spurious_per_scene": n_s / n, "n_matched": n_m,
             "n_truth": n_t, "n_spurious": n_s, "n_scenes": len(recs)}
 
 
-def simulated_skies(seeds, grid, enhancer, shipped) -> dict[int, dict[float, dict]]:
+def simulated_skies(seeds, grid, enhancer, config) -> dict[int, dict[float, dict]]:
     """Purity and completeness of the default simulated field (``jobs/process_field.py``'s ``simulate``
     settings, ``simulate.seed = field.seed = seed``) at each threshold, as ``../shared/tools/field_purity.py``
     measures them: catalog rows within 0.5" of a true object of any magnitude; true objects brighter
-    than mag 25 that a row lies within 0.5" of (the tiles' owned truth, which the job writes)."""
+    than mag 25 that a row lies within 0.5" of (the tiles' owned truth, which the job writes). Each
+    tile is processed once, with the rule off (``config``), and cut at each threshold (:func:`kept_at`)."""
     import tempfile
     from importlib import resources
 
     import yaml
-    from astropy.coordinates import SkyCoord
     from astropy import units as u
+    from astropy.coordinates import SkyCoord
 
     from galgan_ray.config import from_dict
     from galgan_ray.field import process_tile
@@ -135,27 +154,24 @@ def simulated_skies(seeds, grid, enhancer, shipped) -> dict[int, dict[float, dic
         sim = replace(from_dict(FieldSimConfig, job["simulate"], where="simulate"), seed=int(seed))
         with tempfile.TemporaryDirectory() as tmp:
             tiles = [read_tile_source(url) for url in make_simulated_field(sim, tmp)["tiles"]]
-        ra_t, dec_t, mag_t = [], [], []
+        cfg = replace(config, seed=int(seed))
+        noise = enhancer_noise_scale(enhancer, cfg)
+        ra_t, dec_t, mag_t, parts = [], [], [], []
         for tile in tiles:
             tr = tile.truth
             own = tile.owns(tr["x"], tr["y"])
             ra_t.append(tr["ra"][own])
             dec_t.append(tr["dec"][own])
             mag_t.append(tr["mag"][own])
+            parts.append(catalog_rows(process_tile(tile, model=enhancer.grid, enhance_fn=enhancer.enhance_plane,
+                                                   rho=noise, config=cfg).catalog.columns))
+        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         truth = SkyCoord(np.concatenate(ra_t) * u.deg, np.concatenate(dec_t) * u.deg)
         bright = np.concatenate(mag_t) < 25.0
         out[int(seed)] = {}
-        noise_s = enhancer_noise_scale(enhancer, replace(shipped, seed=int(seed)))
         for t in grid:
-            cfg = replace(shipped, seed=int(seed),
-                          measure=replace(shipped.measure, support_snr_added=max(t, shipped.measure.support_snr)))
-            ra, dec = [], []
-            for tile in tiles:
-                cols = process_tile(tile, model=enhancer.grid, enhance_fn=enhancer.enhance_plane, rho=noise_s,
-                                    config=cfg).catalog.columns
-                ra.append(np.asarray(cols["coord_ra"], float))
-                dec.append(np.asarray(cols["coord_dec"], float))
-            cat = SkyCoord(np.concatenate(ra) * u.deg, np.concatenate(dec) * u.deg)
+            keep = kept_at(rows, t)
+            cat = SkyCoord(rows["ra"][keep] * u.deg, rows["dec"][keep] * u.deg)
             _, d, _ = cat.match_to_catalog_sky(truth)
             _, d2, _ = truth[bright].match_to_catalog_sky(cat)
             out[int(seed)][t] = {"purity": float((d.arcsec < 0.5).mean()) if len(cat) else float("nan"),
@@ -165,7 +181,7 @@ def simulated_skies(seeds, grid, enhancer, shipped) -> dict[int, dict[float, dic
     return out
 
 
-def pick(calib_rows: dict[float, dict], calib_hsc: dict, sims: dict[int, dict[float, dict]]) -> float | None:
+def pick(calib_rows: dict[float, dict], sims: dict[int, dict[float, dict]]) -> float | None:
     """The shipped rule: of the thresholds at which every simulated sky keeps purity and completeness
     at least ``FIELD_TARGET``, the one with the fewest spurious rows per scene on the calibration half
     of the real sky (the smaller on a tie); None when no threshold keeps the simulated skies."""
@@ -196,14 +212,15 @@ def main(argv=None) -> int:
     noise = enhancer_noise_scale(enhancer, shipped)
     s = shipped.measure.support_snr_added
     grid = sorted(set(args.grid) | {s})
-    recs = [scene_truth(files) for files in rs.find_scenes(args.data_dir)]
-    for t in grid:
-        cfg = replace(shipped, measure=replace(shipped.measure, support_snr_added=max(t, shipped.measure.support_snr)))
-        for r in recs:
-            r["rows"][t] = deblend_rows(r, enhancer, noise, cfg)
-        print(f"  T={t:g}: {sum(len(r['rows'][t][0]) for r in recs)} catalog rows in {len(recs)} scenes", flush=True)
+    off = replace(shipped, measure=replace(shipped.measure, support_snr_added=shipped.measure.support_snr))
+    recs = []
+    for files in rs.find_scenes(args.data_dir):
+        recs.append(scene_record(files, enhancer, noise, off))
+        d = recs[-1]["deblend"]
+        print(f"  scene {recs[-1]['scene']}: {len(d['ra'])} rows with the rule off, {int(d['added'].sum())} "
+              f"DEBLEND_ADDED", flush=True)
     halves = {"calib": recs[0::2], "check": recs[1::2], "all": recs}
-    hsc = {k: tally(v, "hsc") for k, v in halves.items()}
+    hsc = {k: tally(v, None) for k, v in halves.items()}
     rows = {k: {t: tally(v, t) for t in grid} for k, v in halves.items()}
     print(f"\n{len(recs)} scenes: calibration half {[r['scene'] for r in halves['calib']]}, "
           f"check half {[r['scene'] for r in halves['check']]}")
@@ -215,7 +232,7 @@ def main(argv=None) -> int:
         cells = [f"{rows[h][t]['spurious_per_scene']:5.2f}, {rows[h][t]['recall']:.3f}"
                  for h in ("calib", "check", "all")]
         print(f"  {t:5.1f} | {cells[0]:>29} | {cells[1]:>29} | {cells[2]:>26}")
-    sims = simulated_skies(args.sim_seeds, grid, enhancer, shipped)
+    sims = simulated_skies(args.sim_seeds, grid, enhancer, off)
     print("  T     | " + " | ".join(f"sky seed {k}: purity, completeness" for k in sims))
     for t in grid:
         print(f"  {t:5.1f} | " + " | ".join(f"{v[t]['purity']:.3f}, {v[t]['completeness']:.3f}".rjust(34)
@@ -225,7 +242,7 @@ def main(argv=None) -> int:
                                 f"from T={t_margin:g}" if t_margin is not None else
                                 f"no T of the grid brings the calibration half within {SPURIOUS_MARGIN} of the HSC "
                                 f"image's spurious rate"))
-    t_pick = pick(rows["calib"], hsc["calib"], sims)
+    t_pick = pick(rows["calib"], sims)
     print("rule: " + (f"T={t_pick:g}, the fewest calibration-half spurious rows among the T at which every "
                       f"simulated sky keeps purity and completeness >= {FIELD_TARGET}" if t_pick is not None else
                       f"no T keeps every simulated sky at purity and completeness >= {FIELD_TARGET}"))

@@ -105,7 +105,6 @@ from typing import Any
 import numpy as np
 import sep
 from astropy.io import fits
-from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS
 from scipy import ndimage
 from scipy.signal import fftconvolve
@@ -114,7 +113,7 @@ from galgan_ray.commands.deblend import deblend_file, default_field_config
 from galgan_ray.field import enhancer_noise_scale
 from galgan_ray.baselines import richardson_lucy, upsample_bicubic, upsample_psf
 from galgan_ray.cutouts import COSMOS_F814W_ZEROPOINT, _zeropoint_from_header
-from galgan_ray.detect import _prepare_psf, extract_objects
+from galgan_ray.detect import _prepare_psf, extract_objects, sky_rms
 from galgan_ray.enhance import Enhancer, enhance_image, estimate_noise_sigma
 from galgan_ray.errors import InputError
 from galgan_ray.geometry import pixel_scale_of
@@ -394,17 +393,7 @@ def _significance_map(sub: np.ndarray, valid: np.ndarray, kernel: np.ndarray) ->
     or of unusable pixels, and sources above 3 RMS dilated by that half width, are left out.
     """
     fmap = fftconvolve(sub, kernel[::-1, ::-1], mode="same") / math.sqrt(float((kernel**2).sum()))
-    half = max(max(kernel.shape) // 2, 1)
-    interior = ndimage.binary_erosion(np.pad(valid, 1), iterations=half)[1:-1, 1:-1]
-    if interior.sum() < 100:
-        interior = valid
-    _, _, s0 = sigma_clipped_stats(fmap[interior], sigma=3.0, maxiters=10, stdfunc="mad_std")
-    sky = interior & ~ndimage.binary_dilation(fmap > 3.0 * s0, iterations=half)
-    s = s0
-    if sky.sum() >= max(0.1 * interior.sum(), 100):
-        _, _, s1 = sigma_clipped_stats(fmap[sky], sigma=3.0, maxiters=10, stdfunc="mad_std")
-        s = s1 if s1 > 0 else s0
-    s = float(s)
+    s = sky_rms(fmap, valid, half=max(max(kernel.shape) // 2, 1))
     return (np.where(valid, fmap / s, 0.0) if s > 0 else fmap), s
 
 
@@ -590,6 +579,22 @@ def _in_region(region: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
+def detect_truth(scene: Scene) -> Detections:
+    """The truth: the one detector on the HST image with the HST PSF, the quasar's disc left out (step 3)."""
+    return detect_sources(scene.hst_image, scene.hst_wcs, psf=scene.hst_psf, source=scene.files.hst,
+                          exclude_radec=scene.qso_radec, exclude_radius_arcsec=QSO_MASK_ARCSEC)
+
+
+def outside_quasar(scene: Scene, ra, dec) -> np.ndarray:
+    """bool per position: farther than ``QSO_MASK_ARCSEC`` from the quasar (all True without one), the
+    disc the detector rows leave out and the deblend row's catalog is cut to."""
+    ra, dec = np.asarray(ra, float), np.asarray(dec, float)
+    if scene.qso_radec is None or not len(ra):
+        return np.ones(len(ra), bool)
+    q_ra, q_dec = scene.qso_radec
+    return np.hypot((ra - q_ra) * np.cos(np.radians(q_dec)), dec - q_dec) * 3600 > QSO_MASK_ARCSEC
+
+
 def match_detections(scene: Scene, truth_xy: np.ndarray, region: np.ndarray, det_ra, det_dec):
     """One row's detections matched to the truth (module docstring, step 6): ``(match, scored)``, the
     :func:`galgan_ray.matching.match_peaks` result and whether each detection lies in the scored region."""
@@ -622,7 +627,7 @@ def score_scene(scene: Scene, enhancer: Enhancer, *, keep_images: bool = False, 
     region = scored_region(scene)
     area = float(region.sum()) * s_hst**2 / 3600.0
     excl = {"exclude_radec": scene.qso_radec, "exclude_radius_arcsec": QSO_MASK_ARCSEC}
-    truth = detect_sources(scene.hst_image, scene.hst_wcs, psf=scene.hst_psf, source=scene.files.hst, **excl)
+    truth = detect_truth(scene)
     mags = kron_magnitudes(truth, zeropoint=scene.hst_zeropoint)
     bins = _mag_bin(mags)
     t_scored = _in_region(region, truth.x, truth.y)
@@ -676,11 +681,8 @@ def score_scene(scene: Scene, enhancer: Enhancer, *, keep_images: bool = False, 
         # are the detections, with the quasar's 1" left out as for the detector rows
         cols, summ, _, _ = deblend_file(scene.files.hsc, psf=scene.files.hsc_psf, enhancer=enhancer, noise=deblend)
         ra, dec = np.asarray(cols["coord_ra"]), np.asarray(cols["coord_dec"])
-        if scene.qso_radec is not None and len(ra):
-            q_ra, q_dec = scene.qso_radec
-            dq = np.hypot((ra - q_ra) * np.cos(np.radians(q_dec)), dec - q_dec) * 3600
-            keep = dq > QSO_MASK_ARCSEC
-            ra, dec = ra[keep], dec[keep]
+        keep = outside_quasar(scene, ra, dec)
+        ra, dec = ra[keep], dec[keep]
         score_row("deblend", ra, dec, {k: summ[k] for k in ("rows", "unsupported_dropped", "psf_plan", "warnings")})
     sources = [{"ra": float(truth.ra[i]), "dec": float(truth.dec[i]),
                 "mag": None if not np.isfinite(mags[i]) else float(mags[i]), "bin": bins[i],

@@ -71,8 +71,7 @@ def scene_rows(files, enhancer, noise, *, seed: int = 0) -> tuple[list[dict], li
     sc = rs.read_scene(files)
     s_hst = rs.pixel_scale_of(sc.hst_wcs)
     region = rs.scored_region(sc)
-    truth = rs.detect_sources(sc.hst_image, sc.hst_wcs, psf=sc.hst_psf, source=files.hst,
-                              exclude_radec=sc.qso_radec, exclude_radius_arcsec=rs.QSO_MASK_ARCSEC)
+    truth = rs.detect_truth(sc)
     cols, _, _, _ = deblend_file(files.hsc, psf=files.hsc_psf, enhancer=enhancer, noise=noise)
     ra, dec = np.asarray(cols["coord_ra"]), np.asarray(cols["coord_dec"])
     q_ra, q_dec = sc.qso_radec
@@ -80,7 +79,7 @@ def scene_rows(files, enhancer, noise, *, seed: int = 0) -> tuple[list[dict], li
     dx, dy = sc.hst_wcs.world_to_pixel_values(ra, dec)
     d_xy, t_xy = np.column_stack([dx, dy]), np.column_stack([truth.x, truth.y])
     m = match_peaks(t_xy, d_xy, radius_px=rs.radius_pixels(rs.MATCH_RADIUS_ARCSEC, pixel_scale_arcsec=s_hst))
-    scored = rs._in_region(region, dx, dy) & (d_qso > rs.QSO_MASK_ARCSEC)
+    scored = rs._in_region(region, dx, dy) & rs.outside_quasar(sc, ra, dec)
     band = next(k for k in cols if k.endswith("_gmmFlux"))[:-len("_gmmFlux")]
     flux, err = np.asarray(cols[f"{band}_gmmFlux"]), np.asarray(cols[f"{band}_gmmFluxErr"])
     # The HST image at ground resolution: real_sky's own significance map (clipped sky RMS of the

@@ -42,6 +42,8 @@ import numpy as np
 import sep
 import torch
 import torch.nn.functional as F
+from astropy.stats import sigma_clipped_stats
+from scipy import ndimage
 
 from .errors import ConfigError, InputError
 from .flags import flag_bit
@@ -49,7 +51,7 @@ from .geometry import extract_box, pixel_scale_of
 from .psf import measure_fwhm, normalize_psf
 
 __all__ = ["DetectConfig", "find_peaks", "find_peaks_batch", "find_peaks_tiled", "matched_filter", "detection_images",
-           "merge_close_peaks", "extract_objects", "PEAK_COLUMNS"]
+           "merge_close_peaks", "extract_objects", "sky_rms", "PEAK_COLUMNS"]
 
 #: Columns of a peak table (``find_peaks``); ``find_peaks_batch`` adds ``index`` first, and both add
 #: ``ra``/``dec`` when WCSs are given.
@@ -333,6 +335,26 @@ def _subpixel(vm: np.ndarray, v0: np.ndarray, vp: np.ndarray) -> tuple[np.ndarra
     with np.errstate(divide="ignore", invalid="ignore"):
         factor = np.where(pos, np.exp(np.where(pos, gain_q, 0.0)), np.where(v0 != 0, 1.0 + gain_q / v0, 1.0))
     return dx, np.maximum(factor, 1.0)
+
+
+def sky_rms(filtered: np.ndarray, valid: np.ndarray, *, half: int) -> float:
+    """The sky RMS of a filtered map: a 3-sigma-clipped MAD over its sky.
+
+    Pixels within ``half`` (the kernel's half width) of the edge or of unusable pixels are left out,
+    and so are sources above 3 RMS (a first estimate), dilated by ``half``; with too little sky left
+    (under 10% of the interior or 100 pixels), the first estimate.
+    """
+    valid = np.asarray(valid, bool)
+    interior = ndimage.binary_erosion(np.pad(valid, 1), iterations=half)[1:-1, 1:-1]
+    if interior.sum() < 100:
+        interior = valid
+    _, _, s0 = sigma_clipped_stats(filtered[interior], sigma=3.0, maxiters=10, stdfunc="mad_std")
+    sky = interior & ~ndimage.binary_dilation(filtered > 3.0 * s0, iterations=half)
+    s = s0
+    if sky.sum() >= max(0.1 * interior.sum(), 100):
+        _, _, s1 = sigma_clipped_stats(filtered[sky], sigma=3.0, maxiters=10, stdfunc="mad_std")
+        s = s1 if s1 > 0 else s0
+    return float(s)
 
 
 def extract_objects(significance: np.ndarray, *, nsigma: float, mask: np.ndarray | None = None, minarea: int = 1,

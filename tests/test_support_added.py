@@ -101,7 +101,39 @@ def test_the_calibration_rule_keeps_the_simulated_skies_and_then_the_fewest_unco
              20.0: {"spurious_per_scene": 2.4}, 25.0: {"spurious_per_scene": 2.2}}
     good, bad = {"purity": 0.96, "completeness": 0.96}, {"purity": 0.96, "completeness": 0.93}
     sims = {0: {5.0: good, 15.0: good, 20.0: good, 25.0: good}, 1: {5.0: good, 15.0: good, 20.0: good, 25.0: bad}}
-    assert cs.pick(calib, {"spurious_per_scene": 1.3}, sims) == 20.0  # 25 costs sky 1 its completeness
-    assert cs.pick(calib, {"spurious_per_scene": 1.3}, {0: {t: bad for t in calib}}) is None
+    assert cs.pick(calib, sims) == 20.0  # 25 costs sky 1 its completeness
+    assert cs.pick(calib, {0: {t: bad for t in calib}}) is None
     assert cs.within_margin(calib, {"spurious_per_scene": 1.3}) is None
     assert cs.within_margin(calib, {"spurious_per_scene": 2.0}) == 20.0
+
+
+def test_a_threshold_only_cuts_rows_so_one_run_with_the_rule_off_gives_every_threshold(shared_data):
+    """What bench/calibrate_support.py relies on: the catalog at support_snr_added = T is the rule-off
+    catalog less its DEBLEND_ADDED rows below T, on a real COSMOS cutout as downloaded."""
+    import glob
+    from dataclasses import replace
+
+    from conftest import load_bench
+
+    from galgan_ray.commands.deblend import deblend_file, default_field_config
+    from galgan_ray.enhance import Enhancer, model_available
+    from galgan_ray.field import enhancer_noise_scale
+
+    if not model_available("default"):
+        pytest.skip("the shipped default model is not installed")
+    d = shared_data / "hsc_hst_qso_fields"
+    img = glob.glob(str(d / "hsc" / "2-cutout-HSC-I-*.fits"))
+    if not img:
+        pytest.skip(f"the COSMOS cutouts are not at {d}")
+    psf = glob.glob(str(d / "hsc_psf" / "2-psf-calexp-*-HSC-I-*.fits"))[0]
+    cs = load_bench("calibrate_support")
+    shipped = default_field_config()
+    enh = Enhancer("default")
+    noise = enhancer_noise_scale(enh, shipped)
+    off = replace(shipped, measure=replace(shipped.measure, support_snr_added=shipped.measure.support_snr))
+    rows_off = cs.catalog_rows(deblend_file(img[0], psf=psf, enhancer=enh, noise=noise, config=off)[0])
+    rows_on = cs.catalog_rows(deblend_file(img[0], psf=psf, enhancer=enh, noise=noise, config=shipped)[0])
+    keep = cs.kept_at(rows_off, shipped.measure.support_snr_added)
+    assert 0 < keep.sum() < len(keep)  # the threshold removes some rows of this cutout, not all
+    for k in ("ra", "dec", "snr", "added"):
+        np.testing.assert_array_equal(rows_on[k], rows_off[k][keep])

@@ -30,10 +30,9 @@ from typing import Literal
 import numpy as np
 import sep
 from scipy import ndimage
-from astropy.stats import sigma_clipped_stats
 from scipy.interpolate import RectBivariateSpline
 
-from ..detect import DetectConfig, extract_objects, find_peaks_tiled, matched_filter
+from ..detect import DetectConfig, extract_objects, find_peaks_tiled, matched_filter, sky_rms
 from ..errors import ConfigError
 from ..flags import flag_bit
 from ..geometry import extract_box
@@ -221,8 +220,8 @@ class Footprints:
         by one PSF FWHM (:meth:`flags_at`), or None when the tile has none.
     detections : numpy.ndarray or None
         float64 ``(D, 2)``: ``(x, y)`` of the plain detection (``plain_*`` of :class:`FootprintConfig`):
-        what a survey's own catalog of this image holds. A child farther from every one of them is a
-        source only deblending finds (``DEBLEND_ADDED``, :func:`galgan_ray.field.measure.support_children`).
+        what a survey's own catalog of this image holds. A child not matched one to one to one of them
+        is a source only deblending finds (``DEBLEND_ADDED``, :func:`galgan_ray.field.measure.deblend_added`).
         None: not made.
     """
 
@@ -735,8 +734,8 @@ def plain_detections(det: np.ndarray, *, bad: np.ndarray, psf: np.ndarray, noise
     """``(D, 2)`` positions of the plain detection of the detection image (:attr:`Footprints.detections`).
 
     A sep background of ``plain_back_arcsec`` mesh is subtracted; the matched-filter significance is
-    scaled to its own sky RMS (3-sigma-clipped MAD, sources above 3 sigma dilated by the kernel's half
-    width left out), thresholded at ``detect.nsigma`` and deblended SExtractor-style
+    scaled to its own sky RMS (:func:`galgan_ray.detect.sky_rms`, as the real-sky benchmark's detector
+    does), thresholded at ``detect.nsigma`` and deblended SExtractor-style
     (:func:`galgan_ray.detect.extract_objects`); unusable pixels and ``exclude`` (the stars' discs:
     :func:`find_footprints` adds the stars themselves) are left out.
     """
@@ -748,19 +747,12 @@ def plain_detections(det: np.ndarray, *, bad: np.ndarray, psf: np.ndarray, noise
         img = np.where(bad, 0.0, img - back)
     mf = matched_filter(img, psf=psf, noise_sigma=noise_sigma, psf_energy=detect.psf_energy)
     sig = mf["significance"]
-    # In units of its own sky RMS (sources above 3 sigma, dilated by the kernel's half width, left out).
-    half = max(mf["kernel"].shape[0] // 2, 1)
-    usable = ndimage.binary_erosion(~bad, iterations=half)
-    if usable.sum() > 100:
-        _, _, s0 = sigma_clipped_stats(sig[usable], sigma=3.0, maxiters=10, stdfunc="mad_std")
-        sky = usable & ~ndimage.binary_dilation(sig > 3.0 * s0, iterations=half)
-        if sky.sum() > 100:
-            _, _, s1 = sigma_clipped_stats(sig[sky], sigma=3.0, maxiters=10, stdfunc="mad_std")
-            if s1 > 0:
-                sig = sig / s1
+    if (~bad).any():  # in units of its own sky RMS
+        rms = sky_rms(sig, ~bad, half=max(mf["kernel"].shape[0] // 2, 1))
+        sig = sig / rms if rms > 0 else sig
     minarea = max(1, int(round(cfg.plain_min_area_arcsec2 / float(pixel_scale_arcsec) ** 2)))
     mask = bad if exclude is None else (bad | exclude)
-    x, y, _ = extract_objects(np.where(bad, 0.0, sig), nsigma=detect.nsigma, mask=mask, minarea=minarea,
+    x, y, _ = extract_objects(sig, nsigma=detect.nsigma, mask=mask, minarea=minarea,
                               deblend_nthresh=cfg.plain_deblend_nthresh, deblend_cont=cfg.plain_deblend_cont)
     return np.column_stack([x, y]).astype(np.float64) if len(x) else np.zeros((0, 2))
 
