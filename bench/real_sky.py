@@ -107,13 +107,12 @@ import sep
 from astropy.io import fits
 from astropy.wcs import WCS
 from scipy import ndimage
-from scipy.signal import fftconvolve
 
 from galgan_ray.commands.deblend import deblend_file, default_field_config
 from galgan_ray.field import enhancer_noise_scale
 from galgan_ray.baselines import richardson_lucy, upsample_bicubic, upsample_psf
 from galgan_ray.cutouts import COSMOS_F814W_ZEROPOINT, _zeropoint_from_header
-from galgan_ray.detect import _prepare_psf, extract_objects, sky_rms
+from galgan_ray.detect import extract_objects, significance_map
 from galgan_ray.enhance import Enhancer, enhance_image, estimate_noise_sigma
 from galgan_ray.errors import InputError
 from galgan_ray.geometry import pixel_scale_of
@@ -386,17 +385,6 @@ class Detections:
                 "kernel_shape": list(self.kernel_shape)}
 
 
-def _significance_map(sub: np.ndarray, valid: np.ndarray, kernel: np.ndarray) -> tuple[np.ndarray, float]:
-    """The matched-filter map ``(sub (*) kernel) / sqrt(sum kernel^2)`` over its own sky RMS, and that RMS.
-
-    The RMS is a 3-sigma-clipped MAD over the sky: pixels within the kernel's half width of the edge
-    or of unusable pixels, and sources above 3 RMS dilated by that half width, are left out.
-    """
-    fmap = fftconvolve(sub, kernel[::-1, ::-1], mode="same") / math.sqrt(float((kernel**2).sum()))
-    s = sky_rms(fmap, valid, half=max(max(kernel.shape) // 2, 1))
-    return (np.where(valid, fmap / s, 0.0) if s > 0 else fmap), s
-
-
 def detect_sources(image: np.ndarray, wcs: WCS, *, psf: np.ndarray, valid: np.ndarray | None = None,
                    exclude_radec: tuple[float, float] | None = None, exclude_radius_arcsec: float = 0.0,
                    source: str = "image") -> Detections:
@@ -431,9 +419,7 @@ def detect_sources(image: np.ndarray, wcs: WCS, *, psf: np.ndarray, valid: np.nd
     mesh = int(max(8, min(round(BACK_MESH_ARCSEC / scale), min(img.shape))))
     bkg = sep.Background(img, mask=bad, bw=mesh, bh=mesh, fw=BACK_FILTER, fh=BACK_FILTER)
     sub = np.ascontiguousarray(np.where(ok, img - bkg.back(), 0.0))
-    kernel, _ = _prepare_psf(np.asarray(psf, dtype=np.float64), PSF_ENERGY)
-    kernel = kernel / kernel.sum()
-    smap, sigma_f = _significance_map(sub, ok, kernel)
+    smap, sigma_f, kernel = significance_map(sub, ok, psf, psf_energy=PSF_ENERGY)
     if not sigma_f > 0:
         raise InputError(source, "the sky RMS of the filtered image is 0 (a noiseless image?)")
     minarea = max(1, round(MINAREA_ARCSEC2 / scale**2))

@@ -357,6 +357,33 @@ def sky_rms(filtered: np.ndarray, valid: np.ndarray, *, half: int) -> float:
     return float(s)
 
 
+def significance_map(image: np.ndarray, valid: np.ndarray, psf: np.ndarray, *, psf_energy: float = 0.999
+                     ) -> tuple[np.ndarray, float, np.ndarray]:
+    """The plain detection's significance: ``(image (*) psf) / sqrt(sum psf^2)`` over its own sky RMS.
+
+    The PSF is trimmed to the square holding ``psf_energy`` of ``sum(psf^2)`` and normalised to unit
+    sum; the map is float64, 0 off ``valid``; the RMS is :func:`sky_rms` of the filtered map. So
+    "5 sigma" is a 5-sigma excursion of the filtered sky whatever the noise's correlation (warped
+    coadds, drizzled HST, enhanced images). The field's plain detection
+    (:func:`galgan_ray.field.footprints.plain_detections`) and the real-sky benchmark's detector
+    (``bench/real_sky.py``) both threshold this map with :func:`extract_objects`.
+
+    Returns
+    -------
+    (map, rms, kernel)
+        The significance map (the filtered map itself where the RMS is 0), the RMS, the kernel used.
+    """
+    from scipy.signal import fftconvolve
+
+    kernel, _ = _prepare_psf(np.asarray(psf, dtype=np.float64), psf_energy)
+    kernel = kernel / kernel.sum()
+    valid = np.asarray(valid, bool)
+    img = np.where(valid, np.asarray(image, dtype=np.float64), 0.0)
+    fmap = fftconvolve(img, kernel[::-1, ::-1], mode="same") / float(np.sqrt((kernel**2).sum()))
+    s = sky_rms(fmap, valid, half=max(max(kernel.shape) // 2, 1)) if valid.any() else 0.0
+    return (np.where(valid, fmap / s, 0.0) if s > 0 else fmap), float(s), kernel
+
+
 def extract_objects(significance: np.ndarray, *, nsigma: float, mask: np.ndarray | None = None, minarea: int = 1,
                     deblend_nthresh: int = 32, deblend_cont: float = 0.005, clean: bool = False
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

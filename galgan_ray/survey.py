@@ -47,15 +47,18 @@ from scipy import ndimage
 from scipy.signal import fftconvolve
 
 from .checkpoint import ModelGrid
-from .enhance import Enhancer, _lr_grid, _plan_psf, _to_lr_grid, estimate_noise_sigma
+from .detect import DetectConfig
+from .enhance import Enhancer, _lr_grid, _plan_psf, _psf_on_lr_grid, _to_lr_grid, estimate_noise_sigma
 from .errors import InputError
 from .flags import flag_bit
+from .field.footprints import FootprintConfig, coadd_detection_image, plain_detections
 from .geometry import pixel_scale_of
-from .psf import draw_psf, measure_fwhm
+from .matching import match_peaks
+from .psf import draw_psf, measure_fwhm, normalize_psf
 from .tiles import Tile, normalize_band, parse_patch_source, read_url_bytes
 
 __all__ = ["SurveyImage", "read_survey_image", "read_psf", "check_psf", "to_model_tile", "read_survey_patch",
-           "patch_tile_id", "BAD_MASK_PLANES", "MASK_PLANE_FLAGS", "AB_NJY"]
+           "patch_tile_id", "native_detections", "BAD_MASK_PLANES", "MASK_PLANE_FLAGS", "AB_NJY"]
 
 #: One AB magnitude-0 source in nJy.
 AB_NJY = 3631e9
@@ -318,7 +321,8 @@ class _GridPlanner:
 
 
 def to_model_tile(images: SurveyImage | Sequence[SurveyImage], *, enhancer: Enhancer | None = None,
-                  model: ModelGrid | None = None, tile_id: int = 0, source: str | None = None
+                  model: ModelGrid | None = None, tile_id: int = 0, source: str | None = None,
+                  footprints: FootprintConfig | None = None, detect: DetectConfig | None = None
                   ) -> tuple[Tile, dict[str, Any]]:
     """Survey images on the model's LR grid, PSF-matched, as one :class:`Tile` (module docstring).
 
@@ -333,12 +337,15 @@ def to_model_tile(images: SurveyImage | Sequence[SurveyImage], *, enhancer: Enha
     tile_id : int
     source : str, optional
         The tile's source (default: the first image's).
+    footprints, detect : FootprintConfig, DetectConfig, optional
+        The plain detection's settings (the field config's; default: the defaults), for
+        :attr:`Tile.detections` (:func:`native_detections`).
 
     Returns
     -------
     tile : Tile
         ``mask`` marks the unusable pixels per band, ``pixel_flags`` the :data:`MASK_PLANE_FLAGS` (OR of
-        the bands).
+        the bands), ``detections`` the plain detection of the images as delivered.
     info : dict
         ``psf`` (the first band's PSF plan: action, FWHMs), ``warnings``, ``sigma_lr`` (measured), ``wcs_lr``,
         ``unit``, ``pixel_scale_in_arcsec``, ``shape_lr``, ``bad_fraction``, and ``bands`` (one dict of
@@ -415,11 +422,75 @@ def to_model_tile(images: SurveyImage | Sequence[SurveyImage], *, enhancer: Enha
                 variance=np.stack(variances).astype(np.float32), mask=mask.astype(np.int32), psf=psf_lr,
                 wcs_header=wcs_lr.to_header(relax=True).tostring(), bands=tuple(grid.band_keys_low),
                 inner=(-0.5, nx - 0.5, -0.5, ny - 0.5), pixel_flags=pixel_flags if pixel_flags.any() else None,
-                input_wcs_header=first.wcs.to_header(relax=True).tostring())
+                input_wcs_header=first.wcs.to_header(relax=True).tostring(),
+                detections=native_detections(ims, wcs_lr, grid=grid, footprints=footprints or FootprintConfig(),
+                                             detect=detect or DetectConfig()))
     info = {"psf": per_band[0]["psf"], "warnings": warnings_, "sigma_lr": per_band[0]["sigma_lr"], "wcs_lr": wcs_lr,
             "unit": per_band[0]["unit"], "pixel_scale_in_arcsec": first.pixel_scale_arcsec, "shape_lr": shape_lr,
             "bad_fraction": float(mask.all(axis=0).mean()), "bands": per_band}
     return tile, info
+
+
+def _native_psf(si: SurveyImage, scale: float, grid: ModelGrid, band: int) -> np.ndarray:
+    """The PSF of an image at its own pixel scale (the model's, drawn there, when the image has none)."""
+    if si.psf is None:
+        fwhm = float(measure_fwhm(grid.psf_low(band), pixel_scale_arcsec=float(grid.low[band].pixel_scale_arcsec)))
+        return np.asarray(draw_psf(grid.low[band].psf, pixel_scale_arcsec=scale,
+                                   size=max(int(math.ceil(6.0 * fwhm / scale)) | 1, 15)), dtype=np.float64)
+    psf = normalize_psf(np.asarray(si.psf, dtype=np.float64), source=f"{si.source} PSF")
+    if abs(si.psf_pixel_scale_arcsec / scale - 1.0) <= 1e-3:
+        return psf
+    size = max(int(math.ceil(psf.shape[0] * si.psf_pixel_scale_arcsec / scale)) | 1, 15)
+    return _psf_on_lr_grid(psf, si.psf_pixel_scale_arcsec, scale, size)
+
+
+def native_detections(images: Sequence[SurveyImage], wcs_lr: WCS, *, grid: ModelGrid, footprints: FootprintConfig,
+                      detect: DetectConfig) -> np.ndarray:
+    """``(D, 2)`` positions on the model's LR grid ``wcs_lr`` of the plain detection of ``images`` as
+    delivered: on their own pixels, with their own PSF (:attr:`Tile.detections`).
+
+    :func:`galgan_ray.field.footprints.plain_detections` (the field's plain detection, the real-sky
+    benchmark's detector) on the inverse-variance coadd of the bands when they share one pixel grid
+    (the bands of a patch), else on each band, a detection farther than half the PSF's FWHM from every
+    earlier band's added. A survey's own catalog of the image is made on these pixels: resampling and
+    PSF-matching to the model's grid correlate the noise and change what SExtractor's deblending
+    splits, so a detection of the tile would be a different catalog. Positions go through RA/Dec.
+    """
+    ims = list(images)
+    ref = ims[0]
+    same = all(si.image.shape == ref.image.shape and si.wcs.wcs.compare(ref.wcs.wcs, tolerance=1e-9) for si in ims)
+    groups = [list(range(len(ims)))] if same else [[b] for b in range(len(ims))]
+    out = np.zeros((0, 2))
+    for g in groups:
+        w0 = ims[g[0]].wcs
+        scale = float(pixel_scale_of(w0))
+        planes = np.stack([np.where(ims[b].bad, 0.0, ims[b].image) for b in g])
+        var = []
+        for b in g:
+            si = ims[b]
+            if si.variance is not None:
+                v = np.asarray(si.variance, dtype=np.float64)
+            else:
+                v = np.full(si.image.shape, estimate_noise_sigma(si.image, mask=si.bad) ** 2)
+            var.append(np.where(si.bad | ~(v > 0), np.inf, v))
+        det, dvar = coadd_detection_image(planes, np.stack(var))
+        bad = ~np.isfinite(dvar)
+        if bad.all():
+            continue
+        psfs = [_native_psf(ims[b], scale, grid, b) for b in g]
+        n = max(p.shape[0] for p in psfs)
+        psf = np.mean([np.pad(p, (n - p.shape[0]) // 2) for p in psfs], axis=0)
+        xy = plain_detections(det, bad=bad, psf=psf, detect=detect, cfg=footprints, pixel_scale_arcsec=scale)
+        if not len(xy):
+            continue
+        ra, dec = w0.pixel_to_world_values(xy[:, 0], xy[:, 1])
+        x, y = wcs_lr.world_to_pixel_values(ra, dec)
+        new = np.column_stack([x, y]).astype(np.float64)
+        if len(out):
+            radius = 0.5 * float(measure_fwhm(psf, pixel_scale_arcsec=scale)) / float(pixel_scale_of(wcs_lr))
+            new = new[~match_peaks(out, new, radius_px=max(radius, 1e-3))["peak_matched"]]
+        out = np.vstack([out, new])
+    return out
 
 
 def patch_tile_id(key: str) -> int:
@@ -428,7 +499,8 @@ def patch_tile_id(key: str) -> int:
     return int(hashlib.sha1(key.encode()).hexdigest()[:9], 16)
 
 
-def read_survey_patch(source: str, *, model: ModelGrid, storage_options: Mapping | None = None
+def read_survey_patch(source: str, *, model: ModelGrid, storage_options: Mapping | None = None,
+                      footprints: FootprintConfig | None = None, detect: DetectConfig | None = None
                       ) -> tuple[Tile, dict[str, Any]]:
     """One survey patch (a :func:`galgan_ray.tiles.patch_source`: its bands' images and PSF files) as the
     model's tile, through :func:`read_survey_image` and :func:`to_model_tile` (``galgan deblend``'s path).
@@ -461,7 +533,8 @@ def read_survey_patch(source: str, *, model: ModelGrid, storage_options: Mapping
             raise InputError(img_url, "has no PSF: no PSF file beside it by the naming rule (a name with a 'psf' "
                                       "token, the same band and first token) and no PSF HDU")
         images.append(si)
-    tile, info = to_model_tile(images, model=model, tile_id=patch_tile_id(key), source=source)
+    tile, info = to_model_tile(images, model=model, tile_id=patch_tile_id(key), source=source,
+                               footprints=footprints, detect=detect)
     info["unused_bands"] = sorted(set(files) - set(want))
     info["patch"] = key
     return tile, info

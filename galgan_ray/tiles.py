@@ -119,6 +119,12 @@ class Tile:
         A survey image brought onto the model's grid (:func:`galgan_ray.survey.to_model_tile`): the
         celestial WCS of the image as delivered, in whose pixels the catalog reports positions
         (:meth:`catalog_pixels`). Not written to tile FITS files.
+    detections : numpy.ndarray or None
+        float64 ``(D, 2)``: a survey image brought onto the model's grid
+        (:func:`galgan_ray.survey.to_model_tile`): the plain detection of the image *as delivered*
+        (its own pixels and PSF, :func:`galgan_ray.survey.native_detections`), as positions (x, y) in
+        this tile's pixels. The field's support test uses it in place of a detection of the resampled,
+        PSF-matched tile (:attr:`galgan_ray.field.Footprints.detections`). Not written to tile FITS files.
     """
 
     tile_id: int
@@ -135,6 +141,7 @@ class Tile:
     simulated: bool = False
     pixel_flags: np.ndarray | None = None
     input_wcs_header: str | None = None
+    detections: np.ndarray | None = None
     _wcs: Any = field(default=None, repr=False)
 
     @property
@@ -495,6 +502,8 @@ def pack_tile_arrays(tile: Tile) -> tuple[dict[str, np.ndarray], dict[str, Any]]
         arrays.update({f"truth.{k}": np.asarray(v) for k, v in tile.truth.items()})
     if tile.pixel_flags is not None:
         arrays["pixel_flags"] = np.asarray(tile.pixel_flags, dtype=np.int64)
+    if tile.detections is not None:
+        arrays["detections"] = np.asarray(tile.detections, dtype=np.float64).reshape(-1, 2)
     meta = {"tile_id": int(tile.tile_id), "source": tile.source, "wcs_header": tile.wcs_header,
             "bands": list(tile.bands), "inner": [float(v) for v in tile.inner],
             "tract_origin": None if tile.tract_origin is None else [int(v) for v in tile.tract_origin],
@@ -511,7 +520,8 @@ def tile_from_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], 
                 inner=tuple(meta["inner"]), tract_origin=None if meta.get("tract_origin") is None
                 else tuple(meta["tract_origin"]), truth=truth, simulated=bool(meta.get("simulated", False)),
                 pixel_flags=None if arrays.get("pixel_flags") is None else np.asarray(arrays["pixel_flags"]),
-                input_wcs_header=meta.get("input_wcs_header"))
+                input_wcs_header=meta.get("input_wcs_header"),
+                detections=None if arrays.get("detections") is None else np.asarray(arrays["detections"]))
 
 
 def pack_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:

@@ -84,6 +84,92 @@ def test_footprints_carry_the_plain_detection_of_the_tile():
     assert empty.detections.shape == (0, 2)
 
 
+def test_a_tile_that_carries_its_detection_keeps_it_less_the_stars_discs():
+    """A survey image's detection on its own pixels (Tile.detections) is the one the support test uses,
+    and it survives the packing between pipeline stages."""
+    from dataclasses import replace
+
+    from galgan_ray.tiles import pack_tile_arrays, tile_from_arrays
+
+    pos = [(25.0, 25.0), (70.0, 30.0), (60.0, 75.0)]
+    t = replace(point_tile(pos, [1500.0, 1500.0, 1500.0], n=100), detections=np.array([[25.2, 24.9]]))
+    back = tile_from_arrays(*pack_tile_arrays(t))
+    np.testing.assert_array_equal(back.detections, t.detections)
+    cfg = FieldConfig()
+    fp = find_footprints(back, config=cfg.footprints, detect=cfg.detect)
+    np.testing.assert_array_equal(fp.detections, [[25.2, 24.9]])  # not the tile's own three
+    assert tile_from_arrays(*pack_tile_arrays(point_tile(pos, [1.0] * 3))).detections is None
+
+
+def _survey_image(radec, *, crpix_shift=0.0, seed=0, n=110):
+    from galgan_ray.geometry import make_tan_wcs
+    from galgan_ray.survey import SurveyImage
+
+    w = make_tan_wcs(150.0, 2.0, pixel_scale_arcsec=0.168, shape=(n, n))
+    w.wcs.crpix = w.wcs.crpix + crpix_shift
+    x, y = w.world_to_pixel_values(*np.asarray(radec, float).T)
+    yy, xx = np.indices((n, n))
+    s = 0.7 / 2.355 / 0.168  # a 0.7" Gaussian PSF
+    img = np.random.default_rng(seed).normal(0, 1.0, (n, n))
+    for xi, yi in zip(x, y):
+        img += 40.0 * np.exp(-0.5 * ((xx - xi) ** 2 + (yy - yi) ** 2) / s**2)
+    py, px = np.indices((21, 21)) - 10
+    psf = np.exp(-0.5 * (px**2 + py**2) / s**2)
+    return SurveyImage(image=img, variance=np.ones((n, n)), bad=np.zeros((n, n), bool), mask=np.zeros((n, n), np.int32),
+                       mask_planes={}, wcs=w, psf=psf / psf.sum(), psf_pixel_scale_arcsec=0.168, unit_to_njy=1.0,
+                       unit_source="test", source=f"mem://b{seed}.fits")
+
+
+def test_bands_are_detected_on_their_own_pixels_each_source_once():
+    """native_detections: bands on one grid are coadded; bands on different grids are detected each on
+    its own and a source both show is listed once. Positions land on the model's grid."""
+    from galgan_ray.checkpoint import ModelGrid
+    from galgan_ray.instrument import get_band
+    from galgan_ray.survey import to_model_tile
+
+    d = 1.0 / 3600.0
+    common = [(150.0 - 4 * d, 2.0 - 3 * d), (150.0 + 3 * d, 2.0 + 1 * d), (150.0, 2.0 + 5 * d)]
+    extra = [(150.0 + 5 * d, 2.0 - 4 * d)]
+    grid = ModelGrid(high=(get_band("hst", "F775W"),) * 2, low=(get_band("hsc", "i"),) * 2)
+    a = _survey_image(common, seed=0)
+    for shift, n_expect in ((0.0, 4), (7.3, 4)):
+        b = _survey_image(common + extra, crpix_shift=shift, seed=1)
+        tile, _ = to_model_tile([a, b], model=grid)
+        det = tile.detections
+        assert det.shape == (n_expect, 2), shift
+        x, y = tile.wcs.world_to_pixel_values(*np.asarray(common + extra).T)
+        dist = np.hypot(det[:, None, 0] - x[None], det[:, None, 1] - y[None])
+        assert np.all(dist.min(axis=1) < 0.3) and len(set(dist.argmin(axis=1))) == n_expect, shift
+
+
+def test_a_survey_image_is_detected_on_its_own_pixels_as_the_real_sky_benchmark_detects_it(shared_data):
+    """to_model_tile's detection of a real HSC cutout as downloaded is the real-sky benchmark's hsc row
+    (bench/real_sky.py's one detector, the quasar not masked): the same objects at the same RA/Dec."""
+    import glob
+
+    from conftest import load_bench
+
+    from galgan_ray.checkpoint import ModelGrid
+    from galgan_ray.instrument import get_band
+    from galgan_ray.survey import read_survey_image, to_model_tile
+
+    d = shared_data / "hsc_hst_qso_fields"
+    img = glob.glob(str(d / "hsc" / "10-cutout-HSC-I-*.fits"))
+    if not img:
+        pytest.skip(f"the COSMOS cutouts are not at {d}")
+    psf = glob.glob(str(d / "hsc_psf" / "10-psf-calexp-*-HSC-I-*.fits"))[0]
+    rs = load_bench("real_sky")
+    si = read_survey_image(img[0], psf=psf)
+    ref = rs.detect_sources(si.image, si.wcs, psf=si.psf, valid=~si.bad)
+    grid = ModelGrid(high=(get_band("hst", "F775W"),), low=(get_band("hsc", "i"),))
+    tile, _ = to_model_tile(si, model=grid)
+    assert len(ref.ra) >= 5 and tile.detections.shape == (len(ref.ra), 2)
+    ra, dec = tile.wcs.pixel_to_world_values(tile.detections[:, 0], tile.detections[:, 1])
+    sep = 3600.0 * np.hypot((ra[:, None] - ref.ra[None]) * np.cos(np.radians(dec[:, None])), dec[:, None] - ref.dec[None])
+    assert np.all(sep.min(axis=1) < 1e-4)  # arcsec: each at one of the benchmark's detections
+    assert len(set(sep.argmin(axis=1))) == len(ref.ra)
+
+
 def test_support_added_config_is_checked():
     with pytest.raises(ConfigError, match="support_snr_added"):
         MeasureConfig(support_snr=5.0, support_snr_added=3.0)

@@ -72,7 +72,7 @@ def deblend_file(image: str, *, psf: str | None = None, psf_pixel_scale_arcsec: 
     config = config or default_field_config()
     si = read_survey_image(image, psf=psf, psf_pixel_scale_arcsec=psf_pixel_scale_arcsec)
     enh = enhancer or Enhancer(model, device=device, precision=precision)
-    tile, info = to_model_tile(si, enhancer=enh)
+    tile, info = to_model_tile(si, enhancer=enh, footprints=config.footprints, detect=config.detect)
     noise = noise if noise is not None else enhancer_noise_scale(enh, config)
     res = process_tile(tile, model=enh.grid, enhance_fn=enh.enhance_plane, rho=noise, config=config)
     cols = dict(res.catalog.columns)  # x, y in the input image's pixels (the tile carries its WCS)

@@ -32,7 +32,7 @@ import sep
 from scipy import ndimage
 from scipy.interpolate import RectBivariateSpline
 
-from ..detect import DetectConfig, extract_objects, find_peaks_tiled, matched_filter, sky_rms
+from ..detect import DetectConfig, extract_objects, find_peaks_tiled, matched_filter, significance_map
 from ..errors import ConfigError
 from ..flags import flag_bit
 from ..geometry import extract_box
@@ -220,9 +220,11 @@ class Footprints:
         by one PSF FWHM (:meth:`flags_at`), or None when the tile has none.
     detections : numpy.ndarray or None
         float64 ``(D, 2)``: ``(x, y)`` of the plain detection (``plain_*`` of :class:`FootprintConfig`):
-        what a survey's own catalog of this image holds. A child not matched one to one to one of them
-        is a source only deblending finds (``DEBLEND_ADDED``, :func:`galgan_ray.field.measure.deblend_added`).
-        None: not made.
+        what a survey's own catalog of this image holds: of the tile itself (:func:`plain_detections`),
+        or, for a survey image brought onto the model's grid, of that image as delivered
+        (:attr:`galgan_ray.tiles.Tile.detections`), less those in a star's disc; the stars added. A child
+        not matched one to one to one of them is a source only deblending finds (``DEBLEND_ADDED``,
+        :func:`galgan_ray.field.measure.deblend_added`). None: not made.
     """
 
     image_sub: np.ndarray
@@ -640,8 +642,14 @@ def find_footprints(tile: Tile, *, config: FootprintConfig, detect: DetectConfig
         yy, xx = np.mgrid[:h, :w]
         for k in np.flatnonzero(is_star):
             star_disc |= np.hypot(xx - pk["x"][k], yy - pk["y"][k]) <= star_radius[k]
-    detections = plain_detections(det, bad=bad, psf=psf_det, noise_sigma=sig_det * noise_scale, detect=detect,
-                                  cfg=cfg, pixel_scale_arcsec=tile.pixel_scale_arcsec, exclude=star_disc)
+    if tile.detections is not None:  # a survey image: detected on its own pixels (to_model_tile)
+        d = np.asarray(tile.detections, dtype=np.float64).reshape(-1, 2)
+        ix_d = np.clip(np.rint(d[:, 0]).astype(np.int64), 0, w - 1)
+        iy_d = np.clip(np.rint(d[:, 1]).astype(np.int64), 0, h - 1)
+        detections = d[~star_disc[iy_d, ix_d]]
+    else:
+        detections = plain_detections(det, bad=bad, psf=psf_det, detect=detect, cfg=cfg,
+                                      pixel_scale_arcsec=tile.pixel_scale_arcsec, exclude=star_disc)
     if is_star.any():
         detections = np.vstack([detections, np.column_stack([pk["x"][is_star], pk["y"][is_star]])])
     ix = np.clip(np.rint(pk["x"]).astype(np.int64), 0, w - 1)
@@ -729,27 +737,26 @@ def find_footprints(tile: Tile, *, config: FootprintConfig, detect: DetectConfig
                       detections=detections)
 
 
-def plain_detections(det: np.ndarray, *, bad: np.ndarray, psf: np.ndarray, noise_sigma: float, detect: DetectConfig,
+def plain_detections(det: np.ndarray, *, bad: np.ndarray, psf: np.ndarray, detect: DetectConfig,
                      cfg: FootprintConfig, pixel_scale_arcsec: float, exclude: np.ndarray | None = None) -> np.ndarray:
     """``(D, 2)`` positions of the plain detection of the detection image (:attr:`Footprints.detections`).
 
-    A sep background of ``plain_back_arcsec`` mesh is subtracted; the matched-filter significance is
-    scaled to its own sky RMS (:func:`galgan_ray.detect.sky_rms`, as the real-sky benchmark's detector
-    does), thresholded at ``detect.nsigma`` and deblended SExtractor-style
+    A sep background of ``plain_back_arcsec`` mesh is subtracted; the matched-filter significance over
+    its own sky RMS (:func:`galgan_ray.detect.significance_map`, the real-sky benchmark's detector's)
+    is thresholded at ``detect.nsigma`` and deblended SExtractor-style
     (:func:`galgan_ray.detect.extract_objects`); unusable pixels and ``exclude`` (the stars' discs:
     :func:`find_footprints` adds the stars themselves) are left out.
     """
-    img = np.ascontiguousarray(np.where(bad, 0.0, det), dtype=np.float32)
+    bad = np.asarray(bad, bool)
+    img = np.ascontiguousarray(np.where(bad, 0.0, det), dtype=np.float64)
     if cfg.plain_back_arcsec > 0:  # SExtractor's "hot" mode: a fine mesh takes bright objects' wings
         h, w = img.shape
         mesh = int(max(1, min(max(8, round(cfg.plain_back_arcsec / float(pixel_scale_arcsec))), h, w)))
         back = sep.Background(img, mask=np.ascontiguousarray(bad), bw=mesh, bh=mesh, fw=3, fh=3).back()
         img = np.where(bad, 0.0, img - back)
-    mf = matched_filter(img, psf=psf, noise_sigma=noise_sigma, psf_energy=detect.psf_energy)
-    sig = mf["significance"]
-    if (~bad).any():  # in units of its own sky RMS
-        rms = sky_rms(sig, ~bad, half=max(mf["kernel"].shape[0] // 2, 1))
-        sig = sig / rms if rms > 0 else sig
+    if bad.all():
+        return np.zeros((0, 2))
+    sig, _, _ = significance_map(img, ~bad, psf, psf_energy=detect.psf_energy)
     minarea = max(1, int(round(cfg.plain_min_area_arcsec2 / float(pixel_scale_arcsec) ** 2)))
     mask = bad if exclude is None else (bad | exclude)
     x, y, _ = extract_objects(sig, nsigma=detect.nsigma, mask=mask, minarea=minarea,

@@ -385,7 +385,8 @@ def build_pipeline(sources: Sequence[str], *, config: FieldJobConfig, checkpoint
     #    is one block, i.e. one tile: a read task yields one 1-row block): Ray Data then fuses the
     #    reads into that pool (it fuses a task-pool map into a following actor pool when their remote
     #    args match and the actor pool asks for no batch size), so tiles are read in warm actors.
-    ds = ray.data.read_datasource(TileDatasource(sources, storage=config.storage, model=model),
+    ds = ray.data.read_datasource(TileDatasource(sources, storage=config.storage, model=model,
+                                                 footprints=config.field.footprints, detect=config.field.detect),
                                   override_num_blocks=len(sources),
                                   num_cpus=c.stage_num_cpus)
     ds = ds.map_batches(PrepareStage, fn_constructor_args=(model, config.field), fn_constructor_kwargs=kw,

@@ -17,8 +17,9 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from ..checkpoint import ModelGrid
+from ..detect import DetectConfig
 from ..errors import InputError
-from ..field import TileState, pack_state
+from ..field import FootprintConfig, TileState, pack_state
 from ..outputs import run_files, run_filesystem
 from ..storage import StorageConfig
 from ..survey import patch_tile_id, read_survey_patch
@@ -39,10 +40,12 @@ def _peek_tile_id(data: bytes) -> int:
     return -1
 
 
-def read_tile_row(source: str, storage: StorageConfig, model: ModelGrid | None = None) -> dict[str, Any]:
+def read_tile_row(source: str, storage: StorageConfig, model: ModelGrid | None = None,
+                  footprints: FootprintConfig | None = None, detect: DetectConfig | None = None) -> dict[str, Any]:
     """One tile source -> a pipeline row: ``ok`` with the packed :class:`~galgan_ray.field.TileState`,
     or ``failed`` at stage ``read`` with the reason (every problem becomes a failure row). A survey
-    patch needs the ``model`` whose grid it is brought onto."""
+    patch needs the ``model`` whose grid it is brought onto, and is detected on its own pixels with
+    the field config's ``footprints`` and ``detect`` (:attr:`galgan_ray.tiles.Tile.detections`)."""
     try:
         if PATCH_TAG in source:
             key = source.split(PATCH_TAG, 1)[0]
@@ -50,7 +53,8 @@ def read_tile_row(source: str, storage: StorageConfig, model: ModelGrid | None =
                 return make_row(patch_tile_id(key), source, "failed", "read",
                                 f"{key}: a survey patch is read onto a model's grid; no model was given", b"")
             try:
-                tile, _ = read_survey_patch(source, model=model, storage_options=storage.options_for(key))
+                tile, _ = read_survey_patch(source, model=model, storage_options=storage.options_for(key),
+                                            footprints=footprints, detect=detect)
             except InputError as exc:
                 return make_row(patch_tile_id(key), source, "failed", "read", str(exc), b"")
         elif "#row=" in source or source.lower().endswith(".parquet"):  # a Parquet row, or an unlistable file
@@ -80,24 +84,29 @@ class TileDatasource(Datasource):
     storage : StorageConfig
     model : ModelGrid, optional
         The model's grids, onto which survey patches are brought.
+    footprints, detect : FootprintConfig, DetectConfig, optional
+        The field config's, for the plain detection of survey patches on their own pixels.
     """
 
     def __init__(self, sources: Sequence[str], *, storage: StorageConfig = StorageConfig(),
-                 model: ModelGrid | None = None):
+                 model: ModelGrid | None = None, footprints: FootprintConfig | None = None,
+                 detect: DetectConfig | None = None):
         self.sources = list(sources)
         self.storage = storage
         self.model = model
+        self.footprints = footprints
+        self.detect = detect
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
-        storage, model = self.storage, self.model
+        storage, model, footprints, detect = self.storage, self.model, self.footprints, self.detect
         tasks = []
         for source in self.sources:
             def read_fn(source=source) -> Iterable[pa.Table]:
-                yield rows_table([read_tile_row(source, storage, model)])
+                yield rows_table([read_tile_row(source, storage, model, footprints, detect)])
 
             meta = BlockMetadata(num_rows=1, size_bytes=None, exec_stats=None, input_files=(source,))
             tasks.append(ReadTask(read_fn, meta))
