@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import real_sky as rs  # noqa: E402
 
 from galgan_ray.commands.deblend import deblend_file, default_field_config  # noqa: E402
+from galgan_ray.detect import significance_map  # noqa: E402
 from galgan_ray.enhance import Enhancer  # noqa: E402
 from galgan_ray.field import enhancer_noise_scale  # noqa: E402
 from galgan_ray.instrument import NJY_ZEROPOINT  # noqa: E402
@@ -85,7 +86,7 @@ def scene_rows(files, enhancer, noise, *, seed: int = 0) -> tuple[list[dict], li
     # The HST image at ground resolution: real_sky's own significance map (clipped sky RMS of the
     # filtered, background-subtracted image), with a Gaussian of the HSC seeing as the filter.
     kernel = draw_psf(PSFConfig(kind="gaussian", fwhm_arcsec=SMOOTH_FWHM_ARCSEC), pixel_scale_arcsec=s_hst)
-    smap, _ = rs._significance_map(truth.image, np.isfinite(sc.hst_image), kernel)
+    smap, _, _ = significance_map(truth.image, np.isfinite(sc.hst_image), kernel, psf_energy=1.0)
     if len(t_xy):
         d_hst, nearest = cKDTree(t_xy).query(d_xy)
         d_hst = d_hst * s_hst
