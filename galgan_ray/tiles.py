@@ -120,11 +120,9 @@ class Tile:
         celestial WCS of the image as delivered, in whose pixels the catalog reports positions
         (:meth:`catalog_pixels`). Not written to tile FITS files.
     detections : numpy.ndarray or None
-        float64 ``(D, 2)``: a survey image brought onto the model's grid
-        (:func:`galgan_ray.survey.to_model_tile`): the plain detection of the image *as delivered*
-        (its own pixels and PSF, :func:`galgan_ray.survey.native_detections`), as positions (x, y) in
-        this tile's pixels. The field's support test uses it in place of a detection of the resampled,
-        PSF-matched tile (:attr:`galgan_ray.field.Footprints.detections`). Not written to tile FITS files.
+        float64 ``(D, 2)`` (x, y) in this tile's pixels: a survey image's plain detection on its own
+        pixels (:func:`galgan_ray.survey.native_detections`), which the support test uses
+        (:attr:`galgan_ray.field.Footprints.detections`). Not written to tile FITS files.
     """
 
     tile_id: int
