@@ -112,7 +112,7 @@ from galgan_ray.commands.deblend import deblend_file, default_field_config
 from galgan_ray.field import enhancer_noise_scale
 from galgan_ray.baselines import richardson_lucy, upsample_bicubic, upsample_psf
 from galgan_ray.cutouts import COSMOS_F814W_ZEROPOINT, _zeropoint_from_header
-from galgan_ray.detect import extract_objects, significance_map
+from galgan_ray.detect import detect_plain
 from galgan_ray.enhance import Enhancer, enhance_image, estimate_noise_sigma
 from galgan_ray.errors import InputError
 from galgan_ray.geometry import pixel_scale_of
@@ -413,34 +413,29 @@ def detect_sources(image: np.ndarray, wcs: WCS, *, psf: np.ndarray, valid: np.nd
     ok = np.isfinite(img) if valid is None else (np.asarray(valid, bool) & np.isfinite(img))
     if not ok.any():
         raise InputError(source, "no usable pixels to detect on")
-    img = np.ascontiguousarray(np.where(ok, img, 0.0))
     bad = ~ok
     scale = float(pixel_scale_of(wcs))
-    mesh = int(max(8, min(round(BACK_MESH_ARCSEC / scale), min(img.shape))))
-    bkg = sep.Background(img, mask=bad, bw=mesh, bh=mesh, fw=BACK_FILTER, fh=BACK_FILTER)
-    sub = np.ascontiguousarray(np.where(ok, img - bkg.back(), 0.0))
-    smap, sigma_f, kernel = significance_map(sub, ok, psf, psf_energy=PSF_ENERGY)
-    if not sigma_f > 0:
-        raise InputError(source, "the sky RMS of the filtered image is 0 (a noiseless image?)")
-    minarea = max(1, round(MINAREA_ARCSEC2 / scale**2))
+    det_mask = np.zeros(img.shape, bool)
+    if exclude_radec is not None and exclude_radius_arcsec > 0:
+        qx, qy = wcs.world_to_pixel_values(*exclude_radec)
+        yy, xx = np.mgrid[:img.shape[0], :img.shape[1]]
+        det_mask = np.hypot(xx - qx, yy - qy) * scale <= exclude_radius_arcsec
     # sep thresholds and deblends the significance map itself (no further filter, absolute threshold).
     # Why not sep's own matched filter (an err array and filter_kernel): its deblending kept faint
     # galaxies on a quasar's wing in the quasar's segment even at deblend_cont = 0, where the same
     # sep on this map splits every local maximum.
-    smap = np.ascontiguousarray(smap)
-    det_mask = bad.copy()
-    if exclude_radec is not None and exclude_radius_arcsec > 0:
-        qx, qy = wcs.world_to_pixel_values(*exclude_radec)
-        yy, xx = np.mgrid[:img.shape[0], :img.shape[1]]
-        det_mask |= np.hypot(xx - qx, yy - qy) * scale <= exclude_radius_arcsec
-    x, y, objs = extract_objects(smap, nsigma=NSIGMA, mask=det_mask, minarea=minarea,
-                                 deblend_nthresh=DEBLEND_NTHRESH, deblend_cont=DEBLEND_CONT, clean=CLEAN)
+    r = detect_plain(img, bad, psf, pixel_scale_arcsec=scale, nsigma=NSIGMA, back_arcsec=BACK_MESH_ARCSEC,
+                     back_filter=BACK_FILTER, minarea_arcsec2=MINAREA_ARCSEC2, deblend_nthresh=DEBLEND_NTHRESH,
+                     deblend_cont=DEBLEND_CONT, clean=CLEAN, exclude=det_mask, psf_energy=PSF_ENERGY)
+    if not r["rms"] > 0:
+        raise InputError(source, "the sky RMS of the filtered image is 0 (a noiseless image?)")
+    x, y, objs, minarea, kernel = r["x"], r["y"], r["objects"], r["minarea_px"], r["kernel"]
     if len(x):
         ra, dec = (np.asarray(v, float) for v in wcs.pixel_to_world_values(x, y))
     else:
         ra, dec = np.zeros(0), np.zeros(0)
-    return Detections(x=x, y=y, ra=ra, dec=dec, objects=objs, image=sub, sigma_filtered=sigma_f,
-                      sigma_pixel=float(bkg.globalrms), minarea_px=minarea, pixel_scale_arcsec=scale,
+    return Detections(x=x, y=y, ra=ra, dec=dec, objects=objs, image=r["image_sub"], sigma_filtered=r["rms"],
+                      sigma_pixel=r["back_rms"], minarea_px=minarea, pixel_scale_arcsec=scale,
                       kernel_shape=tuple(int(v) for v in kernel.shape))
 
 

@@ -384,6 +384,48 @@ def significance_map(image: np.ndarray, valid: np.ndarray, psf: np.ndarray, *, p
     return (np.where(valid, fmap / s, 0.0) if s > 0 else fmap), float(s), kernel
 
 
+def detect_plain(image: np.ndarray, bad: np.ndarray, psf: np.ndarray, *, pixel_scale_arcsec: float, nsigma: float,
+                 back_arcsec: float, minarea_arcsec2: float, deblend_nthresh: int = 32, deblend_cont: float = 0.005,
+                 clean: bool = False, back_filter: int = 3, exclude: np.ndarray | None = None,
+                 psf_energy: float = 0.999) -> dict:
+    """The plain detection of one image: what a survey's own catalog of it would list.
+
+    A sep background of a ``back_arcsec`` mesh (at least 8 px, at most the image; SExtractor's "hot"
+    mode, which takes bright objects' wings; 0: none) with a ``back_filter`` median filter is
+    subtracted; the :func:`significance_map` is thresholded at ``nsigma`` and deblended
+    (:func:`extract_objects`, ``minarea_arcsec2`` in pixels, at least 1), ``bad`` and ``exclude``
+    left out. The field's plain detection (:func:`galgan_ray.field.footprints.plain_detections`) and
+    the real-sky benchmark's one detector (``bench/real_sky.py``) are this function.
+
+    Returns
+    -------
+    dict
+        ``x``, ``y`` (0-based), ``objects`` (sep's table), ``image_sub`` (background-subtracted, 0 on
+        ``bad``), ``rms`` (the filtered map's sky RMS; 0 when none), ``back_rms`` (sep's global RMS per
+        pixel; nan without a background), ``minarea_px``, ``kernel``; empty when every pixel is bad.
+    """
+    bad = np.asarray(bad, bool)
+    img = np.ascontiguousarray(np.where(bad, 0.0, image), dtype=np.float64)
+    scale = float(pixel_scale_arcsec)
+    minarea = max(1, int(round(minarea_arcsec2 / scale**2)))
+    if bad.all():
+        return {"x": np.zeros(0), "y": np.zeros(0), "objects": None, "image_sub": img, "rms": 0.0,
+                "back_rms": float("nan"), "minarea_px": minarea, "kernel": None}
+    back_rms = float("nan")
+    if back_arcsec > 0:
+        h, w = img.shape
+        mesh = int(max(1, min(max(8, round(back_arcsec / scale)), h, w)))
+        bkg = sep.Background(img, mask=np.ascontiguousarray(bad), bw=mesh, bh=mesh, fw=back_filter, fh=back_filter)
+        img = np.where(bad, 0.0, img - bkg.back())
+        back_rms = float(bkg.globalrms)
+    sig, rms, kernel = significance_map(img, ~bad, psf, psf_energy=psf_energy)
+    mask = bad if exclude is None else (bad | np.asarray(exclude, bool))
+    x, y, objs = extract_objects(sig, nsigma=nsigma, mask=mask, minarea=minarea, deblend_nthresh=deblend_nthresh,
+                                 deblend_cont=deblend_cont, clean=clean)
+    return {"x": x, "y": y, "objects": objs, "image_sub": np.ascontiguousarray(img), "rms": rms, "back_rms": back_rms,
+            "minarea_px": minarea, "kernel": kernel}
+
+
 def extract_objects(significance: np.ndarray, *, nsigma: float, mask: np.ndarray | None = None, minarea: int = 1,
                     deblend_nthresh: int = 32, deblend_cont: float = 0.005, clean: bool = False
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -466,17 +466,15 @@ def native_detections(images: Sequence[SurveyImage], wcs_lr: WCS, *, grid: Model
         scale = float(pixel_scale_of(w0))
         planes = np.stack([np.where(ims[b].bad, 0.0, ims[b].image) for b in g])
         var = []
-        for b in g:
+        for b in g:  # the coadd's weights (one band: only where it is usable matters)
             si = ims[b]
             if si.variance is not None:
                 v = np.asarray(si.variance, dtype=np.float64)
             else:
-                v = np.full(si.image.shape, estimate_noise_sigma(si.image, mask=si.bad) ** 2)
+                v = np.full(si.image.shape, estimate_noise_sigma(si.image, mask=si.bad) ** 2 if len(g) > 1 else 1.0)
             var.append(np.where(si.bad | ~(v > 0), np.inf, v))
         det, dvar = coadd_detection_image(planes, np.stack(var))
         bad = ~np.isfinite(dvar)
-        if bad.all():
-            continue
         psfs = [_native_psf(ims[b], scale, grid, b) for b in g]
         n = max(p.shape[0] for p in psfs)
         psf = np.mean([np.pad(p, (n - p.shape[0]) // 2) for p in psfs], axis=0)

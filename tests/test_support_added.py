@@ -101,6 +101,17 @@ def test_a_tile_that_carries_its_detection_keeps_it_less_the_stars_discs():
     assert tile_from_arrays(*pack_tile_arrays(point_tile(pos, [1.0] * 3))).detections is None
 
 
+def _cosmos_cutout(shared_data, field: int) -> tuple[str, str]:
+    """The HSC i cutout of one real COSMOS field as downloaded and its PSF file (skip when absent)."""
+    import glob
+
+    d = shared_data / "hsc_hst_qso_fields"
+    img = glob.glob(str(d / "hsc" / f"{field}-cutout-HSC-I-*.fits"))
+    if not img:
+        pytest.skip(f"the COSMOS cutouts are not at {d}")
+    return img[0], glob.glob(str(d / "hsc_psf" / f"{field}-psf-calexp-*-HSC-I-*.fits"))[0]
+
+
 def _survey_image(radec, *, crpix_shift=0.0, seed=0, n=110):
     from galgan_ray.geometry import make_tan_wcs
     from galgan_ray.survey import SurveyImage
@@ -145,27 +156,22 @@ def test_bands_are_detected_on_their_own_pixels_each_source_once():
 def test_a_survey_image_is_detected_on_its_own_pixels_as_the_real_sky_benchmark_detects_it(shared_data):
     """to_model_tile's detection of a real HSC cutout as downloaded is the real-sky benchmark's hsc row
     (bench/real_sky.py's one detector, the quasar not masked): the same objects at the same RA/Dec."""
-    import glob
-
     from conftest import load_bench
 
     from galgan_ray.checkpoint import ModelGrid
     from galgan_ray.instrument import get_band
     from galgan_ray.survey import read_survey_image, to_model_tile
 
-    d = shared_data / "hsc_hst_qso_fields"
-    img = glob.glob(str(d / "hsc" / "10-cutout-HSC-I-*.fits"))
-    if not img:
-        pytest.skip(f"the COSMOS cutouts are not at {d}")
-    psf = glob.glob(str(d / "hsc_psf" / "10-psf-calexp-*-HSC-I-*.fits"))[0]
+    img, psf = _cosmos_cutout(shared_data, 10)
     rs = load_bench("real_sky")
-    si = read_survey_image(img[0], psf=psf)
+    si = read_survey_image(img, psf=psf)
     ref = rs.detect_sources(si.image, si.wcs, psf=si.psf, valid=~si.bad)
     grid = ModelGrid(high=(get_band("hst", "F775W"),), low=(get_band("hsc", "i"),))
     tile, _ = to_model_tile(si, model=grid)
     assert len(ref.ra) >= 5 and tile.detections.shape == (len(ref.ra), 2)
     ra, dec = tile.wcs.pixel_to_world_values(tile.detections[:, 0], tile.detections[:, 1])
-    sep = 3600.0 * np.hypot((ra[:, None] - ref.ra[None]) * np.cos(np.radians(dec[:, None])), dec[:, None] - ref.dec[None])
+    dra = (ra[:, None] - ref.ra[None]) * np.cos(np.radians(dec[:, None]))
+    sep = 3600.0 * np.hypot(dra, dec[:, None] - ref.dec[None])
     assert np.all(sep.min(axis=1) < 1e-4)  # arcsec: each at one of the benchmark's detections
     assert len(set(sep.argmin(axis=1))) == len(ref.ra)
 
@@ -196,7 +202,6 @@ def test_the_calibration_rule_keeps_the_simulated_skies_and_then_the_fewest_unco
 def test_a_threshold_only_cuts_rows_so_one_run_with_the_rule_off_gives_every_threshold(shared_data):
     """What bench/calibrate_support.py relies on: the catalog at support_snr_added = T is the rule-off
     catalog less its DEBLEND_ADDED rows below T, on a real COSMOS cutout as downloaded."""
-    import glob
     from dataclasses import replace
 
     from conftest import load_bench
@@ -207,18 +212,14 @@ def test_a_threshold_only_cuts_rows_so_one_run_with_the_rule_off_gives_every_thr
 
     if not model_available("default"):
         pytest.skip("the shipped default model is not installed")
-    d = shared_data / "hsc_hst_qso_fields"
-    img = glob.glob(str(d / "hsc" / "2-cutout-HSC-I-*.fits"))
-    if not img:
-        pytest.skip(f"the COSMOS cutouts are not at {d}")
-    psf = glob.glob(str(d / "hsc_psf" / "2-psf-calexp-*-HSC-I-*.fits"))[0]
+    img, psf = _cosmos_cutout(shared_data, 2)
     cs = load_bench("calibrate_support")
     shipped = default_field_config()
     enh = Enhancer("default")
     noise = enhancer_noise_scale(enh, shipped)
     off = replace(shipped, measure=replace(shipped.measure, support_snr_added=shipped.measure.support_snr))
-    rows_off = cs.catalog_rows(deblend_file(img[0], psf=psf, enhancer=enh, noise=noise, config=off)[0])
-    rows_on = cs.catalog_rows(deblend_file(img[0], psf=psf, enhancer=enh, noise=noise, config=shipped)[0])
+    rows_off = cs.catalog_rows(deblend_file(img, psf=psf, enhancer=enh, noise=noise, config=off)[0])
+    rows_on = cs.catalog_rows(deblend_file(img, psf=psf, enhancer=enh, noise=noise, config=shipped)[0])
     keep = cs.kept_at(rows_off, shipped.measure.support_snr_added)
     assert 0 < keep.sum() < len(keep)  # the threshold removes some rows of this cutout, not all
     for k in ("ra", "dec", "snr", "added"):

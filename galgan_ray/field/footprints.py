@@ -32,7 +32,7 @@ import sep
 from scipy import ndimage
 from scipy.interpolate import RectBivariateSpline
 
-from ..detect import DetectConfig, extract_objects, find_peaks_tiled, matched_filter, significance_map
+from ..detect import DetectConfig, detect_plain, find_peaks_tiled, matched_filter
 from ..errors import ConfigError
 from ..flags import flag_bit
 from ..geometry import extract_box
@@ -739,29 +739,16 @@ def find_footprints(tile: Tile, *, config: FootprintConfig, detect: DetectConfig
 
 def plain_detections(det: np.ndarray, *, bad: np.ndarray, psf: np.ndarray, detect: DetectConfig,
                      cfg: FootprintConfig, pixel_scale_arcsec: float, exclude: np.ndarray | None = None) -> np.ndarray:
-    """``(D, 2)`` positions of the plain detection of the detection image (:attr:`Footprints.detections`).
-
-    A sep background of ``plain_back_arcsec`` mesh is subtracted; the matched-filter significance over
-    its own sky RMS (:func:`galgan_ray.detect.significance_map`, the real-sky benchmark's detector's)
-    is thresholded at ``detect.nsigma`` and deblended SExtractor-style
-    (:func:`galgan_ray.detect.extract_objects`); unusable pixels and ``exclude`` (the stars' discs:
-    :func:`find_footprints` adds the stars themselves) are left out.
+    """``(D, 2)`` positions of the plain detection of the detection image (:attr:`Footprints.detections`):
+    :func:`galgan_ray.detect.detect_plain` (the real-sky benchmark's detector) with the ``plain_*``
+    settings and the detector's ``nsigma``; ``exclude`` (the stars' discs: :func:`find_footprints`
+    adds the stars themselves) left out.
     """
-    bad = np.asarray(bad, bool)
-    img = np.ascontiguousarray(np.where(bad, 0.0, det), dtype=np.float64)
-    if cfg.plain_back_arcsec > 0:  # SExtractor's "hot" mode: a fine mesh takes bright objects' wings
-        h, w = img.shape
-        mesh = int(max(1, min(max(8, round(cfg.plain_back_arcsec / float(pixel_scale_arcsec))), h, w)))
-        back = sep.Background(img, mask=np.ascontiguousarray(bad), bw=mesh, bh=mesh, fw=3, fh=3).back()
-        img = np.where(bad, 0.0, img - back)
-    if bad.all():
-        return np.zeros((0, 2))
-    sig, _, _ = significance_map(img, ~bad, psf, psf_energy=detect.psf_energy)
-    minarea = max(1, int(round(cfg.plain_min_area_arcsec2 / float(pixel_scale_arcsec) ** 2)))
-    mask = bad if exclude is None else (bad | exclude)
-    x, y, _ = extract_objects(sig, nsigma=detect.nsigma, mask=mask, minarea=minarea,
-                              deblend_nthresh=cfg.plain_deblend_nthresh, deblend_cont=cfg.plain_deblend_cont)
-    return np.column_stack([x, y]).astype(np.float64) if len(x) else np.zeros((0, 2))
+    r = detect_plain(det, bad, psf, pixel_scale_arcsec=pixel_scale_arcsec, nsigma=detect.nsigma,
+                     back_arcsec=cfg.plain_back_arcsec, minarea_arcsec2=cfg.plain_min_area_arcsec2,
+                     deblend_nthresh=cfg.plain_deblend_nthresh, deblend_cont=cfg.plain_deblend_cont,
+                     exclude=exclude, psf_energy=detect.psf_energy)
+    return np.column_stack([r["x"], r["y"]]).astype(np.float64) if len(r["x"]) else np.zeros((0, 2))
 
 
 def _unit_noise(sig: np.ndarray, *, sky: np.ndarray, usable: np.ndarray | None, min_pixels: int) -> float | None:
