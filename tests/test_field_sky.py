@@ -78,6 +78,24 @@ def test_mesh_background_returns_a_plane_as_it_went_in():
     assert np.all(mesh_background(noisy, np.zeros((h, w), bool)) == 0.0)  # nothing usable: no sky
 
 
+def test_an_image_smaller_than_two_meshes_keeps_its_gradient():
+    """A data-access cutout (~100 px, one 64 px mesh a side): the gradient comes out as it went in,
+    the level too, with most of the image covered by masked sources (a constant would leave half the
+    gradient, +-0.5 sigma at the corners, in the subtracted image)."""
+    h, w = 96, 97
+    yy, xx = np.indices((h, w))
+    plane = 2.0 + 0.9 * (xx / w - 0.5) + 0.6 * (yy / h - 0.5)
+    np.testing.assert_allclose(mesh_background(plane, np.ones((h, w), bool)), plane, atol=1e-9)
+    rng = np.random.default_rng(1)
+    noisy = plane + rng.normal(0, 1, (h, w))
+    use = np.ones((h, w), bool)
+    use[20:80, 15:85] = False  # 40 % of the pixels: a bright source and its halo, masked
+    noisy[~use] += 50.0
+    b = mesh_background(noisy, use)
+    assert np.abs(b - plane).max() < 0.1, np.abs(b - plane).max()
+    np.testing.assert_allclose(mesh_background(noisy + 7.0, use), b + 7.0, atol=1e-6)
+
+
 @pytest.mark.parametrize("pedestal,gradient", [(1.0, 1.0), (0.5, 0.0), (-1.0, 2.0), (2.0, 3.0)])
 def test_footprints_survive_a_sky_pedestal_and_gradient(pedestal, gradient):
     """A residual sky of a sigma (and a gradient of one or two across the tile) gives the clean tile's

@@ -304,8 +304,11 @@ def mesh_background(image: np.ndarray, use: np.ndarray, *, mesh_px: int = 64, fi
     fewer than ``min_fraction`` of its area selected takes its nearest measured mesh's value; (3) a
     ``filter_size`` median filter over the meshes (of their residual from a plane, so that a gradient
     is kept at the borders); (4) a bicubic spline through the mesh centres
-    (exact on a plane, extrapolated to the image border). A constant and a linear gradient come out
-    as they went in; the mode is shift-equivariant, so a pedestal is removed whatever its level.
+    (exact on a plane, extrapolated to the image border); (5) along an axis that holds one mesh only
+    (an image smaller than two meshes, e.g. a data-access cutout), the gradient of the selected pixels
+    (:func:`_clipped_slope`), taken out before the meshes are measured and added back. A constant
+    and a linear gradient come out as they went in; the mode is shift-equivariant, so a pedestal is
+    removed whatever its level.
 
     Returns
     -------
@@ -317,6 +320,10 @@ def mesh_background(image: np.ndarray, use: np.ndarray, *, mesh_px: int = 64, fi
     h, w = img.shape
     m = int(max(4, min(mesh_px, h, w)))
     ny, nx = max(h // m, 1), max(w // m, 1)  # the rest of the image joins the last mesh
+    slope = 0.0
+    if (ny == 1 or nx == 1) and use.any():  # one mesh along an axis measures no gradient there
+        slope = _clipped_slope(img, use, along_y=ny == 1, along_x=nx == 1)
+        img = img - slope
     ye = np.r_[np.arange(ny) * m, h]
     xe = np.r_[np.arange(nx) * m, w]
     grid = np.full((ny, nx), np.nan)
@@ -332,7 +339,7 @@ def mesh_background(image: np.ndarray, use: np.ndarray, *, mesh_px: int = 64, fi
     if not ok.any():
         if not use.any():
             return np.zeros((h, w))
-        return np.full((h, w), float(_clipped_mode(img[use][None])[0][0]))
+        return np.full((h, w), float(_clipped_mode(img[use][None])[0][0])) + slope
     if not ok.all():  # unmeasured meshes take their nearest measured neighbour's value
         idx = ndimage.distance_transform_edt(~ok, return_distances=False, return_indices=True)
         grid = grid[tuple(idx)]
@@ -350,7 +357,31 @@ def mesh_background(image: np.ndarray, use: np.ndarray, *, mesh_px: int = 64, fi
         xc, grid = np.array([xc[0] - 1.0, xc[0] + 1.0]), np.repeat(grid, 2, axis=1)
     spline = RectBivariateSpline(yc, xc, grid, kx=min(3, len(yc) - 1), ky=min(3, len(xc) - 1), s=0,
                                  bbox=[min(-0.5, yc[0]), max(h - 0.5, yc[-1]), min(-0.5, xc[0]), max(w - 0.5, xc[-1])])
-    return spline(np.arange(h), np.arange(w))
+    return spline(np.arange(h), np.arange(w)) + slope
+
+
+def _clipped_slope(resid: np.ndarray, use: np.ndarray, *, along_y: bool, along_x: bool, nsigma: float = 3.0,
+                   max_iter: int = 10) -> np.ndarray:
+    """The gradient of ``resid`` over the pixels ``use`` selects, along the axes asked for: a plane
+    fitted by least squares with ``nsigma`` clipping of its residuals (the sources left in fall out),
+    returned without its constant term (zero at the image centre: the meshes' modes give the level)."""
+    h, w = resid.shape
+    yy, xx = np.mgrid[:h, :w]
+    cols = [np.ones(h * w)] + ([(yy.ravel() - (h - 1) / 2.0)] if along_y else []) \
+        + ([(xx.ravel() - (w - 1) / 2.0)] if along_x else [])
+    a, r = np.stack(cols, axis=1), resid.ravel()
+    keep = use.ravel().copy()
+    if keep.sum() < 10 * a.shape[1]:
+        return np.zeros((h, w))
+    for _ in range(max_iter):
+        coef = np.linalg.lstsq(a[keep], r[keep], rcond=None)[0]
+        res = r - a @ coef
+        scale = 1.4826 * np.median(np.abs(res[keep] - np.median(res[keep])))
+        new = use.ravel() & (np.abs(res) <= nsigma * scale)
+        if np.array_equal(new, keep) or new.sum() < 10 * a.shape[1]:
+            break
+        keep = new
+    return (a[:, 1:] @ coef[1:]).reshape(h, w)
 
 
 def estimate_background(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
