@@ -495,10 +495,38 @@ def _to_lr_grid(data: np.ndarray, wcs_in: WCS, wcs_lr: WCS, shape_lr: tuple[int,
     return res * area * covered, foot
 
 
-def _psf_on_lr_grid(psf: np.ndarray, scale_psf: float, scale_lr: float, size: int) -> np.ndarray:
-    """A centred PSF image resampled (like the science image) onto a ``size`` LR grid, unit sum."""
+#: An input grid turned by less than this (degrees) from one of the LR grid's eight axis-aligned
+#: orientations (north-up, rotated by 90 degrees, mirrored) counts as that orientation: its PSF is
+#: resampled without a rotation that would only blur it.
+PSF_AXES_SNAP_DEG = 1.0
+
+
+def _psf_axes(wcs_in: WCS, shape_in: tuple[int, int], wcs_lr: WCS) -> np.ndarray:
+    """How the input's pixel axes lie on the LR grid at the input's centre: a 2x2 matrix of unit scale,
+    ``(dx_lr, dy_lr) = A @ (dx_in, dy_in)`` (the identity for a north-up, east-left input). A PSF image
+    drawn in the input's pixels is turned by it onto the (north-up) LR grid."""
+    ny, nx = shape_in
+    x0, y0 = (nx - 1) / 2.0, (ny - 1) / 2.0
+    ra, dec = wcs_in.pixel_to_world_values(np.array([x0, x0 + 1.0, x0]), np.array([y0, y0, y0 + 1.0]))
+    lx, ly = wcs_lr.world_to_pixel_values(ra, dec)
+    jac = np.array([[lx[1] - lx[0], lx[2] - lx[0]], [ly[1] - ly[0], ly[2] - ly[0]]])
+    jac /= math.sqrt(abs(np.linalg.det(jac)))
+    for snap in (np.array(m, dtype=float) for m in ([[1, 0], [0, 1]], [[-1, 0], [0, 1]], [[1, 0], [0, -1]],
+                                                    [[-1, 0], [0, -1]], [[0, 1], [1, 0]], [[0, -1], [1, 0]],
+                                                    [[0, 1], [-1, 0]], [[0, -1], [-1, 0]])):
+        if np.abs(jac - snap).max() < math.radians(PSF_AXES_SNAP_DEG):
+            return snap
+    return jac
+
+
+def _psf_on_lr_grid(psf: np.ndarray, scale_psf: float, scale_lr: float, size: int,
+                    axes: np.ndarray | None = None) -> np.ndarray:
+    """A centred PSF image resampled (like the science image) onto a ``size`` LR grid, unit sum.
+    ``axes``: how the PSF's pixel axes lie on the LR grid (:func:`_psf_axes`; default aligned)."""
     n_y, n_x = psf.shape
     w_in = make_tan_wcs(0.0, 0.0, pixel_scale_arcsec=scale_psf, shape=(n_y, n_x))
+    if axes is not None:  # the LR grid's CD (east-left, north-up) times the input's axes on it
+        w_in.wcs.cd = np.array([[-1.0, 0.0], [0.0, 1.0]]) @ np.asarray(axes, dtype=float) * (scale_psf / 3600.0)
     w_out = make_tan_wcs(0.0, 0.0, pixel_scale_arcsec=scale_lr, shape=(size, size))
     res, foot = reproject_exact((psf, w_in), w_out, shape_out=(size, size))
     return normalize_psf(np.nan_to_num(res * foot, nan=0.0), source="psf")
@@ -529,9 +557,11 @@ class _PSFPlan:
     fwhm_matched_arcsec: float | None = None
 
 
-def _plan_psf(psf_b: np.ndarray | None, *, scale_psf: float, enhancer: Enhancer, band: int, source: str
-              ) -> tuple[_PSFPlan, np.ndarray | None, str | None]:
-    """Compare a user's PSF with the model's on the LR grid; a matching kernel where it is narrower."""
+def _plan_psf(psf_b: np.ndarray | None, *, scale_psf: float, enhancer: Enhancer, band: int, source: str,
+              axes: np.ndarray | None = None) -> tuple[_PSFPlan, np.ndarray | None, str | None]:
+    """Compare a user's PSF with the model's on the LR grid; a matching kernel where it is narrower.
+    ``axes``: the input's pixel axes on the LR grid (:func:`_psf_axes`), so a rotated image's PSF is turned
+    with it."""
     s_lr = enhancer.pixel_scale_low_arcsec
     model_psf_cfg = enhancer.bands_low[band].psf
     size = max(int(math.ceil(6.0 * max(enhancer.psf_fwhm_low_arcsec(band), 2 * s_lr) / s_lr)) | 1, 15)
@@ -539,7 +569,7 @@ def _plan_psf(psf_b: np.ndarray | None, *, scale_psf: float, enhancer: Enhancer,
     f_model = measure_fwhm(target, pixel_scale_arcsec=s_lr)
     if psf_b is None:
         return _PSFPlan(float("nan"), f_model, "no-psf"), None, None
-    user = _psf_on_lr_grid(normalize_psf(psf_b, source=source), scale_psf, s_lr, size)
+    user = _psf_on_lr_grid(normalize_psf(psf_b, source=source), scale_psf, s_lr, size, axes=axes)
     f_user = measure_fwhm(user, pixel_scale_arcsec=s_lr)
     key = enhancer.bands_low[band].key
     if not np.isfinite(f_user):
@@ -718,7 +748,7 @@ def enhance_image(image, wcs: WCS, *, enhancer: Enhancer, sigma: float | Sequenc
     scale_psf = float(psf_pixel_scale_arcsec or scale_in)
     for b in range(n_bands):
         plan, kernel, msg = _plan_psf(None if psf is None else p[b], scale_psf=scale_psf, enhancer=enhancer,
-                                      band=b, source=f"{source} PSF")
+                                      band=b, source=f"{source} PSF", axes=_psf_axes(wcs_in, arr.shape[1:], wcs_lr))
         if kernel is not None:
             lr[b] = fftconvolve(lr[b], kernel, mode="same")
         if msg:

@@ -48,7 +48,7 @@ from scipy.signal import fftconvolve
 
 from .checkpoint import ModelGrid
 from .detect import DetectConfig
-from .enhance import Enhancer, _lr_grid, _plan_psf, _psf_on_lr_grid, _to_lr_grid, estimate_noise_sigma
+from .enhance import Enhancer, _lr_grid, _plan_psf, _psf_axes, _psf_on_lr_grid, _to_lr_grid, estimate_noise_sigma
 from .errors import InputError
 from .flags import flag_bit
 from .field.footprints import FootprintConfig, coadd_detection_image, plain_detections
@@ -187,7 +187,7 @@ def read_psf(path: str, *, hdu: int | None = None, data: bytes | None = None) ->
 def check_psf(psf: np.ndarray, *, source: str, max_offset_px: float = 0.25) -> np.ndarray:
     """A usable PSF: finite, odd and square after trimming, negative wings clipped to 0, unit sum, and
     centred (its centroid within ``max_offset_px`` of the central pixel; a larger offset is shifted
-    out by sub-pixel interpolation)."""
+    out: its whole pixels exactly, what remains by sub-pixel interpolation)."""
     p = np.asarray(psf, dtype=np.float64)
     if p.ndim != 2 or min(p.shape) < 3:
         raise InputError(source, f"PSF must be a 2-D image of at least 3x3 px, got shape {p.shape}")
@@ -212,6 +212,14 @@ def check_psf(psf: np.ndarray, *, source: str, max_offset_px: float = 0.25) -> n
         raise InputError(source, f"PSF is off-centre: it peaks at pixel ({px}, {py}), "
                                  f"{max(abs(py - c), abs(px - c)):.0f} px from the centre of its {n}x{n} image")
     dy, dx = offset(p)
+    around = np.hypot(yy - py, xx - px) <= max(3.0, n / 6.0)  # the centroid in a window about the peak
+    iy, ix = (int(round(float((p * around * v).sum() / (p * around).sum()) - c)) for v in (yy, xx))
+    if math.hypot(dy, dx) > max_offset_px and (iy or ix):  # whole pixels moved back exactly, not interpolated
+        q = np.zeros_like(p)
+        q[max(-iy, 0):n - max(iy, 0), max(-ix, 0):n - max(ix, 0)] = p[max(iy, 0):n - max(-iy, 0),
+                                                                      max(ix, 0):n - max(-ix, 0)]
+        p = q / q.sum()
+        dy, dx = offset(p)
     for _ in range(4):  # the centroid is taken in a window around the centre: iterate the shift out
         if math.hypot(dx, dy) <= (max_offset_px if _ == 0 else 0.02):
             break
@@ -379,7 +387,7 @@ def to_model_tile(images: SurveyImage | Sequence[SurveyImage], *, enhancer: Enha
         over = np.nan_to_num(over, nan=0.0) > 1e-3
         flag_lr = over[1:]
         plan, kernel, msg = _plan_psf(si.psf, scale_psf=si.psf_pixel_scale_arcsec, enhancer=planner, band=b,
-                                      source=f"{si.source} PSF")
+                                      source=f"{si.source} PSF", axes=_psf_axes(si.wcs, si.image.shape, wcs_lr))
         if plan.action == "no-psf":
             warnings_.append(f"{si.source}: no PSF given: the image is taken to have the model's PSF")
         if msg:

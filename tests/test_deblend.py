@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
+from astropy.wcs import WCS
 
 from galgan_ray.cli import main
 from galgan_ray.errors import InputError
@@ -100,6 +101,79 @@ def test_a_residual_sky_and_gradient_give_the_clean_catalog(shared_data, tmp_pat
         assert np.all(np.abs(fb - fa) < 0.5 * err + 0.01 * np.abs(fa)), (col, fa, fb, err)
 
 
+def _fpacked(img, out):
+    with fits.open(img) as h:
+        hl = fits.HDUList([fits.PrimaryHDU(header=h[0].header)])
+        for hdu in h[1:]:  # lossless tile compression, as fpack -g2 -q 0 writes it
+            hl.append(fits.CompImageHDU(data=hdu.data, header=hdu.header, compression_type="GZIP_2",
+                                        quantize_level=0.0))
+        hl.writeto(out)
+
+
+def _rubin_style(img, out):
+    with fits.open(img) as h:
+        njy = AB_NJY / h[0].header["FLUXMAG0"]
+        im = fits.ImageHDU((h[1].data * njy).astype(np.float32), h[1].header, name="IMAGE")
+        im.header["BUNIT"] = "nJy"
+        var = fits.ImageHDU((h[3].data * njy**2).astype(np.float32), h[3].header, name="VARIANCE")
+        fits.HDUList([fits.PrimaryHDU(), im, fits.ImageHDU(h[2].data, h[2].header, name="MASK"), var]).writeto(out)
+
+
+def _turned(img, psf, out, out_psf):
+    """The cutout turned by 90 degrees on its pixel grid, its WCS (a rotated CD matrix) and PSF with it."""
+    with fits.open(img) as h:
+        hl = fits.HDUList([fits.PrimaryHDU(header=h[0].header)])
+        for hdu in h[1:4]:
+            hd, nx = hdu.header.copy(), hdu.data.shape[1]
+            cd = WCS(hdu.header).celestial.pixel_scale_matrix @ np.array([[0, -1], [1, 0]])  # x_old = nx-1-y, y_old = x
+            for key in [k for k in hd if k.startswith(("CD1_", "CD2_", "PC1_", "PC2_", "CDELT"))]:
+                del hd[key]
+            for (i, j), v in np.ndenumerate(cd):
+                hd[f"CD{i + 1}_{j + 1}"] = v
+            hd["CRPIX1"], hd["CRPIX2"] = hdu.header["CRPIX2"], nx + 1 - hdu.header["CRPIX1"]
+            hl.append(fits.ImageHDU(np.ascontiguousarray(np.rot90(hdu.data)), hd))
+        hl.writeto(out)
+    with fits.open(psf) as h:
+        h[0].data = np.ascontiguousarray(np.rot90(h[0].data))
+        h.writeto(out_psf)
+
+
+def _off_centre(psf, out):
+    with fits.open(psf) as h:
+        h[0].data = np.roll(h[0].data, (1, -2), axis=(0, 1))  # 2 px east, 1 px north of its centre
+        h.writeto(out)
+
+
+@pytest.mark.parametrize("variant", ["fpack", "rubin", "turned", "off_centre_psf"])
+def test_the_same_sky_delivered_otherwise_gives_the_same_catalog(variant, shared_data, tmp_path):
+    """An fpack-compressed copy, a Rubin deep_coadd-style file (IMAGE/MASK/VARIANCE in nJy), the cutout
+    turned by 90 degrees with its WCS (a rotated CD matrix) and PSF, and an off-centre PSF (moved by whole
+    pixels, as a convention mismatch leaves it): each gives the catalog of the file as downloaded."""
+    img, psf = _qso_scene(shared_data)
+    new_img, new_psf = img, psf
+    if variant == "fpack":
+        _fpacked(img, new_img := str(tmp_path / "copy.fits.fz"))
+    elif variant == "rubin":
+        _rubin_style(img, new_img := str(tmp_path / "deep_coadd.fits"))
+    elif variant == "turned":
+        _turned(img, psf, new_img := str(tmp_path / "turned.fits"), new_psf := str(tmp_path / "turned_psf.fits"))
+    else:
+        _off_centre(psf, new_psf := str(tmp_path / "psf_off.fits"))
+    assert main(["deblend", img, "--psf", psf, "--out", str(tmp_path / "a.parquet")]) == 0
+    assert main(["deblend", new_img, "--psf", new_psf, "--out", str(tmp_path / "b.parquet")]) == 0
+    a, b = pq.read_table(tmp_path / "a.parquet").to_pydict(), pq.read_table(tmp_path / "b.parquet").to_pydict()
+    assert len(a["coord_ra"]) >= 5 and len(b["coord_ra"]) == len(a["coord_ra"])
+    cos = np.cos(np.radians(np.mean(a["coord_dec"])))
+    d = 3600 * np.hypot(cos * np.subtract.outer(a["coord_ra"], b["coord_ra"]),
+                        np.subtract.outer(a["coord_dec"], b["coord_dec"]))
+    j = d.argmin(axis=1)
+    assert d.min(axis=1).max() < 0.01 and len(set(j)) == len(j)  # arcsec
+    np.testing.assert_array_equal(np.asarray(a["flags"]), np.asarray(b["flags"])[j])
+    for col in ("i_gmmFlux", "i_templateFlux"):
+        fa, fb, err = np.asarray(a[col]), np.asarray(b[col])[j], np.asarray(a[col + "Err"])
+        assert np.all(np.abs(fb - fa) < 0.05 * err), (col, fa, fb, err)
+
+
 def test_counts_without_a_unit_are_refused_not_guessed(shared_data, tmp_path):
     img, _ = _qso_scene(shared_data)
     with fits.open(img) as h:
@@ -116,6 +190,13 @@ def test_psf_checks_recentre_clip_and_refuse():
     p = check_psf(g, source="psf.fits")
     c = (p * xx).sum() / p.sum()
     assert abs(c - 12.0) < 0.1 and p.min() >= 0 and p.sum() == pytest.approx(1.0)
+    # an asymmetric PSF moved by whole pixels comes back exactly (no interpolation to broaden it)
+    bump = 1 + 0.3 * np.exp(-((xx - 14) ** 2 + (yy - 12) ** 2) / 2.0)
+    lop = np.exp(-((xx - 12) ** 2 + (yy - 12) ** 2) / 8.0) * bump
+    ref = check_psf(lop, source="psf.fits")
+    for shift in [(0, 2), (2, -1), (-3, 0)]:
+        moved = check_psf(np.roll(lop, shift, axis=(0, 1)), source="psf.fits")
+        np.testing.assert_allclose(moved, ref, atol=1e-5 * ref.max())
     far = np.exp(-((xx - 22.0) ** 2 + (yy - 12.0) ** 2) / 2.0)
     with pytest.raises(InputError, match="psf.fits.*off-centre"):
         check_psf(far, source="psf.fits")

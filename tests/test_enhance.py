@@ -172,9 +172,10 @@ def test_windowed_plane_inference_equals_one_pass_and_skips_what_is_not_needed(e
 
 def test_rotated_wcs_and_noise_estimate(enhancer):
     data, wcs, truth, _ = _scene(noise=0.5)
-    rot = WCS(wcs.to_header())
+    rot = wcs.deepcopy()  # a CD WCS (through a header it would become CDELT and PC, and a CD set on it be ignored)
     th = np.radians(30.0)
     rot.wcs.cd = wcs.wcs.cd @ np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    assert abs(rot.pixel_scale_matrix[0, 1]) > 0.4 * abs(rot.pixel_scale_matrix[0, 0])  # turned indeed
     assert estimate_noise_sigma(data) == pytest.approx(0.5, rel=0.15)
     hr, wcs_hr, info = enhance_image(data, rot, enhancer=enhancer)
     assert hr.sum() == pytest.approx(data.sum(), rel=0.03)
@@ -182,6 +183,44 @@ def test_rotated_wcs_and_noise_estimate(enhancer):
     x, y = wcs_hr.world_to_pixel_values(ra, dec)
     yi, xi = np.unravel_index(np.argmax(hr), hr.shape)
     assert np.hypot(xi - x, yi - y) * 0.06 < 0.1
+
+
+@pytest.mark.parametrize("turn_deg", [90.0, 30.0, -145.0])
+def test_a_rotated_images_psf_is_turned_with_it(turn_deg):
+    """A PSF is drawn in its image's pixels: on an image whose pixel grid is turned on the sky (a rotated
+    CD matrix) it is turned with it onto the north-up LR grid, so an elongated PSF keeps its direction on
+    the sky. A north-up input is left exactly as it is."""
+    from galgan_ray.enhance import _lr_grid, _psf_axes, _psf_on_lr_grid
+
+    yy, xx = np.mgrid[:41, :41] - 20.0
+    elongated = np.exp(-0.5 * ((xx / 5.0) ** 2 + (yy / 2.5) ** 2))  # long along the image's x (east-west)
+    up = make_tan_wcs(150.1, 2.2, pixel_scale_arcsec=SCALE_IN, shape=(101, 101))
+    lr = _lr_grid(up, (101, 101), 0.18)
+    assert_allclose(_psf_axes(up, (101, 101), lr), np.eye(2))
+    ref = _psf_on_lr_grid(elongated, SCALE_IN, 0.18, 25, axes=_psf_axes(up, (101, 101), lr))
+    assert_allclose(ref, _psf_on_lr_grid(elongated, SCALE_IN, 0.18, 25))
+    th = np.radians(turn_deg)
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    turned = up.deepcopy()
+    turned.wcs.cd = up.wcs.cd @ rot  # image axis (dx, dy) lies where north-up's rot @ (dx, dy) does
+    # the same PSF on the sky, drawn in the turned image's pixels: value at u is the original's at rot @ u
+    drawn = ndimage_affine(elongated, rot)
+    axes = _psf_axes(turned, (101, 101), _lr_grid(turned, (101, 101), 0.18))
+    out = _psf_on_lr_grid(drawn, SCALE_IN, 0.18, 25, axes=axes)
+    tol = 1e-9 if turn_deg % 90 == 0 else 0.03
+    assert np.abs(out - ref).max() < tol * ref.max(), np.abs(out - ref).max() / ref.max()
+    unturned = _psf_on_lr_grid(drawn, SCALE_IN, 0.18, 25)  # what the grid got before: the wrong direction
+    assert np.abs(unturned - ref).max() > 0.1 * ref.max()
+
+
+def ndimage_affine(img, rot):
+    """``out[u] = img[rot @ u]`` about the centre, u and rot in (x, y) order."""
+    from scipy import ndimage
+
+    swap = np.array([[0, 1], [1, 0]])
+    m = swap @ rot @ swap  # (y, x) order
+    c = (np.array(img.shape) - 1) / 2.0
+    return ndimage.affine_transform(img, m, offset=c - m @ c, order=3, mode="constant")
 
 
 def test_input_errors_name_the_source(enhancer):
