@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,9 @@ import fsspec.config
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["StorageConfig", "open_fs", "join_url", "scrub_url", "write_bytes_atomic", "parquet_bytes"]
+from .errors import ConfigError
+
+__all__ = ["StorageConfig", "check_writable", "open_fs", "join_url", "scrub_url", "write_bytes_atomic", "parquet_bytes"]
 
 
 @dataclass(frozen=True)
@@ -95,3 +98,62 @@ def parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes()
+
+
+def check_writable(url: str, storage: StorageConfig = StorageConfig(), *, key: str = "output",
+                   folder: bool = True) -> str:
+    """Check before any work that ``url`` can be written: a folder (``folder``) or a file in one.
+
+    A local path (relative ones made absolute) must be, or lie in, a folder that can be created and
+    written: not a regular file, nor below one (a file's own path must not be a folder). On object
+    storage a probe object is written and removed with few retries, so a wrong endpoint, missing
+    bucket or missing credentials give one line at once instead of retries for minutes mid-run.
+
+    Returns
+    -------
+    str
+        The URL to write (an absolute path for local outputs).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``key`` and what is wrong with the location.
+    """
+    url = str(url)
+    protocol, _ = fsspec.core.split_protocol(url)
+    if protocol in (None, "file", "local"):
+        path = os.path.abspath(os.path.expanduser(url.split("://", 1)[1] if protocol else url))
+        if not folder and os.path.isdir(path):
+            raise ConfigError(key, f"{path} is a folder, not a file")
+        where = path if folder else os.path.dirname(path)
+        above = where
+        while not os.path.lexists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise ConfigError(key, f"{where} is a regular file, not a folder" if above == where
+                                   else f"{where} lies below {above}, a regular file, not a folder")
+        try:
+            os.makedirs(where, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=where)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as exc:
+            raise ConfigError(key, f"{where} cannot be written: {exc.strerror or exc}") from None
+        return path
+    options = dict(storage.options_for(url))
+    if protocol in ("s3", "s3a"):  # one attempt, short timeouts: an unreachable endpoint fails in seconds
+        options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 1}}
+    try:
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+        if hasattr(fs, "retries"):
+            fs.retries = 1  # s3fs retries each call 5 times on its own, with backoff
+        stripped = fs._strip_protocol(url).rstrip("/")
+        probe = posixpath.join(stripped if folder else posixpath.dirname(stripped),
+                               f".write-probe-{uuid.uuid4().hex}")
+        with fs.open(probe, "wb") as fh:
+            fh.write(b"")
+        fs.rm(probe)
+    except Exception as exc:  # noqa: BLE001 - botocore, gcsfs, fsspec raise many kinds
+        text = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(key, f"{scrub_url(url)} cannot be written ({type(exc).__name__}: {text})") from None
+    return url

@@ -96,3 +96,38 @@ def test_a_relative_output_under_ray_job_submit_is_refused(tmp_path, monkeypatch
         check_output("output")
     assert not (tmp_path / "output").exists()
     assert check_output(str(tmp_path / "abs")) == str(tmp_path / "abs")
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [["deblend", "image.fits"], ["enhance", "image.fits"], ["evaluate"]])
+@pytest.mark.parametrize("where", ["below_a_file", "a_folder", "unreachable_s3"])
+def test_single_image_commands_check_their_output_before_any_work(command, where, tmp_path, monkeypatch, capsys):
+    """`galgan deblend`, `enhance` and `evaluate` refuse an output they could never write with one line
+    naming the option, before reading the image or building a benchmark (no traceback)."""
+    from galgan_ray.cli import main
+
+    (tmp_path / "notes.txt").write_text("not a folder")
+    (tmp_path / "a_folder").mkdir()
+    if where == "unreachable_s3":
+        monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        if command[0] != "deblend":
+            pytest.skip("enhance and evaluate write local files only")
+        out, expect = "s3://galgan-bucket/cat.parquet", "cannot be written (EndpointConnectionError"
+    elif where == "a_folder":
+        if command[0] == "evaluate":
+            pytest.skip("evaluate writes a folder")
+        out, expect = str(tmp_path / "a_folder"), "is a folder, not a file"
+    else:
+        out, expect = str(tmp_path / "notes.txt" / "out"), "regular file, not a folder"
+    t0 = time.monotonic()
+    assert main([*command, "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert time.monotonic() - t0 < 30
+    assert len(err) == 1 and err[0].startswith(f"galgan {command[0]}: error: --out: ") and expect in err[0], err

@@ -18,7 +18,7 @@ from ..flags import flag_bit
 from ..geometry import make_tan_wcs
 from ..provenance import provenance
 from ..schema import band_name, catalog_table
-from ..storage import StorageConfig, parquet_bytes, write_bytes_atomic
+from ..storage import StorageConfig, check_writable, parquet_bytes, write_bytes_atomic
 from ..survey import read_survey_image, to_model_tile
 from ._common import add_precision_argument
 
@@ -93,12 +93,15 @@ def deblend_file(image: str, *, psf: str | None = None, psf_pixel_scale_arcsec: 
 
 def run(args: argparse.Namespace) -> int:
     config = default_field_config(args.config)
+    out = check_writable(args.out, StorageConfig(), key="--out", folder=False)  # before any work
+    if args.enhanced:
+        check_writable(args.enhanced, key="--enhanced", folder=False)
     cols, summary, res, enh = deblend_file(args.image, psf=args.psf, psf_pixel_scale_arcsec=args.psf_pixel_scale,
                                            model=args.model, config=config, device=args.device,
                                            precision=args.precision)
     meta = {b"galgan_deblend": json.dumps({"summary": summary, "provenance": provenance()}, default=str).encode()}
     table = catalog_table(cols, bands=res.tile.bands, metadata=meta)
-    write_bytes_atomic(args.out, parquet_bytes(table), StorageConfig())
+    write_bytes_atomic(out, parquet_bytes(table), StorageConfig())
     if args.enhanced:
         # the enhanced tile again (the pipeline keeps only the cutouts' views), on the HR grid that
         # enhance_image gives the same LR grid: co-centred, factor times finer

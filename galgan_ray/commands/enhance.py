@@ -250,7 +250,9 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: galgan_ray.enhance pulls in scipy.signal (~0.5 s), and every `galgan` command imports
     # this module to register itself.
     from ..enhance import Enhancer, enhance_image
+    from ..storage import check_writable
 
+    check_writable(args.out, key="--out", folder=False)  # before any work
     enhancer = Enhancer(args.model, device=args.device, precision=args.precision)
     planes_arg = _parse_indices(args.band_index, args.image)
     image, wcs, header, rinfo = read_image(args.image, hdu=args.hdu, band_index=planes_arg,

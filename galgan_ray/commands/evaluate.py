@@ -9,6 +9,7 @@ from importlib import resources
 from ..config import load_config
 from ..evaluation import EvalSpec, evaluate, write_report
 from ..progress import note
+from ..storage import check_writable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     spec_path = args.spec or str(resources.files("galgan_ray").joinpath("data/benchmark_default.yaml"))
     spec = load_config(EvalSpec, spec_path, args.overrides)
+    check_writable(args.out, key="--out")  # a folder, before the ~6 min of work
     models = {"enhanced": args.model}
     if args.compare is None:
         from ..enhance import model_available  # here, not at the top: it imports scipy.signal (~0.5 s)

@@ -30,9 +30,7 @@ import json
 import logging
 import os
 import posixpath
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -50,7 +48,7 @@ from ..photometry import PhotometryComputeConfig
 from ..progress import progress_setting
 from ..provenance import provenance
 from ..sky import FieldSimConfig, make_simulated_field
-from ..storage import StorageConfig, join_url, open_fs, scrub_url, write_bytes_atomic
+from ..storage import StorageConfig, check_writable, join_url, open_fs, scrub_url, write_bytes_atomic
 from ..tiles import list_tile_sources
 from .commit import CommitStage, claim_output, commit_refused, plan_tiles, read_markers, release_output, run_fingerprint
 from .reading import TileDatasource
@@ -292,12 +290,11 @@ def _submitted_job() -> str | None:
 def check_output(output: str, storage: StorageConfig = StorageConfig()) -> str:
     """The output URL of a run, checked before any work starts (a relative local path made absolute).
 
-    A local path must be a folder that can be created and written (not a regular file, nor below
-    one). A relative one resolves against the working directory, except in a ``ray job submit``
-    entrypoint: that runs in Ray's copy of the uploaded working directory, which Ray deletes with
-    its session, and the submitter's directory is not known there, so it is refused. On object
-    storage a probe object is written and removed with few retries, so a wrong endpoint, missing
-    bucket or missing credentials give one line at once instead of retries for minutes mid-run.
+    :func:`galgan_ray.storage.check_writable` (a folder that can be created and written, or a probe
+    object on object storage). A relative local path resolves against the working directory, except
+    in a ``ray job submit`` entrypoint: that runs in Ray's copy of the uploaded working directory,
+    which Ray deletes with its session, and the submitter's directory is not known there, so it is
+    refused.
 
     Returns
     -------
@@ -321,35 +318,8 @@ def check_output(output: str, storage: StorageConfig = StorageConfig()) -> str:
                                             f"session), not where it was submitted; give an absolute path or a URL, "
                                             f"e.g. --set output=$PWD/{path.rstrip('/')} or --set output=s3://BUCKET/RUN")
             path = os.path.abspath(path)
-        above = path
-        while not os.path.lexists(above):
-            above = os.path.dirname(above)
-        if not os.path.isdir(above):
-            raise ConfigError("output", f"{path} is a regular file, not a folder" if above == path
-                                        else f"{path} lies below {above}, a regular file, not a folder")
-        try:
-            os.makedirs(path, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
-            os.close(fd)
-            os.remove(probe)
-        except OSError as exc:
-            raise ConfigError("output", f"{path} cannot be written: {exc.strerror or exc}") from None
-        return path
-    options = dict(storage.options_for(url))
-    if protocol in ("s3", "s3a"):  # one attempt, short timeouts: an unreachable endpoint fails in seconds
-        options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 1}}
-    try:
-        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
-        if hasattr(fs, "retries"):
-            fs.retries = 1  # s3fs retries each call 5 times on its own, with backoff
-        probe = posixpath.join(fs._strip_protocol(url).rstrip("/"), f".write-probe-{uuid.uuid4().hex}")
-        with fs.open(probe, "wb") as fh:
-            fh.write(b"")
-        fs.rm(probe)
-    except Exception as exc:  # noqa: BLE001 - botocore, gcsfs, fsspec raise many kinds
-        text = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise ConfigError("output", f"{scrub_url(url)} cannot be written ({type(exc).__name__}: {text})") from None
-    return url
+        url = path
+    return check_writable(url, storage)
 
 
 def simulate_inputs(config: FieldJobConfig) -> tuple[list[str], dict]:
