@@ -57,6 +57,9 @@ FLAGS: tuple[FlagDefinition, ...] = (
                                         "filter, SExtractor-style deblending; matched one to one within "
                                         "measure.added_radius_arcsec): a source only deblending finds; it needs a "
                                         "joint-fit S/N of measure.support_snr_added"),
+    FlagDefinition(18, "PSF_BROADER", "the input's PSF (a band of it) is broader than the model's by more than "
+                                      "enhance.PSF_BROADER_WARN (10%): it cannot be matched to the model's, which "
+                                      "was not trained for such seeing; children and fluxes are less reliable"),
 )
 
 _BY_NAME = {f.name: f for f in FLAGS}

@@ -390,6 +390,8 @@ def to_model_tile(images: SurveyImage | Sequence[SurveyImage], *, enhancer: Enha
                                       source=f"{si.source} PSF", axes=_psf_axes(si.wcs, si.image.shape, wcs_lr))
         if plan.action == "no-psf":
             warnings_.append(f"{si.source}: no PSF given: the image is taken to have the model's PSF")
+        if plan.action == "broader":  # every row of the tile says so (PSF_BROADER), not only this warning
+            pixel_flags |= np.int64(flag_bit("PSF_BROADER"))
         if msg:
             warnings_.append(msg)
         img = lr[0]

@@ -174,6 +174,25 @@ def test_the_same_sky_delivered_otherwise_gives_the_same_catalog(variant, shared
         assert np.all(np.abs(fb - fa) < 0.05 * err), (col, fa, fb, err)
 
 
+def test_a_psf_the_model_cannot_match_flags_every_row(shared_data, tmp_path, capsys):
+    """A PSF broader than the model's by more than 10% cannot be matched: the catalog is still made, and
+    every row says so (PSF_BROADER) beside the printed warning; the PSF as downloaded flags none."""
+    from scipy import ndimage
+
+    from galgan_ray.flags import flag_bit
+
+    img, psf = _qso_scene(shared_data)
+    with fits.open(psf) as h:
+        h[0].data = ndimage.gaussian_filter(h[0].data.astype(float), 3.0)  # ~1.4" instead of ~0.6"
+        h.writeto(tmp_path / "broad_psf.fits")
+    assert main(["deblend", img, "--psf", str(tmp_path / "broad_psf.fits"), "--out", str(tmp_path / "b.parquet")]) == 0
+    assert "broader than the model's" in capsys.readouterr().out
+    flags = pq.read_table(tmp_path / "b.parquet")["flags"].to_numpy()
+    assert len(flags) > 0 and np.all(flags & flag_bit("PSF_BROADER"))
+    assert main(["deblend", img, "--psf", psf, "--out", str(tmp_path / "a.parquet")]) == 0
+    assert not np.any(pq.read_table(tmp_path / "a.parquet")["flags"].to_numpy() & flag_bit("PSF_BROADER"))
+
+
 def test_counts_without_a_unit_are_refused_not_guessed(shared_data, tmp_path):
     img, _ = _qso_scene(shared_data)
     with fits.open(img) as h:

@@ -19,7 +19,8 @@ pixels (the tile's ``pixel_flags``, from the survey's mask planes), or whose bri
 significant and PSF-like (:func:`psf_extent`), holds a star, whose LR peaks become one ``STAR`` peak;
 its enhanced children are dropped later (:mod:`.children`), and a saturated star's disc is a
 footprint of its own that is not enhanced. The pixel flags (``SATURATED``, ``BRIGHT_OBJECT``,
-``NO_DATA``), grown by a PSF FWHM, reach the children near them (:meth:`Footprints.flags_at`).
+``NO_DATA``, and ``PSF_BROADER`` on every pixel of an image whose PSF the model's cannot match), grown
+by a PSF FWHM, reach the children near them (:meth:`Footprints.flags_at`).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ _STAR = flag_bit("STAR")
 _SATURATED = flag_bit("SATURATED")
 _MERGED = flag_bit("PEAK_MERGED")
 #: Pixel flags (the tile's ``pixel_flags``) a footprint takes from the pixels in and around it.
-_PIXEL_FLAGS = flag_bit("SATURATED") | flag_bit("BRIGHT_OBJECT") | flag_bit("NO_DATA")
+_PIXEL_FLAGS = flag_bit("SATURATED") | flag_bit("BRIGHT_OBJECT") | flag_bit("NO_DATA") | flag_bit("PSF_BROADER")
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,8 @@ class Footprints:
         int32 ``(K,)``: LR peaks in the footprint.
     flags : numpy.ndarray
         int64 ``(K,)``: ``EDGE`` (touches the tile edge), ``MASKED`` (holds masked pixels),
-        ``SATURATED``, ``BRIGHT_OBJECT``, ``NO_DATA`` (the tile's ``pixel_flags`` in or next to it),
+        ``SATURATED``, ``BRIGHT_OBJECT``, ``NO_DATA``, ``PSF_BROADER`` (the tile's ``pixel_flags`` in or
+        next to it),
         ``STAR`` (a saturated star's own footprint: not enhanced, :mod:`galgan_ray.field.cutouts`).
     peaks : LowPeaks
         The LR peaks.
@@ -216,8 +218,8 @@ class Footprints:
         The same for sep's 3 x 3 filtered image, by which the footprints' threshold was scaled (1
         where it is within 5% of white noise's, or ``measured_noise`` is off).
     pixel_flags : numpy.ndarray or None
-        int64 ``(H, W)``: the tile's ``SATURATED``, ``BRIGHT_OBJECT`` and ``NO_DATA`` pixel flags grown
-        by one PSF FWHM (:meth:`flags_at`), or None when the tile has none.
+        int64 ``(H, W)``: the tile's ``SATURATED``, ``BRIGHT_OBJECT``, ``NO_DATA`` and ``PSF_BROADER``
+        pixel flags grown by one PSF FWHM (:meth:`flags_at`), or None when the tile has none.
     detections : numpy.ndarray or None
         float64 ``(D, 2)``: ``(x, y)`` of the plain detection (``plain_*`` of :class:`FootprintConfig`):
         what a survey's own catalog of this image holds: of the tile itself (:func:`plain_detections`),
@@ -751,7 +753,7 @@ def find_footprints(tile: Tile, *, config: FootprintConfig, detect: DetectConfig
     if pixel_flags is not None and np.any(pixel_flags & _PIXEL_FLAGS):
         reach = float(measure_fwhm(psf_det))
         grown = np.zeros((h, w), np.int64)
-        for bit in (flag_bit("SATURATED"), flag_bit("BRIGHT_OBJECT"), flag_bit("NO_DATA")):
+        for bit in (flag_bit("SATURATED"), flag_bit("BRIGHT_OBJECT"), flag_bit("NO_DATA"), flag_bit("PSF_BROADER")):
             plane = (pixel_flags & bit) != 0
             if plane.any():
                 grown |= np.where(ndimage.distance_transform_edt(~plane) <= reach, np.int64(bit), np.int64(0))
