@@ -165,7 +165,16 @@ def read_image(path: str, *, hdu: int | None = None, band_index: list[int] | Non
 
 
 def read_psf_planes(path: str, *, planes: list[int] | None, n_bands: int) -> np.ndarray:
-    """PSF image(s) from FITS: ``(n, n)`` or the cube planes matching the image's, as ``(C, n, n)``."""
+    """PSF image(s) from FITS: ``(n, n)`` or the cube planes matching the image's, as ``(C, n, n)``,
+    each checked as ``galgan deblend`` checks its PSF (:func:`galgan_ray.survey.check_psf`: trimmed to
+    odd and square, negative wings clipped, re-centred or refused when off-centre)."""
+    from ..survey import check_psf  # here: it imports the field pipeline
+
+    stack = _read_psf_stack(path, planes=planes, n_bands=n_bands)
+    return np.stack([check_psf(p, source=path) for p in stack])
+
+
+def _read_psf_stack(path: str, *, planes: list[int] | None, n_bands: int) -> np.ndarray:
     try:
         with _strict_fits(), fits.open(path) as hdul:
             data = next((np.asarray(h.data, dtype=np.float64) for h in hdul if getattr(h, "data", None) is not None
