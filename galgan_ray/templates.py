@@ -354,12 +354,12 @@ def _split_block(p: np.ndarray, c: np.ndarray, valid: np.ndarray, sig: np.ndarra
     parts = raw[:, None] * share
     if config.leftover == "nearest":
         left = np.where(tot > 0, np.float32(0.0), raw)
-        if left.any():
-            yy, xx = np.arange(h), np.arange(w)
-            cx = np.where(valid, c[..., 0], np.nan)[:, :, None, None]
-            cy = np.where(valid, c[..., 1], np.nan)[:, :, None, None]
-            d2 = (xx[None, None, None, :] - cx) ** 2 + (yy[None, None, :, None] - cy) ** 2
-            d2 = np.where(valid[:, :, None, None], d2, np.inf)
+        pb, py, px = np.nonzero(left)  # the light no template covers: to the nearest child, pixel by pixel
+        if len(pb):
+            cx = np.where(valid, c[..., 0], np.nan)[pb]
+            cy = np.where(valid, c[..., 1], np.nan)[pb]
+            d2 = (px[:, None] - cx) ** 2 + (py[:, None] - cy) ** 2  # (P, S)
+            d2 = np.where(valid[pb], d2, np.inf)
             if (n_valid > 1).any():
                 # Only a child of the same island may take the light.
                 if lab is None:
@@ -367,10 +367,9 @@ def _split_block(p: np.ndarray, c: np.ndarray, valid: np.ndarray, sig: np.ndarra
                 lab_i = np.where(island, lab, 0)
                 child_lab = np.zeros((b, s), dtype=lab_i.dtype)
                 child_lab[bi, ki] = lab_i[bi, iy, ix]
-                other = (lab_i[:, None] != child_lab[:, :, None, None]) & (n_valid > 1)[:, None, None, None]
+                other = (lab_i[pb, py, px][:, None] != child_lab[pb]) & (n_valid > 1)[pb][:, None]
                 d2 = np.where(other, d2 + 1e12, d2)
-            near = np.argmin(d2, axis=1)
-            parts += left[:, None] * (near[:, None] == np.arange(s)[None, :, None, None])
+            parts[pb, np.argmin(d2, axis=1), py, px] += left[pb, py, px]
     parts[~valid] = 0.0
     return parts
 
