@@ -580,23 +580,23 @@ _FITS_EXT = (".fits", ".fit", ".fts", ".fits.gz", ".fits.fz")
 #: The fragment of a source that lists the files of one survey patch: ``FOLDER/KEY#patch={json}``,
 #: the JSON mapping each band to ``[image URL, PSF URL or null]`` (:func:`patch_source`).
 PATCH_TAG = "#patch="
-#: A band in a file name: a token (between ``-``, ``_``, ``.`` or the ends) that is one of ugrizy or a
+#: A band in a file name: a token (between ``-``, ``_``, ``.`` or the ends) that is one of ugrizy, i2, r2 or a
 #: narrow band (NB0921, N921), optionally after ``HSC-`` (``..._i.fits``, ``...-HSC-I-9813-...fits``).
-_BAND_IN_NAME = re.compile(r"(?i)(?:(?<=^)|(?<=[-_.]))(?:hsc[-_])?([ugrizy]|nb?\d{3,4})(?=$|[-_.])")
+_BAND_IN_NAME = re.compile(r"(?i)(?:(?<=^)|(?<=[-_.]))(?:hsc[-_])?([ugrizy]|[ir]2|nb?\d{3,4})(?=$|[-_.])")
 _PSF_IN_NAME = re.compile(r"(?i)(?:^|[-_.])psf(?:$|[-_.])")
 #: Primary-header keywords of the package's own tiles (a FITS file with none of them is a survey file).
 _TILE_KEYS = ("TILEID", "BANDS", "SIMULATD")
 
 
 def normalize_band(name: str | None) -> str:
-    """A band as the naming rule compares it: lower case, without a survey prefix (``HSC-I`` -> ``i``,
-    ``hsc_udeep/i`` -> ``i``, ``NB0921`` -> ``nb0921``); ``""`` for None."""
+    """A band as the naming rule compares it: lower case, no survey prefix (``HSC-I``, ``hsc_udeep/i`` and HSC's second
+    i filter ``HSC-I2`` -> ``i``, ``HSC-R2`` -> ``r``, ``NB0921`` -> ``nb0921``); ``""`` for None."""
     if not name:
         return ""
     b = str(name).strip().split("/")[-1].lower()
     for prefix in ("hsc-", "hsc_", "lsst-", "lsst_"):
         b = b.removeprefix(prefix)
-    return b
+    return b[:1] if b in ("i2", "r2") else b
 
 
 def _stem(url: str) -> str:

@@ -202,6 +202,22 @@ def test_the_naming_rule_groups_bands_of_a_patch_with_their_psfs():
     assert got[f"{d}/11-cutout-9813-pdr2_dud"]["i"][1] is None  # no PSF by the rule: a failure when read
 
 
+def test_hscs_second_i_and_r_filters_are_named_as_i_and_r():
+    """HSC-I2 and HSC-R2 (HSC's replacement i and r filters) pair with their PSFs and serve the model's
+    i and r; before, the name held no band token and the file had no PSF by the rule."""
+    from galgan_ray.tiles import group_survey_files, normalize_band, parse_patch_source
+
+    assert [normalize_band(b) for b in ("HSC-I2", "hsc-r2", "HSC-I", "i", "NB0921")] == ["i", "r", "i", "i", "nb0921"]
+    d, p = "/data/hsc", "/data/hsc_psf"
+    images = [(f"{d}/12-cutout-HSC-{b}-9813-pdr2_dud.fits", None) for b in ("G", "R2", "I2")]
+    psfs = [f"{p}/12-psf-calexp-pdr2_dud-HSC-{b}-9813-4,3-150.2-2.1.fits" for b in ("G", "R2", "I2")]
+    (src,) = group_survey_files(images, psfs)
+    bands = parse_patch_source(src)[1]
+    assert sorted(bands) == ["g", "i", "r"]
+    assert bands["i"] == (f"{d}/12-cutout-HSC-I2-9813-pdr2_dud.fits",
+                          f"{p}/12-psf-calexp-pdr2_dud-HSC-I2-9813-4,3-150.2-2.1.fits")
+
+
 def _survey_like(path, band="i", tileid=None):
     from astropy.io import fits
 
