@@ -48,7 +48,8 @@ from scipy.signal import fftconvolve
 
 from .checkpoint import ModelGrid
 from .detect import DetectConfig
-from .enhance import Enhancer, _lr_grid, _plan_psf, _psf_axes, _psf_on_lr_grid, _to_lr_grid, estimate_noise_sigma
+from .enhance import (PIXEL_SCALE_MAX_RATIO, Enhancer, _lr_grid, _plan_psf, _psf_axes, _psf_on_lr_grid, _to_lr_grid,
+                      estimate_noise_sigma)
 from .errors import InputError
 from .flags import flag_bit
 from .field.footprints import FootprintConfig, coadd_detection_image, plain_detections
@@ -369,6 +370,12 @@ def to_model_tile(images: SurveyImage | Sequence[SurveyImage], *, enhancer: Enha
         raise InputError(ims[0].source, f"{what}; the model takes {len(grid.low)} "
                                         f"({', '.join(grid.band_keys_low)})")
     s_lr = float(grid.low[0].pixel_scale_arcsec)
+    for si in ims:  # a WCS in the wrong units (CD in arcsec read as degrees) would ask for a grid of millions of px
+        if not (np.isfinite(si.pixel_scale_arcsec)
+                and s_lr / PIXEL_SCALE_MAX_RATIO <= si.pixel_scale_arcsec <= s_lr * PIXEL_SCALE_MAX_RATIO):
+            raise InputError(si.source, f"wrong pixel scale for the model: the WCS gives "
+                                        f"{si.pixel_scale_arcsec:.4g}\"/px, more than {PIXEL_SCALE_MAX_RATIO:g}x from "
+                                        f"the model's {s_lr}\"/px input (CD/CDELT in the wrong units?)")
     first = ims[0]
     wcs_lr = _lr_grid(first.wcs, first.image.shape, s_lr)
     shape_lr = (int(wcs_lr.pixel_shape[1]), int(wcs_lr.pixel_shape[0]))

@@ -303,7 +303,17 @@ SURVEY_KINDS: dict[str, tuple[Callable[[Path], None], str]] = {
                 else None, "obj_i.fits: the flux unit is unknown"),
     "corrupt-psf": (lambda d: (d / "obj_i_psf.fits").write_bytes(b"SIMPLE  = not a FITS file"),
                     "obj_i_psf.fits: cannot be read as FITS"),
+    # CD in arcsec read as degrees: a model grid of millions of pixels a side (a MemoryError before)
+    "wcs-units": (lambda d: _scale_cd(d / "obj_i.fits", 3600.0), "obj_i.fits: wrong pixel scale for the model"),
 }
+
+
+def _scale_cd(path: Path, factor: float) -> None:
+    with fits.open(path) as h:
+        hdr = h[1].header
+        for key in [k for k in ("CD1_1", "CD1_2", "CD2_1", "CD2_2", "CDELT1", "CDELT2") if k in hdr]:
+            hdr[key] = hdr[key] * factor
+        h.writeto(path, overwrite=True)
 
 
 @pytest.mark.parametrize("kind", list(SURVEY_KINDS))
