@@ -61,6 +61,9 @@ from .tiles import Tile, normalize_band, parse_patch_source, read_url_bytes
 __all__ = ["SurveyImage", "read_survey_image", "read_psf", "check_psf", "to_model_tile", "read_survey_patch",
            "patch_tile_id", "native_detections", "BAD_MASK_PLANES", "MASK_PLANE_FLAGS", "AB_NJY"]
 
+#: The smallest side (model LR pixels, ~2.9") of an image :func:`to_model_tile` takes: below it there is no
+#: room to measure a sky and a noise beside the sources (the plain detection's meshes are 2" wide).
+MIN_TILE_PX = 16
 #: One AB magnitude-0 source in nJy.
 AB_NJY = 3631e9
 #: Mask planes (HSC / Rubin names) whose pixels are not used (CR and INTRP on a coadd only record that
@@ -178,8 +181,11 @@ def read_psf(path: str, *, hdu: int | None = None, data: bytes | None = None) ->
             if hdu is not None:
                 cands = [hdul[hdu]]
             if not cands:
-                raise InputError(path, "holds no 2-D PSF image")
+                shapes = [np.shape(h.data) for h in hdul if getattr(h, "data", None) is not None]
+                raise InputError(path, f"holds no 2-D PSF image (its HDUs hold data of shapes {shapes})")
             data = np.asarray(cands[0].data, dtype=np.float64)
+    except InputError:
+        raise
     except (OSError, ValueError, EOFError) as exc:
         raise InputError(path, f"cannot be read as FITS ({exc})") from None
     return check_psf(data, source=path)
@@ -379,6 +385,9 @@ def to_model_tile(images: SurveyImage | Sequence[SurveyImage], *, enhancer: Enha
     first = ims[0]
     wcs_lr = _lr_grid(first.wcs, first.image.shape, s_lr)
     shape_lr = (int(wcs_lr.pixel_shape[1]), int(wcs_lr.pixel_shape[0]))
+    if min(shape_lr) < MIN_TILE_PX:
+        raise InputError(first.source, f"is {shape_lr[1]}x{shape_lr[0]} px on the model's {s_lr}\"/px grid, smaller "
+                                       f"than {MIN_TILE_PX} px a side: too small to measure its sky and noise")
     planes, variances, masks, per_band = [], [], [], []
     pixel_flags = np.zeros(shape_lr, np.int64)
     warnings_: list[str] = []

@@ -305,6 +305,10 @@ SURVEY_KINDS: dict[str, tuple[Callable[[Path], None], str]] = {
                     "obj_i_psf.fits: cannot be read as FITS"),
     # CD in arcsec read as degrees: a model grid of millions of pixels a side (a MemoryError before)
     "wcs-units": (lambda d: _scale_cd(d / "obj_i.fits", 3600.0), "obj_i.fits: wrong pixel scale for the model"),
+    "too-small": (lambda d: _survey_cutout(d / "obj_i.fits", n=12) if (d / "obj_i.fits").unlink() is None else None,
+                  "obj_i.fits: is 12x12 px on the model's"),
+    "psf-cube": (lambda d: fits.PrimaryHDU(np.ones((3, 25, 25))).writeto(d / "obj_i_psf.fits", overwrite=True),
+                 "obj_i_psf.fits: holds no 2-D PSF image (its HDUs hold data of shapes [(3, 25, 25)])"),
 }
 
 
