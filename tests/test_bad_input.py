@@ -380,6 +380,19 @@ def _enh_truncated(d: Path, ckpt: str):
     return image, ["enhance", image, "--model", ckpt], "truncated"
 
 
+def _enh_truncated_after_the_image(d: Path, ckpt: str):
+    """A download cut off after the image HDU (its mask and variance missing): refused as a whole, as
+    `galgan deblend` refuses it, not enhanced from the one complete HDU."""
+    image = str(d / "in.fits")
+    hdr = make_tan_wcs(150.1, 2.2, pixel_scale_arcsec=SCALE_IN, shape=(40, 40)).to_header()
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(_noise().astype(np.float32), header=hdr),
+                  fits.ImageHDU(np.zeros((40, 40), np.float32)), fits.ImageHDU(np.ones((40, 40), np.float32))]
+                 ).writeto(image)
+    data = Path(image).read_bytes()
+    Path(image).write_bytes(data[: len(data) - 4000])
+    return image, ["enhance", image, "--model", ckpt], "truncated"
+
+
 def _enh_psf(psf: Callable[[], np.ndarray] | None, problem: str):
     """A bad ``--psf`` file (None: it does not exist): the message names the PSF file."""
     def make(d: Path, ckpt: str):
@@ -415,6 +428,7 @@ def _enh_tampered_model(d: Path, ckpt: str):
 #: ``galgan enhance`` cases: ``make(dir, ckpt) -> (what the message must name, argv, problem)``.
 ENHANCE_KINDS = {
     "truncated_fits": _enh_truncated,
+    "truncated_after_the_image": _enh_truncated_after_the_image,
     "nan_pixels_everywhere": _enh_image(np.full((40, 40), np.nan), "no finite pixels"),
     "all_zero": _enh_image(np.zeros((40, 40)), "all pixels are zero"),
     "missing_wcs": _enh_image(_noise(), "no celestial WCS", wcs=False),

@@ -115,6 +115,7 @@ def read_image(path: str, *, hdu: int | None = None, band_index: list[int] | Non
     """
     try:
         with _strict_fits(), fits.open(path) as hdul:
+            hdul.readall()  # every HDU's header: a file truncated after the image is refused too, as deblend does
             if hdu is None:
                 idx = next((i for i, h in enumerate(hdul) if getattr(h, "data", None) is not None
                             and getattr(h, "is_image", False)), None)
