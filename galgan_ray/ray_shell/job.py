@@ -294,17 +294,8 @@ def check_output(output: str, storage: StorageConfig = StorageConfig()) -> str:
     object on object storage). A relative local path resolves against the working directory, except
     in a ``ray job submit`` entrypoint: that runs in Ray's copy of the uploaded working directory,
     which Ray deletes with its session, and the submitter's directory is not known there, so it is
-    refused.
-
-    Returns
-    -------
-    str
-        The URL to write (an absolute path for local outputs).
-
-    Raises
-    ------
-    ConfigError
-        Naming ``output`` and what is wrong with it.
+    refused. Returns the URL to write (an absolute path for local outputs); a :class:`ConfigError`
+    names ``output`` and what is wrong with it.
     """
     url = str(output)
     protocol, _ = fsspec.core.split_protocol(url)
