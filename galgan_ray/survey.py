@@ -34,6 +34,7 @@ import gzip
 import hashlib
 import io
 import math
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -375,6 +376,12 @@ def to_model_tile(images: SurveyImage | Sequence[SurveyImage], *, enhancer: Enha
         what = "one image holds one band" if len(ims) == 1 else f"{len(ims)} images"
         raise InputError(ims[0].source, f"{what}; the model takes {len(grid.low)} "
                                         f"({', '.join(grid.band_keys_low)})")
+    for si, key in zip(ims, grid.band_keys_low):  # g fluxes written as the model's i would be silently wrong
+        have, want = _band_token(si.band), _band_token(key)
+        if have and want and have != want:
+            raise InputError(si.source, f"is band {si.band!r} ({have}); the model takes {key!r} ({want}): its "
+                                        f"fluxes would be written as {want}'s (give an image of band {want}, or a "
+                                        f"model of band {have})")
     s_lr = float(grid.low[0].pixel_scale_arcsec)
     for si in ims:  # a WCS in the wrong units (CD in arcsec read as degrees) would ask for a grid of millions of px
         if not (np.isfinite(si.pixel_scale_arcsec)
@@ -455,6 +462,13 @@ def to_model_tile(images: SurveyImage | Sequence[SurveyImage], *, enhancer: Enha
             "unit": per_band[0]["unit"], "pixel_scale_in_arcsec": first.pixel_scale_arcsec, "shape_lr": shape_lr,
             "bad_fraction": float(mask.all(axis=0).mean()), "bands": per_band}
     return tile, info
+
+
+def _band_token(name: str | None) -> str:
+    """A survey band a name or FILTER value says (``HSC-G`` -> ``g``, Rubin's ``i_39`` -> ``i``), or ``""``
+    when it names none this rule knows (then nothing is checked against it)."""
+    token = normalize_band(name).split("_")[0]
+    return token if re.fullmatch(r"[ugrizy]|nb?\d{3,4}", token) else ""
 
 
 def _native_psf(si: SurveyImage, scale: float, grid: ModelGrid, band: int) -> np.ndarray:

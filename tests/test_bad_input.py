@@ -312,6 +312,20 @@ SURVEY_KINDS: dict[str, tuple[Callable[[Path], None], str]] = {
 }
 
 
+def test_galgan_deblend_refuses_a_file_of_another_band_than_the_models(tmp_path, capsys):
+    """A g image given to the i model: its fluxes would be written as i_*Flux. Refused, naming the file
+    and both bands; a file whose band is not known (no FILTER, no band token) is taken as it is."""
+    from galgan_ray.cli import main
+
+    g = _survey_cutout(tmp_path / "obj.fits", band="HSC-G")
+    psf = _survey_psf(tmp_path / "psf.fits")
+    assert main(["deblend", str(g), "--psf", str(psf), "--out", str(tmp_path / "c.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "obj.fits: is band 'HSC-G' (g); the model takes 'hsc_udeep/i' (i)" in err and "Traceback" not in err
+    unknown = _survey_cutout(tmp_path / "unknown.fits", band="")
+    assert main(["deblend", str(unknown), "--psf", str(psf), "--out", str(tmp_path / "u.parquet")]) == 0
+
+
 def _scale_cd(path: Path, factor: float) -> None:
     with fits.open(path) as h:
         hdr = h[1].header
@@ -393,6 +407,14 @@ def _enh_truncated_after_the_image(d: Path, ckpt: str):
     return image, ["enhance", image, "--model", ckpt], "truncated"
 
 
+def _enh_another_band(d: Path, ckpt: str):
+    """A g image given to an i model (its FILTER keyword says g): refused, as `galgan deblend` refuses it."""
+    image = _image_fits(d / "in.fits", _noise())
+    with fits.open(image, mode="update") as h:
+        h[0].header["FILTER"] = "HSC-G"
+    return image, ["enhance", image, "--model", ckpt], "is band 'HSC-G' (g)"
+
+
 def _enh_psf(psf: Callable[[], np.ndarray] | None, problem: str):
     """A bad ``--psf`` file (None: it does not exist): the message names the PSF file."""
     def make(d: Path, ckpt: str):
@@ -429,6 +451,7 @@ def _enh_tampered_model(d: Path, ckpt: str):
 ENHANCE_KINDS = {
     "truncated_fits": _enh_truncated,
     "truncated_after_the_image": _enh_truncated_after_the_image,
+    "another_band": _enh_another_band,
     "nan_pixels_everywhere": _enh_image(np.full((40, 40), np.nan), "no finite pixels"),
     "all_zero": _enh_image(np.zeros((40, 40)), "all pixels are zero"),
     "missing_wcs": _enh_image(_noise(), "no celestial WCS", wcs=False),

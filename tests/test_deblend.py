@@ -282,7 +282,7 @@ def test_mask_planes_become_pixel_flags_on_the_model_grid(tmp_path):
     assert tile.mask[0][round(y[0]), round(x[0])] and not tile.mask[0][round(y[1]), round(x[1])]
     # two bands of one patch: one tile of two planes on one grid
     si2 = read_survey_image(_hsc_like_file(str(tmp_path / "r.fits"), seed=1, band="HSC-R"))
-    grid2 = ModelGrid(high=grid.high * 2, low=(get_band("hsc", "i"), get_band("hsc", "i")))
+    grid2 = ModelGrid(high=grid.high * 2, low=(get_band("hsc", "i"), get_band("hsc", "r")))
     t2, info2 = to_model_tile([si, si2], model=grid2)
     assert t2.image.shape[0] == 2 and t2.shape == tile.shape and len(info2["bands"]) == 2
     # detected on the input's own pixels, the bands of one grid coadded: the one source, once, in both,

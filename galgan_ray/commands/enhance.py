@@ -130,6 +130,8 @@ def read_image(path: str, *, hdu: int | None = None, band_index: list[int] | Non
                 raise InputError(path, f"HDU {idx} holds no image")
             data = np.asarray(h.data, dtype=np.float64)
             header = h.header.copy()
+            band = next((str(x.header[k]).strip() for x in (h, hdul[0]) for k in ("FILTER", "BAND")
+                         if str(x.header.get(k, "")).strip()), None)
     except InputError:
         raise
     except FileNotFoundError as exc:
@@ -162,7 +164,7 @@ def read_image(path: str, *, hdu: int | None = None, band_index: list[int] | Non
         raise InputError(path, f"HDU {idx} has shape {data.shape}; expected a 2-D image or a (planes, y, x) cube")
     if not np.isfinite(data).any():
         raise InputError(path, f"HDU {idx} has no finite pixels (all NaN/inf)")
-    return data, wcs, header, {"hdu": idx, "planes": planes}
+    return data, wcs, header, {"hdu": idx, "planes": planes, "band": band}
 
 
 def read_psf_planes(path: str, *, planes: list[int] | None, n_bands: int) -> np.ndarray:
@@ -270,6 +272,14 @@ def run(args: argparse.Namespace) -> int:
     if image.shape[0] != enhancer.n_bands:
         raise InputError(args.image, f"{image.shape[0]} band(s) selected, the model {args.model} takes "
                                      f"{enhancer.n_bands} ({', '.join(enhancer.band_keys_low)})")
+    if enhancer.n_bands == 1 and rinfo["planes"] is None:  # as galgan deblend: a g image is not the i model's
+        from ..survey import _band_token
+
+        have, want = _band_token(rinfo["band"]), _band_token(enhancer.band_keys_low[0])
+        if have and want and have != want:
+            raise InputError(args.image, f"is band {rinfo['band']!r} ({have}); the model {args.model} takes "
+                                         f"{enhancer.band_keys_low[0]!r} ({want}): give an image of band {want}, "
+                                         f"or a model of band {have}")
     psf = None
     if args.psf:
         psf = read_psf_planes(args.psf, planes=rinfo["planes"], n_bands=enhancer.n_bands)
