@@ -149,6 +149,10 @@ class SRGANConfig:
         recipe) or ``double`` (nearest x2, cropped to the skip: the same operation at every position,
         so the network is translation-equivariant in steps of ``2**depth`` LR pixels and gives the
         same result on a whole image as on overlapping windows of it).
+    padding_mode : {"zeros", "reflect"}
+        What the U-Net's 3x3 convolutions see beyond the image edge: ``zeros`` (the models shipped
+        before it existed) or ``reflect`` (the image mirrored: no boundary the network can learn to
+        answer, so pure noise in gives no ring of bias on the outermost pixels).
     lr_size, hr_size, factor : int
         Grids: ``lr_size * factor - hr_size`` must be even and >= 0 (22 * 3 - 64 = 2: crop 1 px each side).
     scaling : ArcsinhScaling
@@ -170,6 +174,7 @@ class SRGANConfig:
     condition_upsample: Literal["bicubic", "nearest"] = "bicubic"
     icnr: bool = True
     decoder_upsample: Literal["to_size", "double"] = "to_size"
+    padding_mode: Literal["zeros", "reflect"] = "zeros"
     lr_size: int = 22
     hr_size: int = 64
     factor: int = 3
@@ -191,6 +196,8 @@ class SRGANConfig:
             raise ConfigError("SRGANConfig.depth", f"hr_size {self.hr_size} not divisible by 2**depth")
         if self.decoder_upsample not in ("to_size", "double"):
             raise ConfigError("SRGANConfig.decoder_upsample", f"must be to_size or double, got {self.decoder_upsample!r}")
+        if self.padding_mode not in ("zeros", "reflect"):
+            raise ConfigError("SRGANConfig.padding_mode", f"must be zeros or reflect, got {self.padding_mode!r}")
         if self.disc_depth < 1 or self.hr_size % (2**self.disc_depth):
             raise ConfigError("SRGANConfig.disc_depth", "hr_size must be divisible by 2**disc_depth")
 
@@ -383,6 +390,9 @@ class UNetSRGenerator(_SkipMixin, nn.Module):
         self.tail = nn.Conv2d(w // 2, cfg.out_channels, 3, padding=1)
         nn.init.zeros_(self.tail.weight)
         nn.init.zeros_(self.tail.bias)
+        for conv in self.modules():  # the padding of every 3x3 convolution (1x1 ones have none)
+            if isinstance(conv, nn.Conv2d) and conv.padding != (0, 0):
+                conv.padding_mode = cfg.padding_mode
 
     def forward(self, x: torch.Tensor, *, crop: bool = True) -> torch.Tensor:
         """``(N, C, h, w)`` scaled LR -> ``(N, C, factor*h - 2*crop, factor*w - 2*crop)`` scaled HR.

@@ -124,3 +124,29 @@ def test_icnr_starts_the_pixelshuffle_as_nearest_neighbour_upsampling():
         blocks = up.reshape(2, 16, 22, 3, 22, 3)
         spread = (blocks - blocks[:, :, :, :1, :, :1]).abs().amax().item()
         assert (spread == 0.0) if icnr else (spread > 1e-3)
+
+
+def test_reflect_padding_mirrors_the_image_at_every_3x3_convolution():
+    """padding_mode: every 3x3 convolution of the U-Net mirrors the image (1x1 ones have no padding);
+    the same weights give the same output away from the edges and a different one on them; zeros is
+    the default, so the shipped checkpoints (without the key) are read as they were trained."""
+    assert SRGANConfig().padding_mode == "zeros"
+    with pytest.raises(ConfigError, match="padding_mode"):
+        SRGANConfig(padding_mode="circular")
+    torch.manual_seed(0)
+    zeros = build_generator(SRGANConfig(decoder_upsample="double"))
+    reflect = build_generator(SRGANConfig(decoder_upsample="double", padding_mode="reflect"))
+    reflect.load_state_dict(zeros.state_dict())
+    convs = [m for m in reflect.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert {m.padding_mode for m in convs if m.padding != (0, 0)} == {"reflect"}
+    assert {m.padding_mode for m in zeros.modules() if isinstance(m, torch.nn.Conv2d)} == {"zeros"}
+    for m in list(zeros.modules()) + convs:  # nonzero tails, so that the network shows its padding
+        if isinstance(m, torch.nn.Conv2d) and not m.weight.abs().sum():
+            torch.nn.init.normal_(m.weight, std=0.05)
+    reflect.load_state_dict(zeros.state_dict())
+    x = torch.randn(1, 1, 44, 44)
+    with torch.no_grad():
+        a, b = zeros(x, crop=False), reflect(x, crop=False)
+    d = (a - b).abs()[0, 0]
+    assert d[60:72, 60:72].max() < 1e-5 and d[:3].max() > 1e-3
+    assert from_dict(SRGANConfig, to_dict(SRGANConfig(padding_mode="reflect"))).padding_mode == "reflect"
