@@ -150,9 +150,10 @@ class SRGANConfig:
         so the network is translation-equivariant in steps of ``2**depth`` LR pixels and gives the
         same result on a whole image as on overlapping windows of it).
     padding_mode : {"zeros", "reflect"}
-        What the U-Net's 3x3 convolutions see beyond the image edge: ``zeros`` (the models shipped
-        before it existed) or ``reflect`` (the image mirrored: no boundary the network can learn to
-        answer, so pure noise in gives no ring of bias on the outermost pixels).
+        What the U-Net's 3x3 convolutions see beyond the image edge: ``zeros`` (the shipped models)
+        or ``reflect`` (the image mirrored: no boundary for the network to learn an answer to; two
+        models trained with it lost the edge ring of bias on pure noise but painted more isolated
+        sources there, README "Trust").
     lr_size, hr_size, factor : int
         Grids: ``lr_size * factor - hr_size`` must be even and >= 0 (22 * 3 - 64 = 2: crop 1 px each side).
     scaling : ArcsinhScaling
