@@ -130,15 +130,27 @@ def window_error(enhancer: Enhancer, *, size: int = 150, window_px: int = 40, ha
     return float(np.abs(windowed - whole).max() / np.abs(whole).max())
 
 
-def noise_pattern(enhancer: Enhancer, *, n_images: int = 6, size: int = 120, seed: int = 20261202,
-                  pixel_scale_arcsec: float = 0.168) -> tuple[float, float]:
+def noise_pattern(enhancer: Enhancer, *, n_images: int = 6, size: int = 150, seed: int = 20261202,
+                  pixel_scale_arcsec: float = 0.168, psf_fwhm_arcsec: float | None = 0.6) -> tuple[float, float]:
     """The mean of ``n_images`` enhanced pure-noise images (:func:`galgan_ray.enhance.enhance_image`, an
     HSC-like 0.168"/px grid), 10% cut from each side: ``(its pixel scatter, its largest |pixel|)``,
-    both over what independent noise gives (the mean single-image scatter / sqrt(n_images)), as
-    ``../shared/tools/noise_pattern.py`` measures them."""
+    both over what independent noise gives (the mean single-image scatter / sqrt(n_images)).
+
+    The defaults are ``../shared/tools/noise_pattern.py``'s draw: ``size`` x ``size`` float32 images of
+    unit white noise from ``default_rng(seed)``, enhanced with a Moffat (beta 3.5) PSF of
+    ``psf_fwhm_arcsec`` on a 41x41 grid at the image's scale (``None``: no PSF given). Other seeds and
+    sizes draw other noise: ``bench/model_properties.py`` measures several, since one draw's brightest
+    pixel is that of the one noise peak the model paints brightest."""
     wcs = make_tan_wcs(150.1, 2.2, pixel_scale_arcsec=pixel_scale_arcsec, shape=(size, size))
+    psf = None
+    if psf_fwhm_arcsec is not None:
+        yy, xx = np.mgrid[-20:21, -20:21]
+        alpha = psf_fwhm_arcsec / pixel_scale_arcsec / (2 * np.sqrt(2 ** (1 / 3.5) - 1))
+        psf = (1 + (xx**2 + yy**2) / alpha**2) ** -3.5
+        psf = (psf / psf.sum()).astype(np.float32)
     rng = np.random.default_rng(seed)
-    outs = [enhance_image(rng.normal(0.0, 1.0, (size, size)), wcs, enhancer=enhancer)[0] for _ in range(n_images)]
+    outs = [enhance_image(rng.normal(0.0, 1.0, (size, size)).astype(np.float32), wcs, enhancer=enhancer,
+                          psf=psf)[0] for _ in range(n_images)]
     st = np.stack(outs).astype(np.float64)
     m = st.shape[-1] // 10
     st = st[:, m:-m, m:-m]

@@ -70,9 +70,12 @@ def test_windowed_inference_equals_whole_image_inference(enhancer):
 
 
 def test_enhanced_noise_images_hold_no_fixed_pattern(enhancer):
-    """The trust issue's check (as ../shared/tools/noise_pattern.py makes it): the mean of six enhanced
-    pure-noise images (0.168"/px, a 0.6" PSF) scatters like independent noise, with no dots, seams or
-    central sources: scatter within 1.3x of single-image scatter / sqrt(6), no pixel above 8x."""
+    """The trust issue's check on ../shared/tools/noise_pattern.py's own draw (its seed, six 150-px
+    images at 0.168"/px, a Moffat 0.6" PSF; the same pixels, 7.6x): the mean scatters like independent
+    noise, with no dots, seams or central sources: scatter within 1.3x of single-image scatter /
+    sqrt(6), no pixel above 8x. Other draws are not asserted: on them the brightest pixel is the one
+    noise peak the model paints brightest, and the default model fails 11 of 25 (bench/model_properties.py
+    prints them; a stated miss of the trust issue)."""
     ratio, brightest = noise_pattern(enhancer, n_images=6)
     assert ratio < 1.3 and brightest < 8, (ratio, brightest)
 
