@@ -127,7 +127,7 @@ def model_available(spec: str) -> bool:
 
 def resolve_model(spec: str | os.PathLike = "default") -> str:
     """Checkpoint path/URL of a model spec: ``"default"`` (1 band), ``"default-7band"``,
-    ``"default-fluxcons"`` (the default recipe with a ten times stronger flux-consistency term), or a path/URL.
+    ``"default-fluxcons"`` (the default recipe plus the flux-consistency term), or a path/URL.
 
     Returns
     -------

@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "OUT/table.md and Figs. 4-7.")
     p.add_argument("--model", default="default", help="SR checkpoint: 'default', 'default-7band' or a path/URL")
     p.add_argument("--compare", nargs="*", default=None, metavar="NAME=CHECKPOINT",
-                   help="more enhancers as extra rows (default: the shipped twin trained with a 10x stronger "
-                        "flux-consistency term, as enhanced_fluxcons; with --model default-7band the shipped 1-band model on the "
+                   help="more enhancers as extra rows (default: the shipped twin trained with the flux-consistency "
+                        "term, as enhanced_fluxcons; with --model default-7band the shipped 1-band model on the "
                         "spec's detect_band channel, as enhanced_1band)")
     p.add_argument("--spec", help="benchmark spec YAML (default: the committed benchmark_default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
