@@ -23,8 +23,15 @@ import numpy as np
 from .enhance import Enhancer, enhance_image
 from .geometry import make_tan_wcs
 
-__all__ = ["PositionalBias", "galaxy_field", "noise_pattern", "positional_bias", "shift_error", "window_error",
+__all__ = ["NOISE_PATTERN_BRIGHTEST_MAX", "NOISE_PATTERN_RATIO_MAX", "PositionalBias", "galaxy_field",
+           "noise_pattern", "noise_pattern_passes", "positional_bias", "shift_error", "window_error",
            "zero_response"]
+
+#: The trust issue's fixed-pattern check (``../shared/tools/noise_pattern.py``): the mean of the enhanced
+#: noise images scatters less than this many times independent noise's ...
+NOISE_PATTERN_RATIO_MAX = 1.3
+#: ... and no pixel of it stands above this many times that scatter.
+NOISE_PATTERN_BRIGHTEST_MAX = 8.0
 
 
 def zero_response(enhancer: Enhancer, *, size: int = 22, plane_px: int = 60) -> float:
@@ -143,8 +150,8 @@ def noise_pattern(enhancer: Enhancer, *, n_images: int = 6, size: int = 150, see
     pixel is that of the one noise peak the model paints brightest."""
     wcs = make_tan_wcs(150.1, 2.2, pixel_scale_arcsec=pixel_scale_arcsec, shape=(size, size))
     psf = None
-    if psf_fwhm_arcsec is not None:
-        yy, xx = np.mgrid[-20:21, -20:21]
+    if psf_fwhm_arcsec is not None:  # sampled at pixel centres as the outside script does (not psf.py's
+        yy, xx = np.mgrid[-20:21, -20:21]  # pixel-integrated galsim draw): the same input, the same pixels
         alpha = psf_fwhm_arcsec / pixel_scale_arcsec / (2 * np.sqrt(2 ** (1 / 3.5) - 1))
         psf = (1 + (xx**2 + yy**2) / alpha**2) ** -3.5
         psf = (psf / psf.sum()).astype(np.float32)
@@ -157,3 +164,8 @@ def noise_pattern(enhancer: Enhancer, *, n_images: int = 6, size: int = 150, see
     expect = np.mean([s.std() for s in st]) / np.sqrt(n_images)
     mean = st.mean(axis=0)
     return float(mean.std() / expect), float(np.abs(mean).max() / expect)
+
+
+def noise_pattern_passes(ratio: float, brightest: float) -> bool:
+    """The fixed-pattern check's verdict on one :func:`noise_pattern` draw."""
+    return ratio < NOISE_PATTERN_RATIO_MAX and brightest < NOISE_PATTERN_BRIGHTEST_MAX

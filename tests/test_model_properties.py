@@ -32,7 +32,8 @@ import pytest
 import torch
 
 from galgan_ray.enhance import Enhancer
-from galgan_ray.model_properties import noise_pattern, positional_bias, shift_error, window_error, zero_response
+from galgan_ray.model_properties import (noise_pattern, noise_pattern_passes, positional_bias, shift_error,
+                                         window_error, zero_response)
 
 MODELS = [os.environ.get('GALGAN_TEST_MODEL', 'default'), os.environ.get('GALGAN_TEST_MODEL_FLUXCONS', 'default-fluxcons')]
 
@@ -77,7 +78,7 @@ def test_enhanced_noise_images_hold_no_fixed_pattern(enhancer):
     noise peak the model paints brightest, and the default model fails 11 of 25 (bench/model_properties.py
     prints them; a stated miss of the trust issue)."""
     ratio, brightest = noise_pattern(enhancer, n_images=6)
-    assert ratio < 1.3 and brightest < 8, (ratio, brightest)
+    assert noise_pattern_passes(ratio, brightest), (ratio, brightest)  # < 1.3 and < 8
 
 
 # ------------------------------------------------------------------------------------------------
