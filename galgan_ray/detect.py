@@ -49,6 +49,7 @@ from .errors import ConfigError, InputError
 from .flags import flag_bit
 from .geometry import extract_box, pixel_scale_of
 from .psf import measure_fwhm, normalize_psf
+from .sky_plane import fit_sky_plane
 
 __all__ = ["DetectConfig", "find_peaks", "find_peaks_batch", "find_peaks_tiled", "matched_filter", "detection_images",
            "merge_close_peaks", "extract_objects", "sky_rms", "PEAK_COLUMNS"]
@@ -390,12 +391,13 @@ def detect_plain(image: np.ndarray, bad: np.ndarray, psf: np.ndarray, *, pixel_s
                  psf_energy: float = 0.999) -> dict:
     """The plain detection of one image: what a survey's own catalog of it would list.
 
-    A sep background of a ``back_arcsec`` mesh (at least 8 px, at most the image; SExtractor's "hot"
-    mode, which takes bright objects' wings; 0: none) with a ``back_filter`` median filter is
-    subtracted; the :func:`significance_map` is thresholded at ``nsigma`` and deblended
-    (:func:`extract_objects`, ``minarea_arcsec2`` in pixels, at least 1), ``bad`` and ``exclude``
-    left out. The field's plain detection (:func:`galgan_ray.field.footprints.plain_detections`) and
-    the real-sky benchmark's one detector (``bench/real_sky.py``) are this function.
+    A sep background of a ``back_arcsec`` mesh (at least 8 px, at most the image; SExtractor's "hot" mode,
+    which takes bright objects' wings; 0: none) with a ``back_filter`` median filter is subtracted, after the
+    sky's clipped gradient (:func:`galgan_ray.sky_plane.fit_sky_plane`); the :func:`significance_map` is
+    thresholded at ``nsigma`` and deblended (:func:`extract_objects`, ``minarea_arcsec2`` in pixels, at least
+    1), ``bad`` and ``exclude`` left out. The field's plain detection
+    (:func:`galgan_ray.field.footprints.plain_detections`) and the real-sky benchmark's one detector
+    (``bench/real_sky.py``) are this function.
 
     Returns
     -------
@@ -415,6 +417,8 @@ def detect_plain(image: np.ndarray, bad: np.ndarray, psf: np.ndarray, *, pixel_s
     if back_arcsec > 0:
         h, w = img.shape
         mesh = int(max(1, min(max(8, round(back_arcsec / scale)), h, w)))
+        # a residual gradient comes out first (a mesh's mode is exact on a constant, not on a slope)
+        img = np.where(bad, 0.0, img - fit_sky_plane(img, ~bad))
         bkg = sep.Background(img, mask=np.ascontiguousarray(bad), bw=mesh, bh=mesh, fw=back_filter, fh=back_filter)
         img = np.where(bad, 0.0, img - bkg.back())
         back_rms = float(bkg.globalrms)

@@ -60,6 +60,7 @@ from .geometry import make_tan_wcs, pixel_scale_of
 from .models import SRGANConfig, postprocess, prepare_batch
 from .progress import progress
 from .psf import draw_psf, measure_fwhm, normalize_psf
+from .sky_plane import convolve_keeping_sky, fit_sky_plane
 
 __all__ = ["DEFAULT_MODELS", "default_checkpoint", "resolve_model", "Enhancer", "enhance_image",
            "estimate_noise_sigma", "model_available", "NAMED_MODELS", "PSF_MATCH_TOLERANCE", "PSF_BROADER_WARN",
@@ -405,10 +406,11 @@ def _rebuild_enhancer(checkpoint: str, device: str | None, batch_size: int, prec
 def estimate_noise_sigma(image: np.ndarray, *, mask: np.ndarray | None = None) -> float:
     """Robust per-pixel noise sigma of a 2-D image with sources on it.
 
-    Steps: (1) a coarse sep background and its global rms; (2) sep detection at 1.5 sigma with a
-    segmentation map, dilated by 2 px, masks the sources; (3) the sigma-clipped MAD standard
-    deviation of the remaining background-subtracted pixels. Falls back to step (1) when fewer than
-    10 % of the pixels are left.
+    Steps: (0) a residual gradient taken out (:func:`galgan_ray.sky_plane.fit_sky_plane`, so the estimate is
+    the same with or without one); (1) a coarse sep background and its global rms; (2) sep detection at 1.5
+    sigma with a segmentation map, dilated by 2 px, masks the sources; (3) the sigma-clipped MAD standard
+    deviation of the remaining background-subtracted pixels. Falls back to step (1) when fewer than 10 % of
+    the pixels are left.
 
     Parameters
     ----------
@@ -426,6 +428,7 @@ def estimate_noise_sigma(image: np.ndarray, *, mask: np.ndarray | None = None) -
     m = np.zeros(img.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     if not (~m).any() or np.ptp(img[~m]) == 0:  # constant (noiseless) image; sep would report rms 1
         return 0.0
+    img = img - fit_sky_plane(img, ~m)
     ny, nx = img.shape
     box = int(max(8, min(64, min(ny, nx) // 3)))
     try:
@@ -750,7 +753,7 @@ def enhance_image(image, wcs: WCS, *, enhancer: Enhancer, sigma: float | Sequenc
         plan, kernel, msg = _plan_psf(None if psf is None else p[b], scale_psf=scale_psf, enhancer=enhancer,
                                       band=b, source=f"{source} PSF", axes=_psf_axes(wcs_in, arr.shape[1:], wcs_lr))
         if kernel is not None:
-            lr[b] = fftconvolve(lr[b], kernel, mode="same")
+            lr[b] = convolve_keeping_sky(lr[b], kernel, foot > 0.999)
         if msg:
             warnings_.append(msg)
             log.warning("%s: %s", source, msg)

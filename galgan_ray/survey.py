@@ -45,7 +45,6 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from reproject import reproject_exact
 from scipy import ndimage
-from scipy.signal import fftconvolve
 
 from .checkpoint import ModelGrid
 from .detect import DetectConfig
@@ -57,6 +56,7 @@ from .field.footprints import FootprintConfig, coadd_detection_image, plain_dete
 from .geometry import pixel_scale_of
 from .matching import match_peaks
 from .psf import draw_psf, measure_fwhm, normalize_psf
+from .sky_plane import convolve_keeping_sky
 from .tiles import Tile, normalize_band, parse_patch_source, read_url_bytes
 
 __all__ = ["SurveyImage", "read_survey_image", "read_psf", "check_psf", "to_model_tile", "read_survey_patch",
@@ -419,7 +419,7 @@ def to_model_tile(images: SurveyImage | Sequence[SurveyImage], *, enhancer: Enha
             warnings_.append(msg)
         img = lr[0]
         if kernel is not None:
-            img = fftconvolve(img, kernel, mode="same")
+            img = convolve_keeping_sky(img, kernel, ~bad_lr)
             grow = max((kernel.shape[0] // 2) // 2, 1)
             bad_lr = ndimage.binary_dilation(bad_lr, iterations=grow)  # matched pixels near holes
             flag_lr = np.stack([ndimage.binary_dilation(f, iterations=grow) for f in flag_lr]) if len(flag_lr) \

@@ -77,10 +77,13 @@ def test_deblend_writes_the_field_schema_and_a_gzipped_copy_gives_the_same_catal
     assert np.all((x > -1) & (x < nx) & (y > -1) & (y < ny))
 
 
-def test_a_residual_sky_and_gradient_give_the_clean_catalog(shared_data, tmp_path):
-    """The real-sky issue's check on a real cutout as downloaded: a pedestal of 1 sigma plus a gradient
-    of 1 sigma across the image (each pixel's own sigma) gives the clean run's rows, flags and fluxes."""
-    img, psf = _qso_scene(shared_data)
+@pytest.mark.parametrize("k", [0, 2, 3, 5, 6])
+def test_a_residual_sky_and_gradient_give_the_clean_catalog(shared_data, tmp_path, k):
+    """The real-sky issue's check on real cutouts as downloaded: a pedestal of 1 sigma plus a gradient
+    of 1 sigma across the image (each pixel's own sigma) gives the clean run's rows, flags and fluxes.
+    Scenes 2, 3, 5 and 6 failed it until the noise estimate, the PSF matching and the plain detection
+    took the sky's plane out first and the background's source mask was iterated to convergence."""
+    img, psf = _qso_scene(shared_data, k)
     with fits.open(img) as h:
         sig = np.sqrt(np.nanmedian(h[3].data))
         ny, nx = h[1].data.shape

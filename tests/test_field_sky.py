@@ -8,12 +8,14 @@ import pytest
 
 from galgan_ray.checkpoint import ModelGrid
 from galgan_ray.field import FieldConfig, FootprintConfig, find_footprints, process_tile
+from galgan_ray.enhance import estimate_noise_sigma
 from galgan_ray.field.footprints import mesh_background
 from galgan_ray.flags import flag_bit
 from galgan_ray.geometry import make_tan_wcs
 from galgan_ray.instrument import get_band
 from galgan_ray.noise import enhanced_noise_scale
 from galgan_ray.psf import draw_psf
+from galgan_ray.sky_plane import convolve_keeping_sky, fit_sky_plane
 from galgan_ray.tiles import Tile
 
 HSC = get_band("hsc", "i")
@@ -94,6 +96,59 @@ def test_an_image_smaller_than_two_meshes_keeps_its_gradient():
     b = mesh_background(noisy, use)
     assert np.abs(b - plane).max() < 0.1, np.abs(b - plane).max()
     np.testing.assert_allclose(mesh_background(noisy + 7.0, use), b + 7.0, atol=1e-6)
+
+
+def test_the_sky_plane_comes_out_as_it_went_in_and_a_source_does_not_move_it():
+    """The clipped least-squares plane: exact on a plane, the sources clipped out, and an added
+    plane added to the fit exactly (so estimators downstream see the same residual)."""
+    h, w = 102, 103
+    yy, xx = np.indices((h, w))
+    grad = 0.9 * (xx - (w - 1) / 2) / w - 0.6 * (yy - (h - 1) / 2) / h
+    np.testing.assert_allclose(fit_sky_plane(grad + 4.0, np.ones((h, w), bool)), grad, atol=1e-12)
+    rng = np.random.default_rng(3)
+    img = rng.normal(0, 1, (h, w)) + 400.0 * np.exp(-((xx - 70) ** 2 + (yy - 30) ** 2) / 18.0)  # a bright source
+    use = np.ones((h, w), bool)
+    use[:4] = False
+    clean = fit_sky_plane(img, use)
+    assert np.abs(clean).max() < 0.2  # the source falls out of the fit: no gradient made of it
+    np.testing.assert_allclose(fit_sky_plane(img + grad + 2.0, use), clean + grad, atol=1e-9)
+    assert np.all(fit_sky_plane(img, np.zeros((h, w), bool)) == 0.0)  # nothing usable: no gradient
+
+
+def test_psf_matching_keeps_a_sky_plane_to_the_edges():
+    """A zero-padded convolution bends a pedestal and gradient down within half a kernel of the edges
+    and of unusable pixels; with the sky plane taken out and added back it stays a plane, and the
+    image's sources come out as a plain convolution gives them."""
+    h, w = 90, 97
+    yy, xx = np.indices((h, w))
+    plane = 2.0 + 0.02 * xx - 0.015 * yy
+    k = np.exp(-((np.indices((15, 15)) - 7.0) ** 2).sum(axis=0) / 8.0)
+    k /= k.sum()
+    use = np.ones((h, w), bool)
+    use[40:45, 10:20] = False  # a hole: its pixels are filled with the sky, not with zeros
+    out = convolve_keeping_sky(np.where(use, plane, 0.0), k, use)
+    np.testing.assert_allclose(out, plane, atol=1e-9)
+    from scipy.signal import fftconvolve
+    assert np.abs(fftconvolve(plane, k, mode="same") - plane).max() > 0.5  # what zero padding does
+    rng = np.random.default_rng(5)
+    src = 50.0 * np.exp(-((xx - 48) ** 2 + (yy - 45) ** 2) / 6.0) + rng.normal(0, 1, (h, w))
+    got = convolve_keeping_sky(src + plane, k, np.ones((h, w), bool))
+    want = fftconvolve(src, k, mode="same") + plane  # away from the edges, where zero padding is felt
+    assert np.abs(got - want)[8:-8, 8:-8].max() < 0.1
+
+
+def test_the_noise_estimate_is_the_same_under_a_residual_sky():
+    """``estimate_noise_sigma`` (which sets a survey file's variance scale) on a real-sized cutout
+    with sources: a pedestal of 1 sigma and a gradient of 1 sigma across leave it as it was; a
+    gradient used to move it by 1-3 % on the real COSMOS cutouts and flip threshold rows."""
+    tile = scene_tile(n=102, n_gal=12, n_star=3, seed=4)
+    img = tile.image[0].astype(np.float64)
+    sigma = estimate_noise_sigma(img)
+    assert sigma == pytest.approx(SIGMA, rel=0.1)
+    yy, xx = np.indices(img.shape)
+    for ped, gx, gy in [(1.0, 1.0, 1.0), (-2.0, 3.0, -1.0)]:
+        sky = SIGMA * (ped + gx * (xx / img.shape[1] - 0.5) + gy * (yy / img.shape[0] - 0.5))
+        assert estimate_noise_sigma(img + sky) == pytest.approx(sigma, rel=1e-6)
 
 
 @pytest.mark.parametrize("pedestal,gradient", [(1.0, 1.0), (0.5, 0.0), (-1.0, 2.0), (2.0, 3.0)])

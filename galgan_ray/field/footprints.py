@@ -1,18 +1,18 @@
 """Step 2 of the field pipeline: background, footprints (low-resolution parents) and LR peaks of a tile.
 
 The background (:func:`estimate_background`) is a mesh of sigma-clipped modes, median-filtered and
-interpolated by a bicubic spline (SExtractor's estimate), made first with no source mask -- a mode
-per mesh follows a residual pedestal or gradient of the sky, so the first detection is made on a
-sky near zero -- then again with the sources detected on the background-subtracted image masked
-(dilated), until the mask stops changing. (A first detection on the raw image, as a two-pass sep
-background makes it, masks the whole tile when the sky has a pedestal of half a sigma: the tile then
-collapses into a few footprints.) Footprints are sep segments of the detection image (the inverse-variance weighted mean
-of the bands) with its variance, ``thresh_sigma`` per pixel and no sep deblending: a footprint is
-a low-resolution *parent*. The LR peaks are :func:`galgan_ray.detect.find_peaks_tiled` on that
-image: the survey's own detection. A footprint is a source of the catalog when it holds at least
-one LR peak; an LR peak outside every segment gets a 3 x 3 footprint of its own, so no detection
-is lost. The threshold is on the noise measured on the sky of sep's filtered image where that is
-above the variance plane's (correlated coadd noise, :func:`segment_noise_scale`).
+interpolated by a bicubic spline (SExtractor's estimate), made first with no source mask -- a mode per mesh
+follows a residual pedestal or gradient of the sky, so the first detection is made on a sky near zero -- then
+again with the sources detected on the background-subtracted image masked (dilated), until fewer than 1% of
+the mask's pixels change (at most 12 passes). (A first detection on the raw image, as a two-pass sep
+background makes it, masks the whole tile when the sky has a pedestal of half a sigma: the tile then collapses
+into a few footprints.) Footprints are sep segments of the detection image (the inverse-variance weighted mean
+of the bands) with its variance, ``thresh_sigma`` per pixel and no sep deblending: a footprint is a
+low-resolution *parent*. The LR peaks are :func:`galgan_ray.detect.find_peaks_tiled` on that image: the
+survey's own detection. A footprint is a source of the catalog when it holds at least one LR peak; an LR peak
+outside every segment gets a 3 x 3 footprint of its own, so no detection is lost. The threshold is on the
+noise measured on the sky of sep's filtered image where that is above the variance plane's (correlated coadd
+noise, :func:`segment_noise_scale`).
 
 Stars (``star_*`` of :class:`FootprintConfig`, :func:`_star_peaks`): a footprint with saturated
 pixels (the tile's ``pixel_flags``, from the survey's mask planes), or whose brightest peak is very
@@ -38,6 +38,7 @@ from ..errors import ConfigError
 from ..flags import flag_bit
 from ..geometry import extract_box
 from ..psf import measure_fwhm
+from ..sky_plane import fit_sky_plane
 from ..tiles import Tile
 
 __all__ = ["FootprintConfig", "LowPeaks", "Footprints", "find_footprints", "estimate_background", "mesh_background",
@@ -70,7 +71,13 @@ class FootprintConfig:
         Background mesh (px) and the median filter over meshes.
     back_iterations : int
         ``mesh``: source masks made on the background-subtracted image and the background made
-        again (at most this many times; it stops when the mask no longer changes).
+        again (at most this many times; it stops when the mask has converged, ``back_mask_tolerance``).
+    back_mask_tolerance : float
+        ``mesh``: the mask has converged when fewer than this fraction of its pixels change from
+        one pass to the next. On real coadds the noise measured on the sky moves with the mask
+        (:func:`segment_noise_scale`), and the pair settles over 4-8 passes, sometimes into a cycle
+        of a few pixels: stopped after 3, the estimate depended on where the iteration was, so that a
+        residual gradient changed the catalog.
     back_mask_dilate_px : int
         Dilation of the detected sources in the background's mask (their faint wings).
     back_min_fraction : float
@@ -117,7 +124,8 @@ class FootprintConfig:
     background: Literal["mesh", "sep", "none"] = "mesh"
     back_size_px: int = 64
     back_filter_size: int = 3
-    back_iterations: int = 3
+    back_iterations: int = 12
+    back_mask_tolerance: float = 0.01
     back_mask_dilate_px: int = 3
     back_min_fraction: float = 0.1
     measured_noise: bool = True
@@ -144,6 +152,8 @@ class FootprintConfig:
         if self.back_size_px < 4 or self.back_filter_size < 1 or self.back_iterations < 1:
             raise ConfigError("footprints.back_size_px", "need back_size_px >= 4, back_filter_size >= 1 and "
                                                          "back_iterations >= 1")
+        if not 0 <= self.back_mask_tolerance < 1:
+            raise ConfigError("footprints.back_mask_tolerance", f"must be in [0, 1), got {self.back_mask_tolerance}")
         if not (self.star_min_snr > 0 and self.star_max_extent >= 1 and self.star_radius_fwhm >= 0):
             raise ConfigError("footprints.star_min_snr", "need star_min_snr > 0, star_max_extent >= 1 and "
                                                          "star_radius_fwhm >= 0")
@@ -308,7 +318,7 @@ def mesh_background(image: np.ndarray, use: np.ndarray, *, mesh_px: int = 64, fi
     is kept at the borders); (4) a bicubic spline through the mesh centres
     (exact on a plane, extrapolated to the image border); (5) along an axis that holds one mesh only
     (an image smaller than two meshes, e.g. a data-access cutout), the gradient of the selected pixels
-    (:func:`_clipped_slope`), taken out before the meshes are measured and added back. A constant
+    (:func:`galgan_ray.sky_plane.fit_sky_plane`), taken out before the meshes are measured and added back. A constant
     and a linear gradient come out as they went in; the mode is shift-equivariant, so a pedestal is
     removed whatever its level.
 
@@ -324,7 +334,7 @@ def mesh_background(image: np.ndarray, use: np.ndarray, *, mesh_px: int = 64, fi
     ny, nx = max(h // m, 1), max(w // m, 1)  # the rest of the image joins the last mesh
     slope = 0.0
     if (ny == 1 or nx == 1) and use.any():  # one mesh along an axis measures no gradient there
-        slope = _clipped_slope(img, use, along_y=ny == 1, along_x=nx == 1)
+        slope = fit_sky_plane(img, use, along_y=ny == 1, along_x=nx == 1)
         img = img - slope
     ye = np.r_[np.arange(ny) * m, h]
     xe = np.r_[np.arange(nx) * m, w]
@@ -362,30 +372,6 @@ def mesh_background(image: np.ndarray, use: np.ndarray, *, mesh_px: int = 64, fi
     return spline(np.arange(h), np.arange(w)) + slope
 
 
-def _clipped_slope(resid: np.ndarray, use: np.ndarray, *, along_y: bool, along_x: bool, nsigma: float = 3.0,
-                   max_iter: int = 10) -> np.ndarray:
-    """The gradient of ``resid`` over the pixels ``use`` selects, along the axes asked for: a plane
-    fitted by least squares with ``nsigma`` clipping of its residuals (the sources left in fall out),
-    returned without its constant term (zero at the image centre: the meshes' modes give the level)."""
-    h, w = resid.shape
-    yy, xx = np.mgrid[:h, :w]
-    cols = [np.ones(h * w)] + ([(yy.ravel() - (h - 1) / 2.0)] if along_y else []) \
-        + ([(xx.ravel() - (w - 1) / 2.0)] if along_x else [])
-    a, r = np.stack(cols, axis=1), resid.ravel()
-    keep = use.ravel().copy()
-    if keep.sum() < 10 * a.shape[1]:
-        return np.zeros((h, w))
-    for _ in range(max_iter):
-        coef = np.linalg.lstsq(a[keep], r[keep], rcond=None)[0]
-        res = r - a @ coef
-        scale = 1.4826 * np.median(np.abs(res[keep] - np.median(res[keep])))
-        new = use.ravel() & (np.abs(res) <= nsigma * scale)
-        if np.array_equal(new, keep) or new.sum() < 10 * a.shape[1]:
-            break
-        keep = new
-    return (a[:, 1:] @ coef[1:]).reshape(h, w)
-
-
 def estimate_background(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
                         config: FootprintConfig) -> tuple[np.ndarray, np.ndarray]:
     """The sky of each band of a tile, robust to a residual pedestal and gradient (module docstring).
@@ -393,7 +379,8 @@ def estimate_background(image: np.ndarray, variance: np.ndarray, bad: np.ndarray
     Steps: (1) :func:`mesh_background` of every band with only the unusable pixels left out; (2) the
     sources of the background-subtracted detection image (sep segments at ``thresh_sigma``, as the
     footprints), dilated by ``back_mask_dilate_px``, are masked and the background made again;
-    (3) step 2 again until the mask stops changing, at most ``back_iterations`` times.
+    (3) step 2 again until fewer than ``back_mask_tolerance`` of the mask's pixels change (or none),
+    at most ``back_iterations`` times.
 
     Parameters
     ----------
@@ -431,10 +418,13 @@ def estimate_background(image: np.ndarray, variance: np.ndarray, bad: np.ndarray
         new = seg > 0
         if cfg.back_mask_dilate_px > 0:
             new = ndimage.binary_dilation(new, iterations=cfg.back_mask_dilate_px)
-        if np.array_equal(new, source_mask):
+        changed = int(np.count_nonzero(new != source_mask))
+        if changed == 0:
             break
         source_mask = new
         back = mesh(source_mask)
+        if changed < cfg.back_mask_tolerance * max(int(new.sum()), 1):
+            break
     return back, source_mask
 
 
