@@ -37,7 +37,7 @@ import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -56,7 +56,7 @@ from .field.footprints import FootprintConfig, coadd_detection_image, plain_dete
 from .geometry import pixel_scale_of
 from .matching import match_peaks
 from .psf import draw_psf, measure_fwhm, normalize_psf
-from .sky_plane import convolve_keeping_sky
+from .sky_plane import convolve_keeping_sky, fit_sky_plane
 from .tiles import Tile, normalize_band, parse_patch_source, read_url_bytes
 
 __all__ = ["SurveyImage", "read_survey_image", "read_psf", "check_psf", "to_model_tile", "read_survey_patch",
@@ -372,6 +372,12 @@ def to_model_tile(images: SurveyImage | Sequence[SurveyImage], *, enhancer: Enha
     grid: ModelGrid = model if model is not None else enhancer.grid
     planner = enhancer if enhancer is not None else _GridPlanner(grid)
     ims = [images] if isinstance(images, SurveyImage) else list(images)
+    # the sky's clipped plane (level and gradient) out first, on the file's own pixels: every step after
+    # (resampling, PSF matching, the noise estimate, the plain detection, the background) then sees the
+    # same pixels whatever residual plane the coadd's sky subtraction left (the mesh background removes
+    # the rest of the sky as before)
+    ims = [replace(si, image=np.where(si.bad, 0.0, si.image - fit_sky_plane(si.image, ~si.bad, level=True)))
+           for si in ims]
     if len(ims) != len(grid.low):
         what = "one image holds one band" if len(ims) == 1 else f"{len(ims)} images"
         raise InputError(ims[0].source, f"{what}; the model takes {len(grid.low)} "
