@@ -312,3 +312,10 @@ def test_mask_planes_flag_the_children_near_them(enhancer, rho):
     assert bo[r < 24].all() and not bo[r > 30].any() and bo.any()
     assert not nd[x < w - 26].any()
     assert nd[(x > w - 22) & (x < w - 20)].all()
+
+
+def test_the_background_mask_tolerance_is_checked():
+    from galgan_ray.errors import ConfigError
+    with pytest.raises(ConfigError, match="back_mask_tolerance"):
+        FootprintConfig(back_mask_tolerance=1.5)
+    assert FootprintConfig().back_iterations == 3 and FootprintConfig().back_mask_tolerance == 0.01
