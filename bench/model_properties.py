@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python bench/model_properties.py [--model default --model default-fluxcons ...]   # ~3 min
+    .venv/bin/python bench/model_properties.py [--model default --model default-fluxcons ...] [--figure PNG]   # ~5 min
 
 For each model: the largest output from an all-zero input; on pure noise (256 cutouts of unit
 white noise), the positional bias of the mean output over its scatter inside the cutout's outermost
@@ -16,7 +16,9 @@ since one draw's brightest pixel is the brightest source the model paints on its
 (seeds 1..N): how many pass, the median and the worst. ``tests/test_model_properties.py`` asserts the
 measures on the outside check's own draw. Last line, for the first model:
 ``summary: zero_out=... bias_inner=... bias_ring=... shift_max=... pattern6=... brightest6=... pattern4=...
-brightest4=... draws_pass=K/N brightest_median=... brightest_max=...``
+brightest4=... draws_pass=K/N brightest_median=... brightest_max=... raw_pattern6=... ... raw_brightest_max=...``
+(the unprefixed pattern figures: ``galgan enhance`` as shipped, its support gate on; ``raw_``: the model's
+output everywhere, ``--no-support-gate``).
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from galgan_ray.enhance import Enhancer  # noqa: E402
-from galgan_ray.model_properties import (noise_pattern, noise_pattern_passes, positional_bias,  # noqa: E402
-                                         shift_error, window_error, zero_response)
+from galgan_ray.model_properties import (noise_pattern, noise_pattern_mean, noise_pattern_passes,  # noqa: E402
+                                         positional_bias, shift_error, window_error, zero_response)
+from galgan_ray.support_map import SupportConfig  # noqa: E402
 
 
 def draw_stats(draws: list[tuple]) -> tuple[int, float, float, float]:
@@ -50,10 +53,12 @@ def measure(name: str, draws: int = 20, draws_large: int = 5) -> dict:
     if enh.n_bands == 1:
         out["shift"] = {k: shift_error(enh, k) for k in (1, 2, 3, 4)}
         out["window"] = window_error(enh)
-        out["pattern6"] = noise_pattern(enh, n_images=6)
-        out["pattern4"] = noise_pattern(enh, n_images=4)
-        out["draws"] = [(150, s, *noise_pattern(enh, seed=s)) for s in range(1, draws + 1)]
-        out["draws"] += [(300, s, *noise_pattern(enh, size=300, seed=s)) for s in range(1, draws_large + 1)]
+        for key, sup in (("", SupportConfig()), ("raw_", None)):  # galgan enhance as shipped; the model alone
+            out[key + "pattern6"] = noise_pattern(enh, n_images=6, support=sup)
+            out[key + "pattern4"] = noise_pattern(enh, n_images=4, support=sup)
+            out[key + "draws"] = [(150, s, *noise_pattern(enh, seed=s, support=sup)) for s in range(1, draws + 1)]
+            out[key + "draws"] += [(300, s, *noise_pattern(enh, size=300, seed=s, support=sup))
+                                   for s in range(1, draws_large + 1)]
     return out
 
 
@@ -67,16 +72,43 @@ def report(r: dict) -> None:
         print("  shifted input: " + ", ".join(f"k={k} {v:.2%}" for k, v in r["shift"].items())
               + " of the peak (k=4: the U-Net's stride, exact up to float noise)")
         print(f"  windowed vs whole image: {r['window']:.1e} of the peak")
-        for n in (6, 4):
-            ratio, brightest = r[f"pattern{n}"]
-            print(f"  mean of {n} enhanced noise images: scatter {ratio:.2f}x independent noise's (target < 1.3), "
-                  f"brightest pixel {brightest:.1f}x (target < 8)")
-        for size in sorted({d[0] for d in r["draws"]}):
-            ds = [d for d in r["draws"] if d[0] == size]
-            n_pass, median, worst, ratio_max = draw_stats(ds)
-            print(f"  {len(ds)} more draws of six {size}-px noise images: {n_pass} pass; brightest pixel median "
-                  f"{median:.1f}x, worst {worst:.1f}x; scatter at most {ratio_max:.2f}x; "
-                  + " ".join(f"{d[3]:.1f}" for d in ds))
+        for key, what in (("", "galgan enhance as shipped (support gate on)"),
+                          ("raw_", "the model's output everywhere (--no-support-gate)")):
+            print(f"  {what}:")
+            for n in (6, 4):
+                ratio, brightest = r[f"{key}pattern{n}"]
+                print(f"    mean of {n} enhanced noise images: scatter {ratio:.2f}x independent noise's "
+                      f"(target < 1.3), brightest pixel {brightest:.1f}x (target < 8)")
+            for size in sorted({d[0] for d in r[key + "draws"]}):
+                ds = [d for d in r[key + "draws"] if d[0] == size]
+                n_pass, median, worst, ratio_max = draw_stats(ds)
+                print(f"    {len(ds)} more draws of six {size}-px noise images: {n_pass} pass; brightest pixel median "
+                      f"{median:.1f}x, worst {worst:.1f}x; scatter at most {ratio_max:.2f}x; "
+                      + " ".join(f"{d[3]:.1f}" for d in ds))
+
+
+def plot_noise_means(name: str, out: str) -> None:
+    """The mean of the outside check's four enhanced noise images (the draw that failed), with and without
+    the support gate, in units of independent noise's expected scatter."""
+    from galgan_ray.figures import _plt
+
+    enh = Enhancer(name, device="cpu")
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.2))
+    for ax, (sup, title) in zip(axes, ((None, "the model's output everywhere (--no-support-gate)"),
+                                       (SupportConfig(), "galgan enhance as shipped (support gate)"))):
+        mean, expect = noise_pattern_mean(enh, n_images=4, support=sup)
+        z = mean / expect
+        im = ax.imshow(z, origin="lower", cmap="RdBu_r", vmin=-8, vmax=8, interpolation="nearest")
+        iy, ix = np.unravel_index(np.argmax(np.abs(z)), z.shape)
+        ax.plot(ix, iy, "o", mfc="none", mec="k", ms=14)
+        ax.set_title(f"{title}\nbrightest |pixel| {np.abs(z).max():.1f}x (limit 8x)", fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.colorbar(im, ax=axes, shrink=0.8, label="mean of 4 enhanced noise images / expected scatter")
+    fig.suptitle(f"{name}: pure white noise (noise_pattern.py's draw), 0.168\"/px in, 0.06\"/px out", fontsize=10)
+    fig.savefig(out, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {out}")
 
 
 def main(argv=None) -> int:
@@ -85,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--draws-large", type=int, default=5, help="more draws of six 300-px images (default 5)")
     ap.add_argument("--model", action="append", help="checkpoint (repeatable; default: default, default-fluxcons, "
                                                      "default-7band)")
+    ap.add_argument("--figure", metavar="PNG", help="also draw the first model's mean of the outside check's four "
+                                                    "noise images, with and without the support gate")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     names = args.model or ["default", "default-fluxcons", "default-7band"]
@@ -97,10 +131,17 @@ def main(argv=None) -> int:
     if "shift" in r:
         line += (f" shift_max={max(r['shift'].values()):.3f} pattern6={r['pattern6'][0]:.2f} "
                  f"brightest6={r['pattern6'][1]:.1f} pattern4={r['pattern4'][0]:.2f} brightest4={r['pattern4'][1]:.1f}")
-        if r["draws"]:
-            n_pass, median, worst, _ = draw_stats(r["draws"])
-            line += f" draws_pass={n_pass}/{len(r['draws'])} brightest_median={median:.1f} brightest_max={worst:.1f}"
+        for key in ("", "raw_"):
+            if key:
+                line += (f" raw_pattern6={r['raw_pattern6'][0]:.2f} raw_brightest6={r['raw_pattern6'][1]:.1f} "
+                         f"raw_pattern4={r['raw_pattern4'][0]:.2f} raw_brightest4={r['raw_pattern4'][1]:.1f}")
+            if r[key + "draws"]:
+                n_pass, median, worst, _ = draw_stats(r[key + "draws"])
+                line += (f" {key}draws_pass={n_pass}/{len(r[key + 'draws'])} {key}brightest_median={median:.1f} "
+                         f"{key}brightest_max={worst:.1f}")
     print(line)
+    if args.figure:
+        plot_noise_means(names[0], args.figure)
     return 0
 
 

@@ -64,7 +64,11 @@ What is measured, step by step (constants at the top of this file):
    on the whole cutout with the HSC PSF, detected with its effective PSF
    (:func:`galgan_ray.baselines.richardson_lucy_psf`);
    ``enhanced`` :func:`galgan_ray.enhance.enhance_image` with ``--model`` (resampled to the model's
-   0.18"/px LR grid, PSF-matched, enhanced to 0.06"/px), PSF ``Enhancer.psf_high(0)``.
+   0.18"/px LR grid, PSF-matched, enhanced to 0.06"/px), PSF ``Enhancer.psf_high(0)``: ``galgan
+   enhance``'s image as shipped, the model's output where the LR data detect a source
+   (:mod:`galgan_ray.support_map`), bicubic-upsampled data elsewhere;
+   ``enhanced_ungated`` the same with ``support=None`` (``--no-support-gate``): the model's output
+   everywhere;
 6. Matching: each row's detections and the HST truth, both as positions on the HST pixel grid
    (via RA/Dec), matched one to one within ``MATCH_RADIUS_ARCSEC`` = 0.4" by the Hungarian algorithm
    (:func:`galgan_ray.matching.match_peaks`: most pairs first, then least summed distance). All HST
@@ -145,7 +149,7 @@ QSO_MATCH_ARCSEC = 2.0
 KRON_MIN_RADIUS_ARCSEC = 0.15
 MAG_EDGES = (22.0, 23.0, 24.0, 25.0, 26.0)
 ISOLATION_ARCSEC = 1.0
-ROWS = ("hsc", "bicubic", "richardson_lucy", "enhanced", "deblend")
+ROWS = ("hsc", "bicubic", "richardson_lucy", "enhanced", "enhanced_ungated", "deblend")
 #: HSC mask planes whose pixels are unusable here (see :func:`read_scene` for why not CR/INTRP).
 HSC_BAD_MASK_PLANES = BAD_MASK_PLANES  # the survey reader's
 HSC_I_PLANE = 2  # hsc_hst_pairs cubes: g, r, i, z, y
@@ -530,7 +534,11 @@ def row_images(scene: Scene, enhancer: Enhancer) -> dict[str, dict[str, Any]]:
     valid_hr = foot & _sample_mask(valid, wcs, wcs_hr, hr.shape)
     rows["enhanced"] = {"image": hr, "wcs": wcs_hr, "psf": enhancer.psf_high(0), "valid": valid_hr,
                         "info": {"checkpoint": info["checkpoint"], "sha256": info["sha256"],
-                                 "sigma_lr": info["sigma_lr"], "psf": info["psf"], "warnings": info["warnings"]}}
+                                 "sigma_lr": info["sigma_lr"], "psf": info["psf"], "warnings": info["warnings"],
+                                 "support": info["support"]}}
+    raw, _, _ = enhance_image(img, wcs, enhancer=enhancer, psf=psf, psf_pixel_scale_arcsec=scene.hsc_psf_scale_arcsec,
+                              source=scene.files.hsc, support=None)
+    rows["enhanced_ungated"] = {**rows["enhanced"], "image": raw, "info": {**rows["enhanced"]["info"], "support": None}}
     return rows
 
 
@@ -792,7 +800,7 @@ def _json_default(o):
 
 
 _MARKERS = {"hsc": ("x", "tab:orange"), "bicubic": ("+", "tab:cyan"), "richardson_lucy": ("^", "tab:purple"),
-            "enhanced": ("s", "tab:red"), "deblend": ("D", "tab:purple")}
+            "enhanced": ("s", "tab:red"), "enhanced_ungated": ("1", "tab:pink"), "deblend": ("D", "tab:purple")}
 
 
 def plot_examples(scenes: list[dict[str, Any]], out: Path, *, n: int = N_EXAMPLES) -> Path | None:

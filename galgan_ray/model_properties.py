@@ -11,8 +11,9 @@ noise sigma per HR pixel (``sigma_lr / factor**2``, the flux scale of the output
 - :func:`shift_error`: a shifted input gives a shifted output (translation equivariance, away from
   the edges);
 - :func:`window_error`: a whole image enhanced in overlapping windows equals one forward pass;
-- :func:`noise_pattern`: the mean of a few enhanced pure-noise images (``galgan enhance``'s path) has
-  the scatter of independent noise and no fixed pattern (dots at a tile stride, seams).
+- :func:`noise_pattern`: the mean of a few enhanced pure-noise images (``galgan enhance``'s path, with
+  or without its support gate) has the scatter of independent noise and no fixed pattern (dots at a
+  tile stride, seams, noise peaks painted into sources).
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ import numpy as np
 
 from .enhance import Enhancer, enhance_image
 from .geometry import make_tan_wcs
+from .support_map import SupportConfig
 
 __all__ = ["NOISE_PATTERN_BRIGHTEST_MAX", "NOISE_PATTERN_RATIO_MAX", "PositionalBias", "galaxy_field",
-           "noise_pattern", "noise_pattern_passes", "positional_bias", "shift_error", "window_error",
-           "zero_response"]
+           "noise_pattern", "noise_pattern_mean", "noise_pattern_passes", "positional_bias", "shift_error",
+           "window_error", "zero_response"]
 
 #: The trust issue's fixed-pattern check (``../shared/tools/noise_pattern.py``): the mean of the enhanced
 #: noise images scatters less than this many times independent noise's ...
@@ -138,7 +140,8 @@ def window_error(enhancer: Enhancer, *, size: int = 150, window_px: int = 40, ha
 
 
 def noise_pattern(enhancer: Enhancer, *, n_images: int = 6, size: int = 150, seed: int = 20261202,
-                  pixel_scale_arcsec: float = 0.168, psf_fwhm_arcsec: float | None = 0.6) -> tuple[float, float]:
+                  pixel_scale_arcsec: float = 0.168, psf_fwhm_arcsec: float | None = 0.6,
+                  support: SupportConfig | None = SupportConfig()) -> tuple[float, float]:
     """The mean of ``n_images`` enhanced pure-noise images (:func:`galgan_ray.enhance.enhance_image`, an
     HSC-like 0.168"/px grid), 10% cut from each side: ``(its pixel scatter, its largest |pixel|)``,
     both over what independent noise gives (the mean single-image scatter / sqrt(n_images)).
@@ -147,7 +150,22 @@ def noise_pattern(enhancer: Enhancer, *, n_images: int = 6, size: int = 150, see
     unit white noise from ``default_rng(seed)``, enhanced with a Moffat (beta 3.5) PSF of
     ``psf_fwhm_arcsec`` on a 41x41 grid at the image's scale (``None``: no PSF given). Other seeds and
     sizes draw other noise: ``bench/model_properties.py`` measures several, since one draw's brightest
-    pixel is that of the one noise peak the model paints brightest."""
+    pixel is that of the one noise peak the model paints brightest.
+
+    ``support``: :func:`galgan_ray.enhance.enhance_image`'s support gate, as ``galgan enhance`` applies it
+    (default); ``None`` measures the model's own output everywhere (the model property: how bright a
+    source it paints on a noise peak)."""
+    mean, expect = noise_pattern_mean(enhancer, n_images=n_images, size=size, seed=seed,
+                                      pixel_scale_arcsec=pixel_scale_arcsec, psf_fwhm_arcsec=psf_fwhm_arcsec,
+                                      support=support)
+    return float(mean.std() / expect), float(np.abs(mean).max() / expect)
+
+
+def noise_pattern_mean(enhancer: Enhancer, *, n_images: int = 6, size: int = 150, seed: int = 20261202,
+                       pixel_scale_arcsec: float = 0.168, psf_fwhm_arcsec: float | None = 0.6,
+                       support: SupportConfig | None = SupportConfig()) -> tuple[np.ndarray, float]:
+    """:func:`noise_pattern`'s mean image (10% cut from each side) and the scatter independent noise
+    would give it (the mean single-image scatter / sqrt(n_images)); the same arguments."""
     wcs = make_tan_wcs(150.1, 2.2, pixel_scale_arcsec=pixel_scale_arcsec, shape=(size, size))
     psf = None
     if psf_fwhm_arcsec is not None:  # sampled at pixel centres as the outside script does (not psf.py's
@@ -157,13 +175,12 @@ def noise_pattern(enhancer: Enhancer, *, n_images: int = 6, size: int = 150, see
         psf = (psf / psf.sum()).astype(np.float32)
     rng = np.random.default_rng(seed)
     outs = [enhance_image(rng.normal(0.0, 1.0, (size, size)).astype(np.float32), wcs, enhancer=enhancer,
-                          psf=psf)[0] for _ in range(n_images)]
+                          psf=psf, support=support)[0] for _ in range(n_images)]
     st = np.stack(outs).astype(np.float64)
     m = st.shape[-1] // 10
     st = st[:, m:-m, m:-m]
-    expect = np.mean([s.std() for s in st]) / np.sqrt(n_images)
-    mean = st.mean(axis=0)
-    return float(mean.std() / expect), float(np.abs(mean).max() / expect)
+    expect = float(np.mean([s.std() for s in st]) / np.sqrt(n_images))
+    return st.mean(axis=0), expect
 
 
 def noise_pattern_passes(ratio: float, brightest: float) -> bool:

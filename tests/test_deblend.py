@@ -223,6 +223,28 @@ def test_galgan_enhance_recentres_an_off_centre_psf_as_deblend_does(shared_data,
     assert np.abs(a - b).max() < 1e-4 * np.abs(a).max()
 
 
+def test_deblend_writes_the_enhanced_image_gated_as_galgan_enhance_does(shared_data, tmp_path):
+    """`galgan deblend --enhanced` writes the model's output where the LR pixels detect a source and the
+    bicubic-upsampled data elsewhere (galgan_ray.support_map); `--no-support-gate` the output everywhere.
+    The catalog is the same either way (the gate changes the image only)."""
+    img, psf = _qso_scene(shared_data)
+    g, r = tmp_path / "gated.fits", tmp_path / "raw.fits"
+    assert main(["deblend", img, "--psf", psf, "--out", str(tmp_path / "a.parquet"), "--enhanced", str(g)]) == 0
+    assert main(["deblend", img, "--psf", psf, "--out", str(tmp_path / "b.parquet"), "--enhanced", str(r),
+                 "--no-support-gate"]) == 0
+    with fits.open(g) as hg, fits.open(r) as hr:
+        assert hg[0].header["GGSUPP"] is True and hr[0].header["GGSUPP"] is False
+        assert 0 < hg[0].header["GGSUPFR"] < 1 and hg[0].header["GGSUPNR"] >= 1
+        a, b = hg[0].data.astype(float), hr[0].data.astype(float)
+    assert a.shape == b.shape
+    peak = np.unravel_index(np.argmax(b), b.shape)  # the quasar: detected, so the model's output is kept
+    assert a[peak] == pytest.approx(b[peak], rel=1e-6)
+    assert np.abs(a - b).max() > 0  # somewhere the data detect nothing
+    ta, tb = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
+    assert ta.num_rows == tb.num_rows
+    np.testing.assert_array_equal(ta["flags"].to_numpy(), tb["flags"].to_numpy())
+
+
 def test_counts_without_a_unit_are_refused_not_guessed(shared_data, tmp_path):
     img, _ = _qso_scene(shared_data)
     with fits.open(img) as h:

@@ -281,6 +281,17 @@ def test_cli_end_to_end(ckpt, tmp_path, capsys):
     yi, xi = np.unravel_index(np.argmax(img), img.shape)  # the brightest galaxy, truth[0]
     x, y = w.world_to_pixel_values(*truth[0])
     assert np.hypot(xi - x, yi - y) * 0.06 < 0.1
+    # The support gate: on by default, its regions (the three galaxies, some merged) in the header and the line.
+    assert h["GGSUPP"] is True and h["GGSUPSN"] == 5.0 and 1 <= h["GGSUPNR"] <= 3 and 0 < h["GGSUPFR"] < 1
+    assert "region(s)" in line
+    raw = tmp_path / "raw.fits"
+    assert main(["enhance", str(tmp_path / "in.fits"), "--psf", str(tmp_path / "psf.fits"), "--out", str(raw),
+                 "--model", ckpt, "--band-index", "1", "--device", "cpu", "--no-support-gate"]) == 0
+    assert "no support gate" in capsys.readouterr().out
+    with fits.open(raw) as hdul:
+        assert hdul[0].header["GGSUPP"] is False and "GGSUPFR" not in hdul[0].header
+        # this untrained model returns the bicubic baseline, which is also what the gate falls back to
+        assert_allclose(hdul[0].data, img, atol=1e-4 * float(np.abs(img).max()))
 
 
 def test_cli_errors_name_the_file(ckpt, tmp_path, capsys):

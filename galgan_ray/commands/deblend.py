@@ -10,7 +10,7 @@ import yaml
 from astropy.io import fits
 
 from ..config import from_dict
-from ..enhance import Enhancer
+from ..enhance import Enhancer, gate_enhanced
 from ..errors import InputError
 from ..field import FieldConfig, enhancer_noise_scale, process_tile
 from ..field.cutouts import median_sigma
@@ -19,6 +19,7 @@ from ..geometry import make_tan_wcs
 from ..provenance import provenance
 from ..schema import band_name, catalog_table
 from ..storage import StorageConfig, check_writable, parquet_bytes, write_bytes_atomic
+from ..support_map import SupportConfig
 from ..survey import read_survey_image, to_model_tile
 from ._common import add_precision_argument
 
@@ -37,7 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--psf", metavar="PSF.fits", help="its PSF (e.g. from the HSC PSF picker); default a PSF HDU")
     p.add_argument("--psf-pixel-scale", type=float, metavar="ARCSEC", help="default: the image's pixel scale")
     p.add_argument("--out", required=True, metavar="CATALOG.parquet", help="the catalog (local path or URL)")
-    p.add_argument("--enhanced", metavar="ENHANCED.fits", help="also write the enhanced image with its WCS")
+    p.add_argument("--enhanced", metavar="ENHANCED.fits",
+                   help="also write the enhanced image with its WCS (as galgan enhance: the model's output where the "
+                        "low-resolution data detect a source, the bicubic-upsampled data elsewhere)")
+    p.add_argument("--no-support-gate", action="store_true",
+                   help="--enhanced: the model's output everywhere (noise peaks turned into sources included)")
     p.add_argument("--model", default="default", metavar="default|PATH", help="SR checkpoint")
     p.add_argument("--config", metavar="FIELD.yaml",
                    help="a field job config whose `field:` section sets the science (default: the shipped one)")
@@ -107,11 +112,20 @@ def run(args: argparse.Namespace) -> int:
         # enhance_image gives the same LR grid: co-centred, factor times finer
         tile = res.tile
         plane = enh.enhance_plane(tile.image, median_sigma(tile.variance))
+        sup = None
+        if not args.no_support_gate:  # as galgan enhance writes it: the model's output where the data detect a source
+            valid = np.all(np.isfinite(tile.variance), axis=0)
+            plane, sup = gate_enhanced(plane, tile.image, enhancer=enh, valid=valid,
+                                       sigma_lr=median_sigma(tile.variance), support=SupportConfig())
         ny, nx = tile.shape
         ra, dec = tile.wcs.wcs.crval
         hdr = make_tan_wcs(float(ra), float(dec), pixel_scale_arcsec=enh.pixel_scale_high_arcsec,
                            shape=(enh.factor * ny, enh.factor * nx)).to_header()
         hdr["BUNIT"] = ("nJy", "per output pixel")
+        hdr["GGSUPP"] = (sup is not None, "output gated by the LR data's support")
+        if sup is not None:
+            hdr["GGSUPFR"] = (round(sup["fraction_supported"], 5), "fraction of the image enhanced")
+            hdr["GGSUPNR"] = (sup["n_regions"], "regions the LR data detect")
         fits.PrimaryHDU(plane[0].astype(np.float32), header=hdr).writeto(args.enhanced, overwrite=True)
     s = summary
     print(f"galgan deblend {args.image}: {s['rows']} sources in {s['footprints']} footprints "

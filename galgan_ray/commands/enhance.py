@@ -14,6 +14,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from .. import __version__
 from ..errors import InputError
+from ..support_map import SupportConfig
 from ._common import add_precision_argument
 
 __all__ = ["register", "run", "read_image", "read_psf_planes", "write_enhanced"]
@@ -47,6 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, default=6, metavar="PX", help="tile overlap in model input pixels")
     p.add_argument("--surface-brightness", action="store_true",
                    help="the image is surface brightness (e.g. MJy/sr), not flux per pixel")
+    p.add_argument("--support-snr", type=float, default=SupportConfig.detect_snr, metavar="S",
+                   help="keep the model's output only where the low-resolution image detects a source (a "
+                        "matched-filter peak of S/N >= S, grown to its %g-sigma isophote and one PSF FWHM); "
+                        "elsewhere write the data themselves, bicubic-upsampled (default %%(default)s)"
+                        % SupportConfig.grow_snr)
+    p.add_argument("--no-support-gate", action="store_true",
+                   help="write the model's output everywhere, noise peaks turned into sources included")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     add_precision_argument(p)
     p.set_defaults(func=run)
@@ -205,6 +213,14 @@ def _read_psf_stack(path: str, *, planes: list[int] | None, n_bands: int) -> np.
     raise InputError(path, f"PSF has shape {data.shape}; expected 2-D or a cube")
 
 
+def _support_text(sup: dict | None) -> str:
+    if sup is None:
+        return "no support gate (the model's output everywhere)"
+    return (f"enhanced where the data detect a source: {sup['n_regions']} region(s), "
+            f"{100 * sup['fraction_supported']:.1f}% of the image (S/N >= {sup['detect_snr']:g}); "
+            f"bicubic-upsampled data elsewhere")
+
+
 def write_enhanced(path: str, image_hr: np.ndarray, wcs_hr, *, info: dict, header_in=None,
                    source: str = "", planes: list[int] | None = None) -> None:
     """Write the enhanced image with its WCS, the input's BUNIT and provenance keywords (overwrites)."""
@@ -230,6 +246,13 @@ def write_enhanced(path: str, image_hr: np.ndarray, wcs_hr, *, info: dict, heade
             v = p.get(key)
             if v is not None and np.isfinite(v):
                 hdr[f"{name}{b}"] = (round(float(v), 4), f"[arcsec] {what} PSF FWHM, band {b}")
+    sup = info.get("support")
+    hdr["GGSUPP"] = (sup is not None, "output gated by the LR data's support")
+    if sup is not None:
+        hdr["GGSUPSN"] = (sup["detect_snr"], "support: matched-filter S/N of a detected peak")
+        hdr["GGSUPGR"] = (sup["grow_snr"], "support: isophote S/N a region is grown to")
+        hdr["GGSUPFR"] = (round(sup["fraction_supported"], 5), "fraction of the image enhanced")
+        hdr["GGSUPNR"] = (sup["n_regions"], "regions the LR data detect")
     hdr.add_history(f"galgan enhance {__version__}: {source}" + (f" planes {planes}" if planes is not None else ""))
     hdr.add_history(f"model {info['checkpoint']} sha256 {info.get('sha256')}")
     hdr.add_history(f"bands {','.join(info['bands_low'])} -> {','.join(info['bands_high'])}, "
@@ -286,7 +309,9 @@ def run(args: argparse.Namespace) -> int:
     image_hr, wcs_hr, info = enhance_image(
         image if enhancer.n_bands > 1 else image[0], wcs, enhancer=enhancer, sigma=args.sigma, psf=psf,
         psf_pixel_scale_arcsec=args.psf_pixel_scale, overlap_px=args.overlap,
-        surface_brightness=args.surface_brightness, source=args.image)
+        surface_brightness=args.surface_brightness, source=args.image,
+        support=None if args.no_support_gate else SupportConfig(detect_snr=args.support_snr,
+                                                                grow_snr=min(SupportConfig.grow_snr, args.support_snr)))
     write_enhanced(args.out, image_hr, wcs_hr, info=info, header_in=header, source=args.image,
                    planes=rinfo["planes"])
     ny, nx = image.shape[1:]
@@ -294,7 +319,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.image} ({nx}x{ny} @ {info['pixel_scale_in_arcsec']:.3f}\"/px) -> {args.out} "
           f"({info['shape_hr'][1]}x{info['shape_hr'][0]} @ {info['pixel_scale_hr_arcsec']}\"/px, "
           f"{','.join(info['bands_high'])}); sigma {info['sigma_source']} "
-          f"{', '.join(f'{s:.4g}' for s in info['sigma_lr'])}; {psf_txt}; {info['n_tiles']} tiles")
+          f"{', '.join(f'{s:.4g}' for s in info['sigma_lr'])}; {psf_txt}; {info['n_tiles']} tiles; "
+          f"{_support_text(info.get('support'))}")
     for w in info["warnings"]:
         print(f"galgan enhance: warning: {w}", file=sys.stderr)
     return 0
