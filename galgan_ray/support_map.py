@@ -150,12 +150,14 @@ def map_support(image_lr: np.ndarray, *, psf_lr: np.ndarray, valid: np.ndarray |
         inner = ndimage.binary_erosion(ok, iterations=max(p.shape[-1] // 2, 1), border_value=0)
         s = _filtered_sigma(filt, inner if inner.sum() >= max(0.25 * ok.sum(), 100) else ok)
         s = max(s, float(floor) * float(np.sqrt((kern ** 2).sum()))) if np.isfinite(floor) else s
+        fwhm.append(_fwhm_px(p))
+        sigmas.append(float(s) if s > 0 else 0.0)
         if not s > 0:  # a noiseless plane (e.g. all zero): nothing is detected against noise
-            peaks.append(0.0), sigmas.append(0.0), fwhm.append(_fwhm_px(p))
+            peaks.append(0.0)
             continue
         snr = np.where(ok, filt / s, 0.0)
         detected |= apply_hysteresis_threshold(snr, float(config.grow_snr), float(config.detect_snr))
-        peaks.append(float(snr.max())), sigmas.append(float(s)), fwhm.append(_fwhm_px(p))
+        peaks.append(float(snr.max()))
     n_regions = int(ndimage.label(detected)[1])
     grow = int(round(config.grow_fwhm * max(fwhm)))
     if grow > 0 and detected.any():
