@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python bench/model_properties.py [--model default --model default-fluxcons ...] [--figure PNG]   # ~5 min
+    .venv/bin/python bench/model_properties.py [--model default --model default-fluxcons ...] [--figure PNG]   # ~3 min
 
 For each model: the largest output from an all-zero input; on pure noise (256 cutouts of unit
 white noise), the positional bias of the mean output over its scatter inside the cutout's outermost
@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from galgan_ray.enhance import Enhancer  # noqa: E402
-from galgan_ray.model_properties import (noise_pattern, noise_pattern_mean, noise_pattern_passes,  # noqa: E402
-                                         positional_bias, shift_error, window_error, zero_response)
-from galgan_ray.support_map import SupportConfig  # noqa: E402
+from galgan_ray.model_properties import (noise_pattern_means, noise_pattern_passes,  # noqa: E402
+                                         noise_pattern_scores, positional_bias, shift_error, window_error,
+                                         zero_response)
 
 
 def draw_stats(draws: list[tuple]) -> tuple[int, float, float, float]:
@@ -53,12 +53,19 @@ def measure(name: str, draws: int = 20, draws_large: int = 5) -> dict:
     if enh.n_bands == 1:
         out["shift"] = {k: shift_error(enh, k) for k in (1, 2, 3, 4)}
         out["window"] = window_error(enh)
-        for key, sup in (("", SupportConfig()), ("raw_", None)):  # galgan enhance as shipped; the model alone
-            out[key + "pattern6"] = noise_pattern(enh, n_images=6, support=sup)
-            out[key + "pattern4"] = noise_pattern(enh, n_images=4, support=sup)
-            out[key + "draws"] = [(150, s, *noise_pattern(enh, seed=s, support=sup)) for s in range(1, draws + 1)]
-            out[key + "draws"] += [(300, s, *noise_pattern(enh, size=300, seed=s, support=sup))
-                                   for s in range(1, draws_large + 1)]
+        # each draw enhanced once: galgan enhance as shipped (its support gate) and the model alone (raw_)
+        runs = {"pattern6": dict(n_images=6), "pattern4": dict(n_images=4)}
+        runs |= {(150, s): dict(seed=s) for s in range(1, draws + 1)}
+        runs |= {(300, s): dict(size=300, seed=s) for s in range(1, draws_large + 1)}
+        out["draws"], out["raw_draws"] = [], []
+        for name_, kw in runs.items():
+            means = noise_pattern_means(enh, **kw)
+            for key, gate in (("", "gated"), ("raw_", "raw")):
+                scores = noise_pattern_scores(*means[gate])
+                if isinstance(name_, str):
+                    out[key + name_] = scores
+                else:
+                    out[key + "draws"].append((*name_, *scores))
     return out
 
 
@@ -95,9 +102,10 @@ def plot_noise_means(name: str, out: str) -> None:
     enh = Enhancer(name, device="cpu")
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.2))
-    for ax, (sup, title) in zip(axes, ((None, "the model's output everywhere (--no-support-gate)"),
-                                       (SupportConfig(), "galgan enhance as shipped (support gate)"))):
-        mean, expect = noise_pattern_mean(enh, n_images=4, support=sup)
+    means = noise_pattern_means(enh, n_images=4)
+    for ax, (gate, title) in zip(axes, (("raw", "the model's output everywhere (--no-support-gate)"),
+                                        ("gated", "galgan enhance as shipped (support gate)"))):
+        mean, expect = means[gate]
         z = mean / expect
         im = ax.imshow(z, origin="lower", cmap="RdBu_r", vmin=-8, vmax=8, interpolation="nearest")
         iy, ix = np.unravel_index(np.argmax(np.abs(z)), z.shape)

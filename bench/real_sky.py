@@ -117,7 +117,7 @@ from galgan_ray.field import enhancer_noise_scale
 from galgan_ray.baselines import richardson_lucy, upsample_bicubic, upsample_psf
 from galgan_ray.cutouts import COSMOS_F814W_ZEROPOINT, _zeropoint_from_header
 from galgan_ray.detect import detect_plain
-from galgan_ray.enhance import Enhancer, enhance_image, estimate_noise_sigma
+from galgan_ray.enhance import Enhancer, enhance_image, estimate_noise_sigma, gate_enhanced
 from galgan_ray.errors import InputError
 from galgan_ray.geometry import pixel_scale_of
 from galgan_ray.matching import match_peaks, radius_pixels
@@ -528,17 +528,20 @@ def row_images(scene: Scene, enhancer: Enhancer) -> dict[str, dict[str, Any]]:
     rl = richardson_lucy(img, psf=psf, noise_sigma=sigma, background="sep")
     rows["richardson_lucy"] = {"image": rl["image"], "wcs": wcs, "psf": rl["psf"], "valid": valid,
                                "info": {"noise_sigma_in": float(sigma), "fwhm_px": float(rl["fwhm_px"])}}
-    hr, wcs_hr, info = enhance_image(img, wcs, enhancer=enhancer, psf=psf,
-                                     psf_pixel_scale_arcsec=scene.hsc_psf_scale_arcsec, source=scene.files.hsc)
+    # one enhancement: the model's output everywhere, then galgan enhance's support gate on it
+    raw, wcs_hr, info = enhance_image(img, wcs, enhancer=enhancer, psf=psf,
+                                      psf_pixel_scale_arcsec=scene.hsc_psf_scale_arcsec, source=scene.files.hsc,
+                                      support=None)
+    hr, support = gate_enhanced(raw, info["image_lr"][0], enhancer=enhancer, valid=info["footprint_lr"] > 0,
+                                sigma_lr=info["sigma_lr"])
+    support.pop("weight_lr")
     foot = _upsample_mask(np.asarray(info["footprint_lr"]) > 0, enhancer.factor)[:hr.shape[0], :hr.shape[1]]
     valid_hr = foot & _sample_mask(valid, wcs, wcs_hr, hr.shape)
+    common = {"checkpoint": info["checkpoint"], "sha256": info["sha256"], "sigma_lr": info["sigma_lr"],
+              "psf": info["psf"], "warnings": info["warnings"]}
     rows["enhanced"] = {"image": hr, "wcs": wcs_hr, "psf": enhancer.psf_high(0), "valid": valid_hr,
-                        "info": {"checkpoint": info["checkpoint"], "sha256": info["sha256"],
-                                 "sigma_lr": info["sigma_lr"], "psf": info["psf"], "warnings": info["warnings"],
-                                 "support": info["support"]}}
-    raw, _, _ = enhance_image(img, wcs, enhancer=enhancer, psf=psf, psf_pixel_scale_arcsec=scene.hsc_psf_scale_arcsec,
-                              source=scene.files.hsc, support=None)
-    rows["enhanced_ungated"] = {**rows["enhanced"], "image": raw, "info": {**rows["enhanced"]["info"], "support": None}}
+                        "info": {**common, "support": support}}
+    rows["enhanced_ungated"] = {**rows["enhanced"], "image": raw, "info": {**common, "support": None}}
     return rows
 
 

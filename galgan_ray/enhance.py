@@ -728,7 +728,10 @@ def enhance_image(image, wcs: WCS, *, enhancer: Enhancer, sigma: float | Sequenc
         ``fwhm_matched_arcsec``), ``warnings`` (list of str), ``n_tiles``, ``overlap_px``,
         ``n_nonfinite`` (input pixels set to 0), ``footprint_lr`` (float32 covered fraction per LR pixel),
         ``surface_brightness``, ``support`` (None, or :func:`gate_enhanced`'s info without the weight map:
-        ``n_regions``, ``fraction_supported``, ``detect_snr``, ``grow_snr``, ``peak_snr``, ``filtered_sigma``).
+        ``n_regions``, ``fraction_supported``, ``detect_snr``, ``grow_snr``, ``peak_snr``, ``effective_sigma``),
+        ``image_lr`` (float32 ``(C, H, W)``: the model's input, resampled and PSF-matched; with
+        ``footprint_lr`` and ``sigma_lr`` what :func:`gate_enhanced` needs to gate a ``support=None``
+        output, of a flux-per-pixel image, exactly as this function would).
 
     Raises
     ------
@@ -819,7 +822,7 @@ def enhance_image(image, wcs: WCS, *, enhancer: Enhancer, sigma: float | Sequenc
     else:
         image_hr, n_tiles = _enhance_tiled(lr, sig, enhancer=enhancer, overlap_px=int(overlap_px), source=source)
     support_info = None
-    if support is not None:
+    if support is not None:  # gate_enhanced(output, info["image_lr"], ...) of a support=None call gives the same
         image_hr, support_info = gate_enhanced(image_hr, lr, enhancer=enhancer, valid=foot > 0, sigma_lr=sig,
                                                support=support)
         support_info.pop("weight_lr")
@@ -837,5 +840,6 @@ def enhance_image(image, wcs: WCS, *, enhancer: Enhancer, sigma: float | Sequenc
         "sigma_source": sigma_source, "psf": psf_info, "warnings": warnings_, "n_tiles": n_tiles,
         "overlap_px": int(overlap_px), "n_nonfinite": n_nonfinite, "footprint_lr": foot.astype(np.float32),
         "surface_brightness": bool(surface_brightness), "support": support_info,
+        "image_lr": lr.astype(np.float32),
     }
     return (image_hr[0] if squeeze else image_hr), wcs_hr, info

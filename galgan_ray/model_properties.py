@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .enhance import Enhancer, enhance_image
+from .enhance import Enhancer, enhance_image, gate_enhanced
 from .geometry import make_tan_wcs
 from .support_map import SupportConfig
 
 __all__ = ["NOISE_PATTERN_BRIGHTEST_MAX", "NOISE_PATTERN_RATIO_MAX", "PositionalBias", "galaxy_field",
-           "noise_pattern", "noise_pattern_mean", "noise_pattern_passes", "positional_bias", "shift_error",
-           "window_error", "zero_response"]
+           "noise_pattern", "noise_pattern_means", "noise_pattern_passes", "noise_pattern_scores",
+           "positional_bias", "shift_error", "window_error", "zero_response"]
 
 #: The trust issue's fixed-pattern check (``../shared/tools/noise_pattern.py``): the mean of the enhanced
 #: noise images scatters less than this many times independent noise's ...
@@ -155,17 +155,24 @@ def noise_pattern(enhancer: Enhancer, *, n_images: int = 6, size: int = 150, see
     ``support``: :func:`galgan_ray.enhance.enhance_image`'s support gate, as ``galgan enhance`` applies it
     (default); ``None`` measures the model's own output everywhere (the model property: how bright a
     source it paints on a noise peak)."""
-    mean, expect = noise_pattern_mean(enhancer, n_images=n_images, size=size, seed=seed,
-                                      pixel_scale_arcsec=pixel_scale_arcsec, psf_fwhm_arcsec=psf_fwhm_arcsec,
-                                      support=support)
+    means = noise_pattern_means(enhancer, n_images=n_images, size=size, seed=seed,
+                                pixel_scale_arcsec=pixel_scale_arcsec, psf_fwhm_arcsec=psf_fwhm_arcsec,
+                                support=support or SupportConfig())
+    return noise_pattern_scores(*means["raw" if support is None else "gated"])
+
+
+def noise_pattern_scores(mean: np.ndarray, expect: float) -> tuple[float, float]:
+    """``(scatter, largest |pixel|)`` of a mean image over the scatter independent noise gives it."""
     return float(mean.std() / expect), float(np.abs(mean).max() / expect)
 
 
-def noise_pattern_mean(enhancer: Enhancer, *, n_images: int = 6, size: int = 150, seed: int = 20261202,
-                       pixel_scale_arcsec: float = 0.168, psf_fwhm_arcsec: float | None = 0.6,
-                       support: SupportConfig | None = SupportConfig()) -> tuple[np.ndarray, float]:
-    """:func:`noise_pattern`'s mean image (10% cut from each side) and the scatter independent noise
-    would give it (the mean single-image scatter / sqrt(n_images)); the same arguments."""
+def noise_pattern_means(enhancer: Enhancer, *, n_images: int = 6, size: int = 150, seed: int = 20261202,
+                        pixel_scale_arcsec: float = 0.168, psf_fwhm_arcsec: float | None = 0.6,
+                        support: SupportConfig = SupportConfig()) -> dict[str, tuple[np.ndarray, float]]:
+    """:func:`noise_pattern`'s mean image (10% cut from each side) and the scatter independent noise would
+    give it (the mean single-image scatter / sqrt(n_images)), ``{"raw": ..., "gated": ...}``: the model's
+    output everywhere, and the same outputs through ``support``'s gate (one enhancement per image; the
+    gate is what :func:`~galgan_ray.enhance.enhance_image` applies). The same arguments."""
     wcs = make_tan_wcs(150.1, 2.2, pixel_scale_arcsec=pixel_scale_arcsec, shape=(size, size))
     psf = None
     if psf_fwhm_arcsec is not None:  # sampled at pixel centres as the outside script does (not psf.py's
@@ -174,13 +181,21 @@ def noise_pattern_mean(enhancer: Enhancer, *, n_images: int = 6, size: int = 150
         psf = (1 + (xx**2 + yy**2) / alpha**2) ** -3.5
         psf = (psf / psf.sum()).astype(np.float32)
     rng = np.random.default_rng(seed)
-    outs = [enhance_image(rng.normal(0.0, 1.0, (size, size)).astype(np.float32), wcs, enhancer=enhancer,
-                          psf=psf, support=support)[0] for _ in range(n_images)]
-    st = np.stack(outs).astype(np.float64)
-    m = st.shape[-1] // 10
-    st = st[:, m:-m, m:-m]
-    expect = float(np.mean([s.std() for s in st]) / np.sqrt(n_images))
-    return st.mean(axis=0), expect
+    outs: dict[str, list[np.ndarray]] = {"raw": [], "gated": []}
+    for _ in range(n_images):
+        raw, _, info = enhance_image(rng.normal(0.0, 1.0, (size, size)).astype(np.float32), wcs, enhancer=enhancer,
+                                     psf=psf, support=None)
+        gated, _ = gate_enhanced(raw, info["image_lr"][0], enhancer=enhancer, valid=info["footprint_lr"] > 0,
+                                 sigma_lr=info["sigma_lr"], support=support)
+        outs["raw"].append(raw)
+        outs["gated"].append(gated)
+    res = {}
+    for key, images in outs.items():
+        st = np.stack(images).astype(np.float64)
+        m = st.shape[-1] // 10
+        st = st[:, m:-m, m:-m]
+        res[key] = (st.mean(axis=0), float(np.mean([s.std() for s in st]) / np.sqrt(n_images)))
+    return res
 
 
 def noise_pattern_passes(ratio: float, brightest: float) -> bool:

@@ -9,11 +9,12 @@ images. The catalog already drops such children (the field job's support tests,
 :mod:`galgan_ray.field.measure`); an *image* a user looks at, or runs a detector on, needs the same rule.
 
 :func:`map_support` finds what the LR image detects: the image, its sky plane and mesh background taken
-out, is filtered with the model's LR PSF (a matched filter) and divided by the filtered image's own
-measured noise (a clipped MAD standard deviation with the sources masked, so a correlated coadd noise
-is measured, not assumed white). Regions above ``grow_snr`` that hold a peak above ``detect_snr`` (hysteresis
-thresholding, as SExtractor-style detection grows an isophote from a detected peak) are grown by
-``grow_fwhm`` LR PSF FWHM and smoothed by a Gaussian of ``smooth_px`` LR pixels into a weight in [0, 1].
+out, is filtered with the model's LR PSF (:func:`galgan_ray.detect.matched_filter`, the detectors' own)
+and divided by the filtered image's own measured noise (a clipped MAD standard deviation with the
+sources masked, so a correlated coadd noise is measured, not assumed white). Regions above
+``grow_snr`` that hold a peak above ``detect_snr`` (hysteresis thresholding, as SExtractor-style
+detection grows an isophote from a detected peak) are grown by ``grow_fwhm`` LR PSF FWHM and smoothed
+by a Gaussian of ``smooth_px`` LR pixels into a weight in [0, 1].
 
 :func:`apply_support` keeps the enhanced pixels where the weight is 1, and elsewhere shows the data
 themselves: the LR image upsampled onto the HR grid by the flux-conserving bicubic of
@@ -30,12 +31,11 @@ import numpy as np
 import sep
 from astropy.stats import sigma_clipped_stats
 from scipy import ndimage
-from scipy.signal import fftconvolve
 from skimage.filters import apply_hysteresis_threshold
 
 from .baselines import upsample_bicubic
+from .detect import matched_filter
 from .errors import InputError
-from .psf import measure_fwhm
 from .sky_plane import fit_sky_plane
 
 __all__ = ["SupportConfig", "map_support", "apply_support", "upsample_support"]
@@ -68,17 +68,13 @@ class SupportConfig:
             raise InputError("support.background_box_px", f"must be >= 8, got {self.background_box_px}")
 
 
-def _fwhm_px(psf: np.ndarray) -> float:
-    f = measure_fwhm(np.asarray(psf, dtype=np.float64), pixel_scale_arcsec=1.0)
-    return float(f) if np.isfinite(f) else 0.0
-
-
 def _filtered_sigma(filt: np.ndarray, ok: np.ndarray, *, mask_snr: float = 5.0) -> float:
     """Robust noise sigma of a matched-filtered image: the 3-sigma-clipped MAD standard deviation, then
     again with everything above ``mask_snr`` sigma (dilated by 3 px) masked, so that galaxy wings do not
-    inflate it. Masking only sources (5 sigma), not the noise's own upper tail, keeps it unbiased on pure
-    noise (a 3-sigma mask made it 4% low). Measured on the filtered image itself, so a correlated noise
-    (coadd resampling) is measured, not assumed."""
+    inflate it. Measured on the filtered image itself, so a correlated noise (coadd resampling) is
+    measured, not assumed. (Not :func:`galgan_ray.enhance.estimate_noise_sigma`: its 1.5-sigma source
+    mask, right on an unfiltered image, takes the upper tail of a smooth filtered one with it; a
+    3-sigma mask here made sigma 4% low on pure noise, in a one-off check.)"""
     vals = filt[ok]
     if vals.size < 10 or np.ptp(vals) == 0:
         return 0.0
@@ -107,9 +103,9 @@ def map_support(image_lr: np.ndarray, *, psf_lr: np.ndarray, valid: np.ndarray |
     valid : numpy.ndarray of bool, optional
         ``(H, W)`` pixels with data (False: outside the footprint; never supported).
     sigma_lr : float or sequence of float, optional
-        The noise sigma per LR pixel, per band, where known: the filtered noise is taken as at least what
-        white noise of that sigma gives (a floor; the measured scatter is used where it is higher, as for
-        correlated noise), so a noiseless image with a given sigma is still gated on that sigma.
+        The noise sigma per LR pixel, per band, where known: a floor of the effective sigma (the measured
+        one is used where it is higher, as for correlated noise), so a noiseless image with a given sigma
+        is still gated on that sigma.
     config : SupportConfig
 
     Returns
@@ -119,7 +115,8 @@ def map_support(image_lr: np.ndarray, *, psf_lr: np.ndarray, valid: np.ndarray |
     info : dict
         ``detect_snr``, ``grow_snr``, ``n_regions`` (detected regions, union of bands),
         ``fraction_supported`` (mean weight over valid pixels), ``peak_snr`` (per band: the highest
-        matched-filter S/N), ``filtered_sigma`` (per band).
+        matched-filter S/N), ``effective_sigma`` (per band: the noise per LR pixel as the matched filter
+        sees it, the measured scatter of its unit-white-noise significance, at least ``sigma_lr``).
     """
     arr = np.asarray(image_lr, dtype=np.float64)
     planes = arr[None] if arr.ndim == 2 else arr
@@ -137,25 +134,25 @@ def map_support(image_lr: np.ndarray, *, psf_lr: np.ndarray, valid: np.ndarray |
     for img, p, floor in zip(planes, psfs, floors):
         resid = np.where(ok, img, 0.0)
         resid = np.where(ok, resid - fit_sky_plane(resid, ok), 0.0)
-        ny, nx = resid.shape
-        box = int(max(8, min(int(config.background_box_px), min(ny, nx))))
+        box = int(max(8, min(int(config.background_box_px), *resid.shape)))
         try:
             bkg = sep.Background(np.ascontiguousarray(resid), mask=~ok, bw=box, bh=box, fw=3, fh=3)
             resid = np.where(ok, resid - bkg.back(), 0.0)
         except Exception:  # noqa: BLE001 - sep refuses degenerate images; the plane alone then
             pass
-        kern = p[::-1, ::-1] / max(float(p.sum()), 1e-300)
-        filt = fftconvolve(resid, kern, mode="same")
-        # the noise is measured where the filter saw data on its whole support (its edges see zero padding)
-        inner = ndimage.binary_erosion(ok, iterations=max(p.shape[-1] // 2, 1), border_value=0)
-        s = _filtered_sigma(filt, inner if inner.sum() >= max(0.25 * ok.sum(), 100) else ok)
-        s = max(s, float(floor) * float(np.sqrt((kern ** 2).sum()))) if np.isfinite(floor) else s
-        fwhm.append(_fwhm_px(p))
-        sigmas.append(float(s) if s > 0 else 0.0)
-        if not s > 0:  # a noiseless plane (e.g. all zero): nothing is detected against noise
+        # significance for unit white noise (edges weighted by the kernel inside the image): its measured
+        # scatter is the noise per pixel as the filter sees it (higher than sigma for correlated noise)
+        mf = matched_filter(resid, psf=p, noise_sigma=1.0)
+        fwhm.append(float(mf["fwhm_px"]))
+        # measured where the filter saw data on its whole support (at the edges it sees zero padding)
+        inner = ndimage.binary_erosion(ok, iterations=max(mf["kernel"].shape[-1] // 2, 1), border_value=0)
+        use = inner if inner.sum() >= max(0.25 * ok.sum(), 100) else ok
+        s = max(_filtered_sigma(mf["significance"], use), float(floor) if np.isfinite(floor) else 0.0)
+        sigmas.append(s)
+        if not s > 0:  # a noiseless plane (e.g. all zero) with no sigma given: nothing is detected
             peaks.append(0.0)
             continue
-        snr = np.where(ok, filt / s, 0.0)
+        snr = np.where(ok, mf["significance"] / s, 0.0)
         detected |= apply_hysteresis_threshold(snr, float(config.grow_snr), float(config.detect_snr))
         peaks.append(float(snr.max()))
     n_regions = int(ndimage.label(detected)[1])
@@ -170,7 +167,7 @@ def map_support(image_lr: np.ndarray, *, psf_lr: np.ndarray, valid: np.ndarray |
     weight = np.where(ok, weight, 0.0).astype(np.float32)
     info = {"detect_snr": float(config.detect_snr), "grow_snr": float(config.grow_snr), "n_regions": n_regions,
             "fraction_supported": float(weight[ok].mean()) if ok.any() else 0.0,
-            "peak_snr": peaks, "filtered_sigma": sigmas}
+            "peak_snr": peaks, "effective_sigma": sigmas}
     return weight, info
 
 

@@ -32,8 +32,8 @@ import pytest
 import torch
 
 from galgan_ray.enhance import Enhancer
-from galgan_ray.model_properties import (noise_pattern, noise_pattern_passes, positional_bias, shift_error,
-                                         window_error, zero_response)
+from galgan_ray.model_properties import (galaxy_field, noise_pattern, noise_pattern_passes, positional_bias,
+                                         shift_error, window_error, zero_response)
 
 MODELS = [os.environ.get('GALGAN_TEST_MODEL', 'default'), os.environ.get('GALGAN_TEST_MODEL_FLUXCONS', 'default-fluxcons')]
 
@@ -80,6 +80,26 @@ def test_enhanced_noise_images_hold_no_fixed_pattern(enhancer):
     for n, seed in ((6, 20261202), (4, 20261202), (6, 1), (6, 7), (6, 9)):
         ratio, brightest = noise_pattern(enhancer, n_images=n, seed=seed)
         assert noise_pattern_passes(ratio, brightest), (n, seed, ratio, brightest)  # < 1.3 and < 8
+
+
+def test_a_gated_image_keeps_the_galaxies_and_is_the_gate_of_the_ungated_one(enhancer):
+    """``enhance_image``'s support gate is :func:`gate_enhanced` on its ``support=None`` output (what
+    bench/real_sky.py and model_properties rely on to enhance once), and it keeps the model's output on
+    the galaxies: their brightest HR pixels are unchanged, the sky between them is the upsampled data."""
+    from galgan_ray.enhance import enhance_image, gate_enhanced
+    from galgan_ray.geometry import make_tan_wcs
+
+    img = galaxy_field(120, seed=3)
+    wcs = make_tan_wcs(150.1, 2.2, pixel_scale_arcsec=0.18, shape=img.shape)
+    gated, _, info = enhance_image(img, wcs, enhancer=enhancer, sigma=1.0)
+    raw, _, info_raw = enhance_image(img, wcs, enhancer=enhancer, sigma=1.0, support=None)
+    again, sup = gate_enhanced(raw, info_raw["image_lr"][0], enhancer=enhancer, valid=info_raw["footprint_lr"] > 0,
+                               sigma_lr=info_raw["sigma_lr"])
+    np.testing.assert_array_equal(again, gated)
+    assert sup["n_regions"] == info["support"]["n_regions"] >= 1
+    peaks = np.argsort(raw.ravel())[-20:]
+    np.testing.assert_array_equal(gated.ravel()[peaks], raw.ravel()[peaks])
+    assert 0.0 < info["support"]["fraction_supported"] < 0.5
 
 
 def test_the_model_alone_paints_no_fixed_pattern_on_the_outside_checks_draw(enhancer):

@@ -22,6 +22,7 @@ from ..storage import StorageConfig, check_writable, parquet_bytes, write_bytes_
 from ..support_map import SupportConfig
 from ..survey import read_survey_image, to_model_tile
 from ._common import add_precision_argument
+from .enhance import add_support_cards
 
 __all__ = ["register", "run", "deblend_file", "default_field_config"]
 
@@ -111,21 +112,19 @@ def run(args: argparse.Namespace) -> int:
         # the enhanced tile again (the pipeline keeps only the cutouts' views), on the HR grid that
         # enhance_image gives the same LR grid: co-centred, factor times finer
         tile = res.tile
-        plane = enh.enhance_plane(tile.image, median_sigma(tile.variance))
+        sigma = median_sigma(tile.variance)
+        plane = enh.enhance_plane(tile.image, sigma)
         sup = None
         if not args.no_support_gate:  # as galgan enhance writes it: the model's output where the data detect a source
             valid = np.all(np.isfinite(tile.variance), axis=0)
-            plane, sup = gate_enhanced(plane, tile.image, enhancer=enh, valid=valid,
-                                       sigma_lr=median_sigma(tile.variance), support=SupportConfig())
+            plane, sup = gate_enhanced(plane, tile.image, enhancer=enh, valid=valid, sigma_lr=sigma,
+                                       support=SupportConfig())
         ny, nx = tile.shape
         ra, dec = tile.wcs.wcs.crval
         hdr = make_tan_wcs(float(ra), float(dec), pixel_scale_arcsec=enh.pixel_scale_high_arcsec,
                            shape=(enh.factor * ny, enh.factor * nx)).to_header()
         hdr["BUNIT"] = ("nJy", "per output pixel")
-        hdr["GGSUPP"] = (sup is not None, "output gated by the LR data's support")
-        if sup is not None:
-            hdr["GGSUPFR"] = (round(sup["fraction_supported"], 5), "fraction of the image enhanced")
-            hdr["GGSUPNR"] = (sup["n_regions"], "regions the LR data detect")
+        add_support_cards(hdr, sup)
         fits.PrimaryHDU(plane[0].astype(np.float32), header=hdr).writeto(args.enhanced, overwrite=True)
     s = summary
     print(f"galgan deblend {args.image}: {s['rows']} sources in {s['footprints']} footprints "

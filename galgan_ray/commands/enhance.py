@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..support_map import SupportConfig
 from ._common import add_precision_argument
 
-__all__ = ["register", "run", "read_image", "read_psf_planes", "write_enhanced"]
+__all__ = ["register", "run", "read_image", "read_psf_planes", "write_enhanced", "add_support_cards"]
 
 #: Plane order of HSC coadd cubes (as in ../shared/data/hsc_hst_pairs): a 1-band model made for an
 #: HSC band takes that plane of a 5-plane cube by default.
@@ -221,6 +221,17 @@ def _support_text(sup: dict | None) -> str:
             f"bicubic-upsampled data elsewhere")
 
 
+def add_support_cards(hdr, sup: dict | None) -> None:
+    """The support gate's FITS keywords (``galgan enhance`` and ``galgan deblend --enhanced``): ``GGSUPP``
+    and, when gated, ``GGSUPSN``, ``GGSUPGR``, ``GGSUPFR`` (fraction enhanced), ``GGSUPNR`` (regions)."""
+    hdr["GGSUPP"] = (sup is not None, "output gated by the LR data's support")
+    if sup is not None:
+        hdr["GGSUPSN"] = (sup["detect_snr"], "support: matched-filter S/N of a detected peak")
+        hdr["GGSUPGR"] = (sup["grow_snr"], "support: isophote S/N a region is grown to")
+        hdr["GGSUPFR"] = (round(sup["fraction_supported"], 5), "fraction of the image enhanced")
+        hdr["GGSUPNR"] = (sup["n_regions"], "regions the LR data detect")
+
+
 def write_enhanced(path: str, image_hr: np.ndarray, wcs_hr, *, info: dict, header_in=None,
                    source: str = "", planes: list[int] | None = None) -> None:
     """Write the enhanced image with its WCS, the input's BUNIT and provenance keywords (overwrites)."""
@@ -246,13 +257,7 @@ def write_enhanced(path: str, image_hr: np.ndarray, wcs_hr, *, info: dict, heade
             v = p.get(key)
             if v is not None and np.isfinite(v):
                 hdr[f"{name}{b}"] = (round(float(v), 4), f"[arcsec] {what} PSF FWHM, band {b}")
-    sup = info.get("support")
-    hdr["GGSUPP"] = (sup is not None, "output gated by the LR data's support")
-    if sup is not None:
-        hdr["GGSUPSN"] = (sup["detect_snr"], "support: matched-filter S/N of a detected peak")
-        hdr["GGSUPGR"] = (sup["grow_snr"], "support: isophote S/N a region is grown to")
-        hdr["GGSUPFR"] = (round(sup["fraction_supported"], 5), "fraction of the image enhanced")
-        hdr["GGSUPNR"] = (sup["n_regions"], "regions the LR data detect")
+    add_support_cards(hdr, info.get("support"))
     hdr.add_history(f"galgan enhance {__version__}: {source}" + (f" planes {planes}" if planes is not None else ""))
     hdr.add_history(f"model {info['checkpoint']} sha256 {info.get('sha256')}")
     hdr.add_history(f"bands {','.join(info['bands_low'])} -> {','.join(info['bands_high'])}, "
