@@ -19,6 +19,8 @@ order, the driver's death last.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import signal
 import subprocess
@@ -46,8 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SIM = FieldSimConfig(seed=5, n_tiles_x=3, n_tiles_y=2, tile_inner_arcsec=14.4, border_arcsec=3.96,
                      galaxy_density_arcmin2=150.0)
 N_TILES = SIM.n_tiles_x * SIM.n_tiles_y
-ENHANCE = "MapWorker(MapBatches(EnhanceStage))"  # Ray Data's actor class name of a stage
-PHOTOMETER = "MapWorker(MapBatches(MeasureStage))"  # DetectStage + PhotometerStage in one actor
+ENHANCE = "MapWorker(MapBatches(EnhanceStage))"  # Ray Data's actor class name of a stage (layout stage_pools)
+PROCESS = "MapWorker(ReadTile->MapBatches(ProcessStage))"  # read + every stage in one actor (layout one_pool)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,8 +93,9 @@ def ray_with_state_api() -> str:
     ray.shutdown()
 
 
-def job(ckpt: str, sim: Path, out: Path) -> FieldJobConfig:
-    return FieldJobConfig(inputs=(str(sim),), output=str(out), checkpoint=ckpt)
+def job(ckpt: str, sim: Path, out: Path, *, layout: str = "auto") -> FieldJobConfig:
+    return FieldJobConfig(inputs=(str(sim),), output=str(out), checkpoint=ckpt,
+                          compute=dataclasses.replace(FieldComputeConfig(), layout=layout))
 
 
 def committed(out: Path) -> list[Path]:
@@ -258,18 +261,19 @@ def test_killed_enhance_actor_is_restarted_and_the_catalog_is_complete(ray_with_
         ray.kill(handle, no_restart=False)
 
     killer = StageKiller(ENHANCE, kill, address=ray_with_state_api, out=out)
-    assert_recovered(killer, run_with_a_kill(killer, job(ckpt, sim, out)), out, reference, ENHANCE,
-                     address=ray_with_state_api)
+    assert_recovered(killer, run_with_a_kill(killer, job(ckpt, sim, out, layout="stage_pools")), out, reference,
+                     ENHANCE, address=ray_with_state_api)
 
 
 @pytest.mark.timeout(600)
 def test_killed_worker_process_is_replaced_and_the_catalog_is_complete(ray_with_state_api, ckpt, sim, reference,
                                                                       tmp_path):
-    """SIGKILL (as the OOM killer would) the worker process measuring a tile's photometry."""
+    """SIGKILL (as the OOM killer would) a worker process in the middle of a tile (the one pool that
+    runs every stage where the model is on CPU: this machine's layout)."""
     out = tmp_path / "out"
-    killer = StageKiller(PHOTOMETER, lambda actor: os.kill(actor.pid, signal.SIGKILL), address=ray_with_state_api,
+    killer = StageKiller(PROCESS, lambda actor: os.kill(actor.pid, signal.SIGKILL), address=ray_with_state_api,
                          out=out)
-    assert_recovered(killer, run_with_a_kill(killer, job(ckpt, sim, out)), out, reference, PHOTOMETER,
+    assert_recovered(killer, run_with_a_kill(killer, job(ckpt, sim, out)), out, reference, PROCESS,
                      address=ray_with_state_api)
 
 

@@ -72,6 +72,24 @@ def read_parts(root: Path, what: str) -> dict[str, object]:
     return {p.parent.name: pq.read_table(p) for p in sorted((root / what).glob("tile=*/part-0.parquet"))}
 
 
+def assert_same_tables(ref_out: Path, out: Path, what: str) -> None:
+    """The tiles of ``what`` under two outputs hold the same rows: integers and strings exactly, floats
+    to float precision."""
+    ref, new = read_parts(ref_out, what), read_parts(out, what)
+    assert sorted(ref) == sorted(new) and ref
+    for name in ref:
+        a, b = ref[name].to_pydict(), new[name].to_pydict()
+        assert sorted(a) == sorted(b), name
+        for col in a:
+            va, vb = np.asarray(a[col]), np.asarray(b[col])
+            if va.dtype.kind == "f":
+                # The enhancer's float sums may differ in the last bits between processes (threads);
+                # the template fluxes, which read its pixels, then agree to float precision only.
+                assert_allclose(vb, va, rtol=1e-5, atol=0, equal_nan=True, err_msg=f"{what} {name}.{col}")
+            else:
+                assert a[col] == b[col], f"{what} {name}.{col}"
+
+
 def test_default_yaml_mirrors_the_config_and_rejects_unknown_keys(tmp_path):
     path = resources.files("galgan_ray").joinpath("data", "field_default.yaml")
     assert load_config(FieldJobConfig, str(path)) == FieldJobConfig()
@@ -194,25 +212,31 @@ def test_resume_processes_only_uncommitted_tiles_and_gives_the_same_catalog(full
     assert second["tiles"] == {"total": 4, "done": 2, "failed": 0, "skipped": 2}
     assert {p: p.stat().st_mtime_ns for p in committed} == committed  # committed tiles untouched
     assert not stale.exists()  # the retried tile's old failure is superseded
-    ref, new = read_parts(ref_out, "catalog"), read_parts(out, "catalog")
-    assert sorted(ref) == sorted(new)
-    for name in ref:
-        a, b = ref[name].to_pydict(), new[name].to_pydict()
-        assert sorted(a) == sorted(b), name
-        for col in a:
-            va, vb = np.asarray(a[col]), np.asarray(b[col])
-            if va.dtype.kind == "f":
-                # The enhancer's float sums may differ in the last bits between processes (threads);
-                # the template fluxes, which read its pixels, then agree to float precision only.
-                assert_allclose(vb, va, rtol=1e-5, atol=0, equal_nan=True, err_msg=f"{name}.{col}")
-            else:
-                assert a[col] == b[col], f"{name}.{col}"
+    assert_same_tables(ref_out, out, "catalog")
     assert second["sources"] == ref_summary["sources"]
     # Nothing is left to do now; another science config may not reuse the output.
     third = run_field(job(ckpt, [sim["dir"]], out), verbose=False)
     assert third["tiles"]["skipped"] == 4 and third["tiles"]["done"] == 0
     with pytest.raises(ConfigError, match="another config or model"):
         run_field(job(ckpt, [sim["dir"]], out, field=FieldConfig(seed=9)), verbose=False)
+
+
+def test_one_pool_and_stage_pools_write_the_same_tables(full_run, ckpt, sim, tmp_path):
+    """Without a GPU the job runs every stage in one pool (``compute.layout`` auto); the three pools
+    a GPU cluster uses write the same catalog, truth and blends."""
+    import dataclasses
+
+    from galgan_ray.ray_shell.job import FieldComputeConfig
+
+    ref_out, ref_summary = full_run
+    assert ref_summary["throughput"]["layout"] == "one_pool"
+    compute = dataclasses.replace(FieldComputeConfig(), layout="stage_pools")
+    summary = run_field(job(ckpt, [sim["dir"]], tmp_path / "out", compute=compute), verbose=False)
+    assert summary["throughput"]["layout"] == "stage_pools"
+    assert summary["tiles"] == ref_summary["tiles"] and summary["sources"] == ref_summary["sources"]
+    assert sorted(summary["stage_seconds"]) == sorted(ref_summary["stage_seconds"]) == sorted(TILE_STEPS)
+    for what in ("catalog", "truth", "blends"):
+        assert_same_tables(ref_out, tmp_path / "out", what)
 
 
 def test_the_hats_catalog_opens_in_lsdb_with_the_catalogs_rows(full_run):
@@ -367,7 +391,8 @@ def test_bad_tiles_become_failure_rows_and_the_field_completes(ray_local, ckpt, 
 @pytest.mark.parametrize("override, key", [
     ({"stage_num_cpus": 5.0}, "compute.stage_num_cpus"),  # more than the 2-CPU node has
     ({"enhance_num_gpus": 1.0}, "compute.enhance_num_gpus"),  # no GPU on this instance
-    ({"stage_actors": 4, "stage_num_cpus": 0.5}, "compute.stage_num_cpus"),  # 5 CPUs of pools on 2
+    ({"layout": "stage_pools", "stage_actors": 4, "stage_num_cpus": 0.5}, "compute.stage_num_cpus"),  # 5 CPUs on 2
+    ({"process_actors": 8, "stage_num_cpus": 0.5}, "compute.stage_num_cpus"),  # one pool: 4.25 CPUs on 2
 ])
 def test_impossible_resources_fail_fast_naming_the_key(ray_local, ckpt, sim, tmp_path, override, key):
     """On a Ray instance of fixed size, requests it can never place end as an error naming the key,
@@ -382,3 +407,7 @@ def test_impossible_resources_fail_fast_naming_the_key(ray_local, ckpt, sim, tmp
     assert not (tmp_path / "out" / "catalog").exists()
     with pytest.raises(ConfigError, match=r"^compute.num_cpus: "):
         FieldComputeConfig(num_cpus=0)
+    with pytest.raises(ConfigError, match=r"^compute.layout: "):
+        FieldComputeConfig(layout="fused")
+    with pytest.raises(ConfigError, match=r"^compute.process_actors: "):
+        FieldComputeConfig(process_actors=0)

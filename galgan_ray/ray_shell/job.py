@@ -10,15 +10,24 @@ Pipeline (one row per tile from end to end, :mod:`galgan_ray.ray_shell.rows`)::
       -> PhotometerStage  (Gaussian-mixture photometry on the LR image; catalog, truth scores)
       -> CommitStage      (per-tile files under deterministic names, then the _COMMITTED marker)
 
-Ray Data runs them as four fixed-size actor pools::
+Ray Data runs them as fixed-size actor pools, in one of two layouts (``compute.layout``). Where the
+model runs on CPU (``auto``'s choice without GPUs), one pool runs every stage and a second commits::
+
+    ReadTile->MapBatches(ProcessStage)   read + all five stages                 process_actors (one per CPU)
+    MapBatches(CommitStage)                                                     commit_actors
+
+Where it runs on GPUs (``stage_pools``), the model has a pool of its own between two CPU pools::
 
     ReadTile->MapBatches(PrepareStage)   read + DegradeStage + FootprintStage   stage_actors
     MapBatches(EnhanceStage)                                                    enhance_actors (GPU)
     MapBatches(MeasureStage)             DetectStage + PhotometerStage          stage_actors
     MapBatches(CommitStage)                                                     commit_actors
 
-The read tasks ask for the CPUs of a PrepareStage actor, which lets Ray Data fuse them into that
-pool, so no Ray task (and no short-lived worker process) is left in the pipeline. A stage that
+Each actor process imports the stack (seconds of CPU) and each enhancement actor loads and
+calibrates the model before its first tile, so on a CPU cluster one pool starts a third of the
+processes; the stages and the catalog are the same in both. The read tasks ask for the CPUs of the
+first pool's actor, which lets Ray Data fuse them into that pool, so no Ray task (and no
+short-lived worker process) is left in the pipeline. A stage that
 raises on a tile turns that row into a failure (stage and reason); the commit writes it to
 ``OUT/failures/``, so the rest of the field completes and nothing is dropped silently. The outputs'
 layout is :mod:`galgan_ray.outputs`.
@@ -52,13 +61,17 @@ from ..storage import StorageConfig, check_writable, join_url, open_fs, scrub_ur
 from ..tiles import list_tile_sources
 from .commit import CommitStage, claim_output, commit_refused, plan_tiles, read_markers, release_output, run_fingerprint
 from .reading import TileDatasource
-from .stages import EnhanceStage, MeasureStage, PrepareStage
+from .stages import EnhanceStage, MeasureStage, PrepareStage, ProcessStage
 from .summary import format_summary, summarise
 
 __all__ = ["FieldComputeConfig", "FieldJobConfig", "init_ray", "check_resources", "check_output", "resolve_model_grid",
            "build_pipeline", "run_field"]
 
 log = logging.getLogger(__name__)
+
+
+#: The field job's actor layouts (:attr:`FieldComputeConfig.layout`).
+LAYOUTS = ("auto", "one_pool", "stage_pools")
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,16 @@ class FieldComputeConfig:
         ``torch.set_num_threads`` in every stage actor.
     photometry : PhotometryComputeConfig
         Device, precision and batch of the photometry.
+    layout : {"auto", "one_pool", "stage_pools"}
+        ``stage_pools``: the three pools of the module docstring (``stage_actors``, ``enhance_actors``),
+        for a model on GPUs or custom resources. ``one_pool``: every stage in each actor of one pool
+        (:class:`~galgan_ray.ray_shell.stages.ProcessStage`, ``process_actors`` of them), the faster
+        where the model runs on CPU: a third of the processes to start, no tile state between
+        processes. ``auto``: ``one_pool`` unless the enhancement asks for GPUs or ``enhance_resources``.
+        The catalog is the same either way.
+    process_actors : int or None
+        Actors of the one pool (no more than the tiles to process); None: one per CPU of the cluster
+        when the job starts (on an autoscaling cluster, set it to the CPUs it will grow to).
     """
 
     ray_address: str | None = None
@@ -118,8 +141,14 @@ class FieldComputeConfig:
     commit_actors: int = 1
     torch_threads: int = 1
     photometry: PhotometryComputeConfig = dataclasses.field(default_factory=lambda: PhotometryComputeConfig(device="cpu"))
+    layout: str = "auto"
+    process_actors: int | None = None
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ConfigError("compute.layout", f"must be one of {list(LAYOUTS)}, got {self.layout!r}")
+        if self.process_actors is not None and self.process_actors < 1:
+            raise ConfigError("compute.process_actors", f"must be >= 1 or null, got {self.process_actors}")
         if self.num_cpus < 1:
             raise ConfigError("compute.num_cpus", f"a local Ray instance needs at least 1 CPU, got {self.num_cpus}")
         if min(self.stage_actors, self.enhance_actors, self.commit_actors, self.enhance_batch_size) < 1:
@@ -216,7 +245,31 @@ def _read_only_autoscaler() -> bool:
     return bool(types) and all(str(t).startswith("node_") for t in types)
 
 
-def check_resources(compute: FieldComputeConfig, *, enhance_gpus: float) -> None:
+def enhance_gpus_per_actor(compute: FieldComputeConfig) -> float:
+    """GPUs per enhancement actor: ``compute.enhance_num_gpus``, or (None) 1 where the cluster has a GPU."""
+    if compute.enhance_num_gpus is not None:
+        return float(compute.enhance_num_gpus)
+    gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+    return 1.0 if gpus >= 1 else 0.0
+
+
+def resolve_layout(compute: FieldComputeConfig, *, enhance_gpus: float) -> str:
+    """``one_pool`` or ``stage_pools``: ``compute.layout``, with ``auto`` resolved (one pool unless the
+    enhancement asks for GPUs or custom resources)."""
+    if compute.layout != "auto":
+        return compute.layout
+    return "stage_pools" if (enhance_gpus > 0 or compute.enhance_resources) else "one_pool"
+
+
+def process_actor_count(compute: FieldComputeConfig) -> int:
+    """Actors of the one pool: ``compute.process_actors``, or one per CPU of the connected cluster."""
+    if compute.process_actors is not None:
+        return int(compute.process_actors)
+    cpus = float(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else float(compute.num_cpus)
+    return max(1, int(cpus))
+
+
+def check_resources(compute: FieldComputeConfig, *, enhance_gpus: float, layout: str = "stage_pools") -> None:
     """Fail fast on resource requests the connected Ray cluster can never satisfy, naming the key.
 
     On a cluster with fixed resources the actor pools would wait for ever (Ray Data does not give
@@ -233,8 +286,13 @@ def check_resources(compute: FieldComputeConfig, *, enhance_gpus: float) -> None
     max_cpu = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
     max_gpu = max((r.get("GPU", 0.0) for r in nodes), default=0.0)
     total_cpu = float(sum(r.get("CPU", 0.0) for r in nodes))
-    pools = (2 * compute.stage_actors + compute.enhance_actors) * compute.stage_num_cpus \
-        + compute.commit_actors * compute.io_num_cpus
+    if layout == "one_pool":
+        pools = process_actor_count(compute) * compute.stage_num_cpus + compute.commit_actors * compute.io_num_cpus
+        formula = "process_actors x stage_num_cpus + commit_actors x io_num_cpus"
+    else:
+        pools = (2 * compute.stage_actors + compute.enhance_actors) * compute.stage_num_cpus \
+            + compute.commit_actors * compute.io_num_cpus
+        formula = "(2 stage_actors + enhance_actors) x stage_num_cpus + commit_actors x io_num_cpus"
     problems = []
     if compute.stage_num_cpus > max_cpu:
         problems.append(("compute.stage_num_cpus", f"{compute.stage_num_cpus} CPUs per stage actor, but the largest "
@@ -246,8 +304,7 @@ def check_resources(compute: FieldComputeConfig, *, enhance_gpus: float) -> None
         problems.append(("compute.enhance_num_gpus", f"{enhance_gpus:g} GPU(s) per enhancement actor, but the "
                                                      f"largest node has {max_gpu:g}"))
     if pools > total_cpu:
-        problems.append(("compute.stage_num_cpus", f"the actor pools ask for {pools:g} CPUs together ((2 stage_actors "
-                                                   f"+ enhance_actors) x stage_num_cpus + commit_actors x io_num_cpus) "
+        problems.append(("compute.stage_num_cpus", f"the actor pools ask for {pools:g} CPUs together ({formula}) "
                                                    f"and the cluster has {total_cpu:g}; the pipeline would wait for "
                                                    f"ever"))
     if not problems:
@@ -333,15 +390,16 @@ def simulate_inputs(config: FieldJobConfig) -> tuple[list[str], dict]:
 
 def build_pipeline(sources: Sequence[str], *, config: FieldJobConfig, checkpoint: str, model: ModelGrid,
                    metadata_json: str, fingerprint: str) -> ray.data.Dataset:
-    """The lazy Ray dataset of the run: read -> stages -> commit (one summary row per tile), as the
-    four actor pools of the module docstring."""
+    """The lazy Ray dataset of the run: read -> stages -> commit (one summary row per tile), in the
+    actor layout of the module docstring (:func:`resolve_layout`)."""
     c = config.compute
-    gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
-    enhance_gpus = (1.0 if gpus >= 1 else 0.0) if c.enhance_num_gpus is None else float(c.enhance_num_gpus)
+    enhance_gpus = enhance_gpus_per_actor(c)
+    layout = resolve_layout(c, enhance_gpus=enhance_gpus)
     if ray.is_initialized():
-        check_resources(c, enhance_gpus=enhance_gpus)
+        check_resources(c, enhance_gpus=enhance_gpus, layout=layout)
     common = dict(batch_size=1, num_cpus=c.stage_num_cpus, zero_copy_batch=False)
     kw = dict(torch_threads=c.torch_threads)
+    enhance_kw = dict(batch_size=c.enhance_batch_size, precision=c.enhance_precision, storage=config.storage)
     # 1. Reads with the CPUs of a PrepareStage actor, and PrepareStage with batch_size=None (a batch
     #    is one block, i.e. one tile: a read task yields one 1-row block): Ray Data then fuses the
     #    reads into that pool (it fuses a task-pool map into a following actor pool when their remote
@@ -350,6 +408,13 @@ def build_pipeline(sources: Sequence[str], *, config: FieldJobConfig, checkpoint
                                                  footprints=config.field.footprints, detect=config.field.detect),
                                   override_num_blocks=len(sources),
                                   num_cpus=c.stage_num_cpus)
+    if layout == "one_pool":
+        # 2'. Every stage in one pool (the model on CPU): the read fused in as above.
+        ds = ds.map_batches(ProcessStage, fn_constructor_args=(model, checkpoint, config.field),
+                            fn_constructor_kwargs=dict(compute=c.photometry, **enhance_kw, **kw),
+                            compute=ray.data.ActorPoolStrategy(size=min(process_actor_count(c), len(sources))),
+                            **{**common, "batch_size": None})
+        return _commit(ds, config=config, metadata_json=metadata_json, fingerprint=fingerprint)
     ds = ds.map_batches(PrepareStage, fn_constructor_args=(model, config.field), fn_constructor_kwargs=kw,
                         compute=ray.data.ActorPoolStrategy(size=c.stage_actors), **{**common, "batch_size": None})
     # 2. The model, on a GPU where the cluster has one.
@@ -357,19 +422,22 @@ def build_pipeline(sources: Sequence[str], *, config: FieldJobConfig, checkpoint
     if c.enhance_resources:
         enh_args["resources"] = dict(c.enhance_resources)
     ds = ds.map_batches(EnhanceStage, fn_constructor_args=(checkpoint, config.field),
-                        fn_constructor_kwargs=dict(batch_size=c.enhance_batch_size, precision=c.enhance_precision,
-                                                           storage=config.storage, **kw),
+                        fn_constructor_kwargs=dict(**enhance_kw, **kw),
                         compute=ray.data.ActorPoolStrategy(size=c.enhance_actors), **enh_args)
     # 3. Children and photometry.
     ds = ds.map_batches(MeasureStage, fn_constructor_args=(model, config.field),
                         fn_constructor_kwargs=dict(compute=c.photometry, **kw),
                         compute=ray.data.ActorPoolStrategy(size=c.stage_actors), **common)
-    # 4. The commit, in warm actors too (as Ray tasks, each commit started a worker that imported the stack).
-    ds = ds.map_batches(CommitStage, fn_constructor_kwargs=dict(output=config.output, storage=config.storage,
-                                                                metadata_json=metadata_json, fingerprint=fingerprint),
-                        compute=ray.data.ActorPoolStrategy(size=c.commit_actors), batch_size=1,
-                        num_cpus=c.io_num_cpus, zero_copy_batch=False)
-    return ds
+    return _commit(ds, config=config, metadata_json=metadata_json, fingerprint=fingerprint)
+
+
+def _commit(ds: ray.data.Dataset, *, config: FieldJobConfig, metadata_json: str, fingerprint: str) -> ray.data.Dataset:
+    """4. The commit, in warm actors too (as Ray tasks, each commit started a worker that imported the stack)."""
+    c = config.compute
+    return ds.map_batches(CommitStage, fn_constructor_kwargs=dict(output=config.output, storage=config.storage,
+                                                                  metadata_json=metadata_json, fingerprint=fingerprint),
+                          compute=ray.data.ActorPoolStrategy(size=c.commit_actors), batch_size=1,
+                          num_cpus=c.io_num_cpus, zero_copy_batch=False)
 
 
 def run_field(config: FieldJobConfig, *, verbose: bool = True) -> dict[str, Any]:
@@ -388,7 +456,8 @@ def run_field(config: FieldJobConfig, *, verbose: bool = True) -> dict[str, Any]
     dict
         The summary (also written to ``OUT/summary.json``): ``tiles`` (``total``, ``done``,
         ``failed``, ``skipped``), ``sources``, ``footprints``, ``newly_resolved_blends``,
-        ``throughput`` (``sources_per_s``, ``deg2_per_hour``, ``wall_s``, ``cores``, ``core_h_per_deg2``), ``model``, ``outputs``,
+        ``throughput`` (``sources_per_s``, ``deg2_per_hour``, ``wall_s``, ``cores``, ``core_h_per_deg2``,
+        ``layout``), ``model``, ``outputs``,
         ``failures`` (list of ``{tileId, source, stage, reason}``), ``hats`` (rows, partitions),
         ``truth`` (simulations).
 
@@ -433,11 +502,15 @@ def _run_field(config: FieldJobConfig, *, verbose: bool, claims: list) -> dict[s
 
     results = commit_refused(plan.refused, output=config.output, storage=storage, metadata_json=metadata_json)
     t_run = time.perf_counter()
+    layout = None
     if todo:
         init_ray(config.compute)
         if progress_setting() is False:  # -q / GALGAN_PROGRESS=0: no Ray Data progress either
             logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # its "disabled" notice
             ray.data.DataContext.get_current().enable_progress_bars = False
+        layout = resolve_layout(config.compute, enhance_gpus=enhance_gpus_per_actor(config.compute))
+        log.info("actor layout: %s", layout if layout == "stage_pools" else
+                 f"one_pool of {process_actor_count(config.compute)} actor(s)")
         ds = build_pipeline(todo, config=config, checkpoint=checkpoint, model=model, metadata_json=metadata_json,
                             fingerprint=fprint)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -453,7 +526,7 @@ def _run_field(config: FieldJobConfig, *, verbose: bool, claims: list) -> dict[s
         hats = {"error": f"{type(exc).__name__}: {exc}"}
     summary = summarise(config, results, skipped, model_id=model_id, wall_s=wall,
                         total_s=time.perf_counter() - t_start, n_sources_total=plan.n_sources, sim_info=sim_info,
-                        hats=hats, cores=cores)
+                        hats=hats, cores=cores, layout=layout)
     write_bytes_atomic(join_url(config.output, "summary.json"), json.dumps(summary, indent=2, sort_keys=True,
                                                                           default=str).encode(), storage)
     if verbose:

@@ -10,7 +10,9 @@ Ray Data runs them as fixed-size actor pools, so each process starts (and import
 astropy: seconds of CPU and ~0.3 GB each) once per job, never once per tile.
 :class:`PrepareStage` (degrade + footprints) and :class:`MeasureStage` (detect + photometry) run
 two stages one after the other in one actor: footprints and detection are too light to be worth a
-process of their own, and each stage keeps its own class, timer and failure name.
+process of their own, and each stage keeps its own class, timer and failure name. Where the model
+runs on CPU, :class:`ProcessStage` runs all five in one actor (the job's ``compute.layout``): one
+process per core to start, and no tile state between processes.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from ..storage import StorageConfig
 from .rows import batch_rows, failure_reason, make_row, rows_to_batch
 
 __all__ = ["DegradeStage", "FootprintStage", "EnhanceStage", "DetectStage", "PhotometerStage", "PrepareStage",
-           "MeasureStage"]
+           "MeasureStage", "ProcessStage"]
 
 log = logging.getLogger(__name__)
 
@@ -173,3 +175,34 @@ class MeasureStage(_StageSequence):
                  compute: PhotometryComputeConfig = PhotometryComputeConfig(device="cpu"), torch_threads: int = 1):
         super().__init__((DetectStage, (model, config), dict(torch_threads=torch_threads)),
                          (PhotometerStage, (model, config), dict(compute=compute, torch_threads=torch_threads)))
+
+
+class ProcessStage(_StageSequence):
+    """Every stage in one actor (:class:`PrepareStage`, :class:`EnhanceStage`, :class:`MeasureStage`
+    one after the other): the field job's pool where the model runs on CPU (``compute.layout``).
+
+    A CPU cluster gains nothing from separate pools: each actor process imports the stack and the
+    enhancement actors load and calibrate the model (seconds of CPU each, before the first tile), and
+    each tile's state is serialised between pools. One pool of as many actors as cores starts a third
+    of the processes and keeps each tile in one. The stages, their timers and failure names, and so
+    the catalog, are those of the three pools.
+
+    Parameters
+    ----------
+    model : ModelGrid
+    checkpoint : str
+    config : FieldConfig
+    compute : PhotometryComputeConfig
+    torch_threads : int
+    **enhance : Any
+        :class:`EnhanceStage`'s keywords (``batch_size``, ``precision``, ``storage``, ``device``).
+    """
+
+    def __init__(self, model: ModelGrid, checkpoint: str, config: FieldConfig, *,
+                 compute: PhotometryComputeConfig = PhotometryComputeConfig(device="cpu"), torch_threads: int = 1,
+                 **enhance: Any):
+        kw = dict(torch_threads=torch_threads)
+        super().__init__((DegradeStage, (model, config), kw), (FootprintStage, (model, config), kw),
+                         (EnhanceStage, (checkpoint, config), dict(enhance, **kw)),
+                         (DetectStage, (model, config), kw),
+                         (PhotometerStage, (model, config), dict(compute=compute, **kw)))

@@ -24,7 +24,7 @@ def existing_outputs(outputs: Mapping[str, str], *, storage: StorageConfig = Sto
 def summarise(config: Any, results: Sequence[Mapping[str, Any]], skipped: Sequence[Mapping[str, Any]], *,
               model_id: Mapping[str, str], wall_s: float, total_s: float, n_sources_total: int,
               sim_info: Mapping[str, Any] | None, hats: Mapping[str, Any] | None = None,
-              cores: float | None = None) -> dict[str, Any]:
+              cores: float | None = None, layout: str | None = None) -> dict[str, Any]:
     """The run summary (``OUT/summary.json``) from the commit rows of this run and the markers of the
     tiles committed before (``skipped``); keys as :func:`galgan_ray.ray_shell.job.run_field` lists.
     ``outputs`` lists only what exists under the output (``summary`` itself is written next);
@@ -32,7 +32,8 @@ def summarise(config: Any, results: Sequence[Mapping[str, Any]], skipped: Sequen
 
     ``throughput.core_h_per_deg2`` is the cost of this run per area: ``cores`` (the CPUs the Ray
     instance had) x the pipeline wall time over the area of the tiles processed in this run, the
-    definition ``bench/bench_field.py`` reports (per area, never scaled by catalog rows)."""
+    definition ``bench/bench_field.py`` reports (per area, never scaled by catalog rows);
+    ``throughput.layout`` the actor layout that ran (``compute.layout`` resolved; None: nothing ran)."""
     done = [r for r in results if r["status"] == "done"]
     failed = [r for r in results if r["status"] != "done"]
     stats_new = [json.loads(r["stats"]) for r in done]
@@ -57,7 +58,7 @@ def summarise(config: Any, results: Sequence[Mapping[str, Any]], skipped: Sequen
         "throughput": {"wall_s": wall_s, "total_s": total_s,
                        "sources_per_s": n_new / wall_s if wall_s > 0 else 0.0,
                        "deg2_per_hour": area_new / (wall_s / 3600.0) if wall_s > 0 else 0.0,
-                       "cores": cores,
+                       "cores": cores, "layout": layout,
                        "core_h_per_deg2": (cores * wall_s / 3600.0 / area_new) if cores and area_new > 0 else None},
         "model": model_id,
         "enhance_device": sorted({s.get("enhance_device") for s in stats_new if s.get("enhance_device")}),
