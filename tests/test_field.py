@@ -16,6 +16,7 @@ from galgan_ray.field import (
     PARENT_BIT,
     STEPS,
     TILE_STEPS,
+    Catalog,
     Children,
     CutoutConfig,
     FieldConfig,
@@ -272,6 +273,18 @@ def test_score_truth_pairs_and_matches(enhancer, rho):
     again = score_truth(res.tile, high=res.high, footprints=res.footprints, children=res.children,
                         catalog=res.catalog, config=TruthConfig())
     assert again.truth["matched_enhanced"].tolist() == tr["matched_enhanced"].tolist()
+    # The truth names catalog rows only: the child that found source 12, left out of the catalog (as
+    # an unsupported child is), is still found on the enhanced image but matches no row.
+    oid = int(tr["objectId"][2])
+    assert oid in res.catalog.columns["objectId"] and again.counts()["matched_catalog"] == (tr["objectId"] >= 0).sum()
+    keep = res.catalog.columns["objectId"] != oid
+    without = Catalog(columns={k: v[keep] for k, v in res.catalog.columns.items()},
+                      all_object_id=res.catalog.all_object_id, all_primary=res.catalog.all_primary)
+    cut = score_truth(res.tile, high=res.high, footprints=res.footprints, children=res.children, catalog=without,
+                      config=TruthConfig())
+    assert cut.truth["matched_enhanced"][2] and cut.truth["objectId"][2] == -1
+    assert cut.counts()["matched_catalog"] == again.counts()["matched_catalog"] - 1
+    assert cut.counts()["matched_enhanced"] == again.counts()["matched_enhanced"]
     # Purity: every catalog row and every LR peak sits on one of the three true sources.
     pur = res.truth.purity
     assert pur["n_catalog"] == len(res.catalog) and pur["n_catalog_near_truth"] == pur["n_catalog"]

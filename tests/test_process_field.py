@@ -161,6 +161,13 @@ def test_end_to_end_catalog_schema_provenance(full_run):
     # Purity beside completeness: every catalog row counted once, and some of them lie on a true object.
     assert summary["truth"]["n_catalog"] == summary["sources"]
     assert 0 < summary["truth"]["n_catalog_near_truth"] <= summary["truth"]["n_catalog"]
+    # The truth table names only rows the catalog has: a child left out (unsupported) matches no row,
+    # and the catalog's completeness counts those rows alone.
+    truth = read_run_table(str(out), what="truth").to_pydict()
+    named = [o for o in truth["objectId"] if o >= 0]
+    assert named and set(named) <= set(ids) and len(named) == len(set(named))
+    assert summary["truth"]["matched_catalog"] == sum(o >= 0 and sc for o, sc in zip(truth["objectId"], truth["scored"]))
+    assert summary["truth"]["matched_catalog"] <= summary["truth"]["matched_enhanced"]
 
 
 def _tangent(ra, dec, ra0, dec0):

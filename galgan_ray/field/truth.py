@@ -8,6 +8,13 @@ brighter than ``mag_limit`` are matched one to one (Hungarian, within ``match_ra
 of the tile; every pair of them closer than ``blend_max_sep_arcsec`` whose brighter member the
 tile owns becomes a row of the blends table, with its parameters and whether both members were
 found at high, low and enhanced resolution.
+
+"Enhanced" is every child found on the enhanced image, before the support tests that leave some out
+of the catalog (:func:`galgan_ray.field.measure.support_children`). A truth source's ``objectId``
+is the catalog row that found it: -1 where no child matched, and where the child that matched is
+not in the catalog (unsupported, or not the tile's own), so that the truth table never names a row
+the catalog lacks; the summary's ``matched_catalog`` counts those rows, the completeness of the
+catalog as written.
 """
 from __future__ import annotations
 
@@ -95,13 +102,16 @@ class TruthScores:
     purity: dict[str, int] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
-        """The run summary's truth counts: scored sources and blends found at each resolution."""
+        """The run summary's truth counts: scored sources and blends found at each resolution, and
+        the scored sources a catalog row found (``matched_catalog``)."""
         scored = np.asarray(self.truth.get("scored", np.zeros(0)), bool)
         out = {"n_truth": int(len(scored)), "n_scored": int(scored.sum())}
         for k in ("high", "low", "enhanced"):
             out[f"matched_{k}"] = int((np.asarray(self.truth.get(f"matched_{k}", np.zeros(0)), bool) & scored).sum())
             out[f"blends_found_{k}"] = int(np.asarray(self.blends.get(f"found_{k}", np.zeros(0)), bool).sum())
         out["n_blends"] = int(len(self.blends.get("sep_arcsec", ())))
+        obj = np.asarray(self.truth.get("objectId", np.zeros(0)), np.int64)
+        out["matched_catalog"] = int(((obj >= 0) & scored).sum()) if len(obj) == len(scored) else 0
         out.update({k: int(v) for k, v in self.purity.items()})
         return out
 
@@ -156,6 +166,7 @@ def score_truth(tile: Tile, *, high: HighPeaks | None, footprints: Footprints, c
     all_ids, all_primary = catalog.all_object_id, catalog.all_primary
     obj = np.where(enh >= 0, all_ids[np.maximum(enh, 0)] if len(all_ids) else -1, -1)
     obj = np.where((enh >= 0) & (all_primary[np.maximum(enh, 0)] if len(all_primary) else False), obj, -1)
+    obj = np.where(np.isin(obj, catalog.columns["objectId"]), obj, -1)  # a child left out of the catalog: none
     owned = tile.owns(t["x"], t["y"]) if nt else np.zeros(0, bool)
     tid = int(tile.tile_id)
     truth = {

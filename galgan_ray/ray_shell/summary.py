@@ -114,7 +114,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         tr = summary["truth"]
         n, nb = max(tr["n_scored"], 1), max(tr["n_blends"], 1)
         lines.append(f"  truth      {tr['n_scored']} scored sources found: high {tr['matched_high'] / n:.0%}, "
-                     f"low {tr['matched_low'] / n:.0%}, enhanced {tr['matched_enhanced'] / n:.0%}")
+                     f"low {tr['matched_low'] / n:.0%}, enhanced {tr['matched_enhanced'] / n:.0%} (children, before "
+                     f"the support tests), catalog {tr.get('matched_catalog', 0) / n:.0%}")
         lines.append(f"             {tr['n_blends']} close pairs, both found: high {tr['blends_found_high'] / nb:.0%}, "
                      f"low {tr['blends_found_low'] / nb:.0%}, enhanced {tr['blends_found_enhanced'] / nb:.0%}")
         if tr.get("n_catalog"):
