@@ -24,12 +24,12 @@ Where it runs on GPUs (``stage_pools``), the model has a pool of its own between
     MapBatches(CommitStage)                                                     commit_actors
 
 Each actor process imports the stack (seconds of CPU) and each enhancement actor loads and
-calibrates the model before its first tile, so on a CPU cluster one pool starts a third of the
-processes; the stages and the catalog are the same in both. The read tasks ask for the CPUs of the
-first pool's actor, which lets Ray Data fuse them into that pool, so no Ray task (and no
-short-lived worker process) is left in the pipeline. A stage that
-raises on a tile turns that row into a failure (stage and reason); the commit writes it to
-``OUT/failures/``, so the rest of the field completes and nothing is dropped silently. The outputs'
+calibrates the model before its first tile, so on a CPU cluster one pool starts fewer than half the
+processes (on 2 CPUs 3 actors against 7); the stages and the catalog are the same in both. The read
+tasks ask for the CPUs of the first pool's actor, which lets Ray Data fuse them into that pool, so no
+Ray task (and no short-lived worker process) is left in the pipeline. A stage that raises on a tile
+turns that row into a failure (stage and reason); the commit writes it to ``OUT/failures/``, so the
+rest of the field completes and nothing is dropped silently. The outputs'
 layout is :mod:`galgan_ray.outputs`.
 """
 from __future__ import annotations
@@ -119,7 +119,7 @@ class FieldComputeConfig:
         ``stage_pools``: the three pools of the module docstring (``stage_actors``, ``enhance_actors``),
         for a model on GPUs or custom resources. ``one_pool``: every stage in each actor of one pool
         (:class:`~galgan_ray.ray_shell.stages.ProcessStage`, ``process_actors`` of them), the faster
-        where the model runs on CPU: a third of the processes to start, no tile state between
+        where the model runs on CPU: fewer than half the processes to start, no tile state between
         processes. ``auto``: ``one_pool`` unless the enhancement asks for GPUs or ``enhance_resources``.
         The catalog is the same either way.
     process_actors : int or None

@@ -183,9 +183,9 @@ class ProcessStage(_StageSequence):
 
     A CPU cluster gains nothing from separate pools: each actor process imports the stack and the
     enhancement actors load and calibrate the model (seconds of CPU each, before the first tile), and
-    each tile's state is serialised between pools. One pool of as many actors as cores starts a third
-    of the processes and keeps each tile in one. The stages, their timers and failure names, and so
-    the catalog, are those of the three pools.
+    each tile's state is serialised between pools. One pool of as many actors as cores starts fewer
+    than half the processes (3 actors against 7 on 2 CPUs) and keeps each tile in one. The stages,
+    their timers and failure names, and so the catalog, are those of the three pools.
 
     Parameters
     ----------
