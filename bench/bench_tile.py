@@ -12,7 +12,9 @@ In the same run it fits ``--n-blends`` two-galaxy blends with the batched photom
 field's photometry settings (centres fixed), and prints the tile photometry's time per source
 against both rates. Why a tile costs more per source: boxes up to 64-96 px around footprints of up
 to six fitted children (against 22 px and two sources), and the fits that run to ``max_iter``
-without converging (flag ``FIT_FAILED``; the script prints how many).
+without converging (flag ``FIT_FAILED``; the script prints how many). A table of the fits by box
+side shows where that time goes: big footprints alone in their batch, which run tens of
+Levenberg-Marquardt iterations.
 
     .venv/bin/python bench/bench_tile.py [--tiles-x 2 --tiles-y 2] [--repeats 2] [--n-blends 400]
 """
@@ -43,6 +45,51 @@ def run_tile(tile, *, model, enhancer, rho, config, compute):
                        compute=compute)
     times = {s: tuple(1e3 * t for t in res.steps.get(s, (0.0, 0.0))) for s in STAGES}
     return times, res, len(res.catalog)
+
+
+def record_fits() -> list[dict]:
+    """Wrap the field photometry's calls of ``fit_fluxes`` to record each one (a group of footprint
+    boxes of one size): boxes, box side, sources, LM iterations per box, CPU ms. Measurement only:
+    the wrapped call returns what it returned."""
+    from galgan_ray.field import measure
+
+    calls: list[dict] = []
+    fit = measure.fit_fluxes
+
+    def recorded(images, **kw):
+        c0 = time.process_time()
+        res = fit(images, **kw)
+        calls.append({"boxes": int(np.shape(images)[0]), "side": int(np.shape(images)[-1]),
+                      "sources": int(np.asarray(res["source_mask"]).sum()), "n_iter": np.asarray(res["n_iter"]),
+                      "ms": (time.process_time() - c0) * 1e3, "forced": kw["config"].mode == "forced"})
+        return res
+
+    measure.fit_fluxes = recorded
+    return calls
+
+
+def print_fits(calls: list[dict], *, n_passes: int) -> None:
+    """Where the Gaussian-mixture fits' time goes, per box side: a batch of small boxes converges in a
+    few iterations, while a big footprint alone in its batch can run tens of them."""
+    if not calls:
+        return
+    total = sum(c["ms"] for c in calls)
+    print(f"\nGaussian-mixture fits by box side (all {n_passes} timed passes; {total / n_passes:.0f} ms CPU per tile "
+          f"pass):")
+    print(f"  {'side px':>7s} {'calls':>5s} {'boxes':>5s} {'sources':>7s} {'LM iter median':>14s} {'max':>4s} "
+          f"{'CPU ms':>8s} {'share':>6s}")
+    for side in sorted({c["side"] for c in calls}):
+        sel = [c for c in calls if c["side"] == side and not c["forced"]]
+        if not sel:
+            continue
+        it = np.concatenate([c["n_iter"] for c in sel])
+        ms = sum(c["ms"] for c in sel)
+        print(f"  {side:7d} {len(sel):5d} {sum(c['boxes'] for c in sel):5d} {sum(c['sources'] for c in sel):7d} "
+              f"{np.median(it):14.0f} {it.max():4d} {ms:8.0f} {ms / total:6.0%}")
+    forced = [c for c in calls if c["forced"]]
+    if forced:
+        ms = sum(c["ms"] for c in forced)
+        print(f"  forced (more children than max_fit_children): {len(forced)} calls, {ms:.0f} ms ({ms / total:.0%})")
 
 
 def batched_rate(n_blends: int, cfg, *, seed: int = 0) -> tuple[float, float]:
@@ -109,6 +156,7 @@ def main(argv=None) -> None:
     print(f"first pass over tile 0 (imports, torch and PSF-mixture warm-up): {(time.process_time() - t0) * 1e3:.0f} ms "
           f"CPU (not in the figures)")
 
+    fits = record_fits()  # every Gaussian-mixture fit of the timed passes below
     best = {s: np.zeros((len(tiles), 2)) for s in STAGES}
     n_children = n_failed = n_rows = 0
     for i, tile in enumerate(tiles):
@@ -131,6 +179,8 @@ def main(argv=None) -> None:
     phot_ms = best["photometry"][:, 0].sum() / max(n_children, 1)
     print(f"  children measured per tile: {n_children / nt:.1f} (catalog rows: {n_rows / nt:.1f}); "
           f"FIT_FAILED (no convergence in max_iter={config.measure.photometry.max_iter}): {n_failed} of {n_children}")
+
+    print_fits(fits, n_passes=nt * args.repeats)
 
     print(f"\nbatched reference: fit_fluxes on {args.n_blends} two-galaxy 22x22 blends (bench_photometry's set), "
           f"CPU, {args.threads} thread(s)")
