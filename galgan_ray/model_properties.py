@@ -157,7 +157,7 @@ def noise_pattern(enhancer: Enhancer, *, n_images: int = 6, size: int = 150, see
     source it paints on a noise peak)."""
     means = noise_pattern_means(enhancer, n_images=n_images, size=size, seed=seed,
                                 pixel_scale_arcsec=pixel_scale_arcsec, psf_fwhm_arcsec=psf_fwhm_arcsec,
-                                support=support or SupportConfig())
+                                support=support)
     return noise_pattern_scores(*means["raw" if support is None else "gated"])
 
 
@@ -168,11 +168,12 @@ def noise_pattern_scores(mean: np.ndarray, expect: float) -> tuple[float, float]
 
 def noise_pattern_means(enhancer: Enhancer, *, n_images: int = 6, size: int = 150, seed: int = 20261202,
                         pixel_scale_arcsec: float = 0.168, psf_fwhm_arcsec: float | None = 0.6,
-                        support: SupportConfig = SupportConfig()) -> dict[str, tuple[np.ndarray, float]]:
+                        support: SupportConfig | None = SupportConfig()) -> dict[str, tuple[np.ndarray, float]]:
     """:func:`noise_pattern`'s mean image (10% cut from each side) and the scatter independent noise would
     give it (the mean single-image scatter / sqrt(n_images)), ``{"raw": ..., "gated": ...}``: the model's
     output everywhere, and the same outputs through ``support``'s gate (one enhancement per image; the
-    gate is what :func:`~galgan_ray.enhance.enhance_image` applies). The same arguments."""
+    gate is what :func:`~galgan_ray.enhance.enhance_image` applies; ``support=None``: ``raw`` only).
+    The same arguments."""
     wcs = make_tan_wcs(150.1, 2.2, pixel_scale_arcsec=pixel_scale_arcsec, shape=(size, size))
     psf = None
     if psf_fwhm_arcsec is not None:  # sampled at pixel centres as the outside script does (not psf.py's
@@ -181,14 +182,15 @@ def noise_pattern_means(enhancer: Enhancer, *, n_images: int = 6, size: int = 15
         psf = (1 + (xx**2 + yy**2) / alpha**2) ** -3.5
         psf = (psf / psf.sum()).astype(np.float32)
     rng = np.random.default_rng(seed)
-    outs: dict[str, list[np.ndarray]] = {"raw": [], "gated": []}
+    outs: dict[str, list[np.ndarray]] = {"raw": []} if support is None else {"raw": [], "gated": []}
     for _ in range(n_images):
         raw, _, info = enhance_image(rng.normal(0.0, 1.0, (size, size)).astype(np.float32), wcs, enhancer=enhancer,
                                      psf=psf, support=None)
-        gated, _ = gate_enhanced(raw, info["image_lr"][0], enhancer=enhancer, valid=info["footprint_lr"] > 0,
-                                 sigma_lr=info["sigma_lr"], support=support)
         outs["raw"].append(raw)
-        outs["gated"].append(gated)
+        if support is not None:
+            outs["gated"].append(gate_enhanced(raw, info["image_lr"][0], enhancer=enhancer,
+                                               valid=info["footprint_lr"] > 0, sigma_lr=info["sigma_lr"],
+                                               support=support)[0])
     res = {}
     for key, images in outs.items():
         st = np.stack(images).astype(np.float64)

@@ -35,7 +35,7 @@ from skimage.filters import apply_hysteresis_threshold
 
 from .baselines import upsample_bicubic
 from .detect import matched_filter
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .sky_plane import fit_sky_plane
 
 __all__ = ["SupportConfig", "map_support", "apply_support", "upsample_support"]
@@ -59,13 +59,14 @@ class SupportConfig:
 
     def __post_init__(self):
         if not (np.isfinite(self.detect_snr) and self.detect_snr > 0):
-            raise InputError("support.detect_snr", f"must be finite and > 0, got {self.detect_snr}")
+            raise ConfigError("support.detect_snr", f"must be finite and > 0, got {self.detect_snr}")
         if not (np.isfinite(self.grow_snr) and 0 < self.grow_snr <= self.detect_snr):
-            raise InputError("support.grow_snr", f"must be in (0, detect_snr={self.detect_snr}], got {self.grow_snr}")
+            raise ConfigError("support.grow_snr", f"must be in (0, detect_snr={self.detect_snr}], got {self.grow_snr}")
         if not (self.grow_fwhm >= 0 and self.smooth_px >= 0):
-            raise InputError("support", f"grow_fwhm and smooth_px must be >= 0, got {self.grow_fwhm}, {self.smooth_px}")
+            raise ConfigError("support", f"grow_fwhm and smooth_px must be >= 0, got {self.grow_fwhm}, "
+                                         f"{self.smooth_px}")
         if int(self.background_box_px) < 8:
-            raise InputError("support.background_box_px", f"must be >= 8, got {self.background_box_px}")
+            raise ConfigError("support.background_box_px", f"must be >= 8, got {self.background_box_px}")
 
 
 def _filtered_sigma(filt: np.ndarray, ok: np.ndarray, *, mask_snr: float = 5.0) -> float:

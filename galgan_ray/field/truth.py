@@ -111,7 +111,7 @@ class TruthScores:
             out[f"blends_found_{k}"] = int(np.asarray(self.blends.get(f"found_{k}", np.zeros(0)), bool).sum())
         out["n_blends"] = int(len(self.blends.get("sep_arcsec", ())))
         obj = np.asarray(self.truth.get("objectId", np.zeros(0)), np.int64)
-        out["matched_catalog"] = int(((obj >= 0) & scored).sum()) if len(obj) == len(scored) else 0
+        out["matched_catalog"] = int(((obj >= 0) & scored).sum())
         out.update({k: int(v) for k, v in self.purity.items()})
         return out
 

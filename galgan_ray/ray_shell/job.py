@@ -389,12 +389,13 @@ def simulate_inputs(config: FieldJobConfig) -> tuple[list[str], dict]:
 
 
 def build_pipeline(sources: Sequence[str], *, config: FieldJobConfig, checkpoint: str, model: ModelGrid,
-                   metadata_json: str, fingerprint: str) -> ray.data.Dataset:
+                   metadata_json: str, fingerprint: str, layout: str | None = None) -> ray.data.Dataset:
     """The lazy Ray dataset of the run: read -> stages -> commit (one summary row per tile), in the
-    actor layout of the module docstring (:func:`resolve_layout`)."""
+    actor layout of the module docstring (``layout``: ``one_pool`` or ``stage_pools``; None:
+    :func:`resolve_layout`'s)."""
     c = config.compute
     enhance_gpus = enhance_gpus_per_actor(c)
-    layout = resolve_layout(c, enhance_gpus=enhance_gpus)
+    layout = layout or resolve_layout(c, enhance_gpus=enhance_gpus)
     if ray.is_initialized():
         check_resources(c, enhance_gpus=enhance_gpus, layout=layout)
     common = dict(batch_size=1, num_cpus=c.stage_num_cpus, zero_copy_batch=False)
@@ -512,7 +513,7 @@ def _run_field(config: FieldJobConfig, *, verbose: bool, claims: list) -> dict[s
         log.info("actor layout: %s", layout if layout == "stage_pools" else
                  f"one_pool of {process_actor_count(config.compute)} actor(s)")
         ds = build_pipeline(todo, config=config, checkpoint=checkpoint, model=model, metadata_json=metadata_json,
-                            fingerprint=fprint)
+                            fingerprint=fprint, layout=layout)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i in range(len(batch["source"])):
                 results.append({k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i])

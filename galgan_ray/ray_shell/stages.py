@@ -162,19 +162,29 @@ class PrepareStage(_StageSequence):
     """:class:`DegradeStage` then :class:`FootprintStage` in one actor (and, fused in by Ray Data,
     the read before them): the low-resolution tile and the cutouts to enhance."""
 
-    def __init__(self, model: ModelGrid, config: FieldConfig, *, torch_threads: int = 1):
+    @staticmethod
+    def specs(model: ModelGrid, config: FieldConfig, *, torch_threads: int = 1) -> list[tuple[type, tuple, dict]]:
         kw = dict(torch_threads=torch_threads)
-        super().__init__((DegradeStage, (model, config), kw), (FootprintStage, (model, config), kw))
+        return [(DegradeStage, (model, config), kw), (FootprintStage, (model, config), kw)]
+
+    def __init__(self, model: ModelGrid, config: FieldConfig, *, torch_threads: int = 1):
+        super().__init__(*self.specs(model, config, torch_threads=torch_threads))
 
 
 class MeasureStage(_StageSequence):
     """:class:`DetectStage` then :class:`PhotometerStage` in one actor: the children found on the
     enhanced cutouts, then their fluxes on the low-resolution image."""
 
+    @staticmethod
+    def specs(model: ModelGrid, config: FieldConfig, *,
+              compute: PhotometryComputeConfig = PhotometryComputeConfig(device="cpu"),
+              torch_threads: int = 1) -> list[tuple[type, tuple, dict]]:
+        return [(DetectStage, (model, config), dict(torch_threads=torch_threads)),
+                (PhotometerStage, (model, config), dict(compute=compute, torch_threads=torch_threads))]
+
     def __init__(self, model: ModelGrid, config: FieldConfig, *,
                  compute: PhotometryComputeConfig = PhotometryComputeConfig(device="cpu"), torch_threads: int = 1):
-        super().__init__((DetectStage, (model, config), dict(torch_threads=torch_threads)),
-                         (PhotometerStage, (model, config), dict(compute=compute, torch_threads=torch_threads)))
+        super().__init__(*self.specs(model, config, compute=compute, torch_threads=torch_threads))
 
 
 class ProcessStage(_StageSequence):
@@ -201,8 +211,6 @@ class ProcessStage(_StageSequence):
     def __init__(self, model: ModelGrid, checkpoint: str, config: FieldConfig, *,
                  compute: PhotometryComputeConfig = PhotometryComputeConfig(device="cpu"), torch_threads: int = 1,
                  **enhance: Any):
-        kw = dict(torch_threads=torch_threads)
-        super().__init__((DegradeStage, (model, config), kw), (FootprintStage, (model, config), kw),
-                         (EnhanceStage, (checkpoint, config), dict(enhance, **kw)),
-                         (DetectStage, (model, config), kw),
-                         (PhotometerStage, (model, config), dict(compute=compute, **kw)))
+        super().__init__(*PrepareStage.specs(model, config, torch_threads=torch_threads),
+                         (EnhanceStage, (checkpoint, config), dict(enhance, torch_threads=torch_threads)),
+                         *MeasureStage.specs(model, config, compute=compute, torch_threads=torch_threads))
