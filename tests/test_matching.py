@@ -1,4 +1,5 @@
-"""Hungarian matching: swapped, missing, extra and out-of-radius peaks; flat batches."""
+"""Matching: swapped, missing, extra and out-of-radius peaks; flat batches; the most-pairs and the
+nearest-pairs rules."""
 from __future__ import annotations
 
 import numpy as np
@@ -71,3 +72,30 @@ def test_radius_in_arcsec():
         radius_pixels(0.3, pixel_scale_arcsec=0.0)
     with pytest.raises(InputError):
         match_peaks([[0, 0, 0]], [[0, 0]], radius_px=1.0)
+
+
+def test_nearest_rule_keeps_the_peak_on_top_of_a_source():
+    """The photometry's rule: a galaxy is measured at the peak on top of it. The most-pairs rule
+    hands that peak to a neighbour 0.3 px farther from it and gives the galaxy a peak 12 px away
+    (the benchmark's blend 104: the dominant galaxy then 'measured' 2.2 mag too faint)."""
+    truth = [[17.6, 20.3], [23.7, 17.8]]  # neighbour, dominant
+    peaks = [[21.6, 18.1], [36.8, 23.9]]  # between them (2.1 px from the dominant), and a far one
+    count = match_peaks(truth, peaks, radius_px=16.7)
+    assert_array_equal(count["peak_index"][np.argsort(count["truth_index"])], [0, 1])  # two pairs
+    near = match_peaks(truth, peaks, radius_px=16.7, rule="nearest")
+    assert_array_equal(near["truth_index"], [1])
+    assert_array_equal(near["peak_index"], [0])
+    assert_allclose(near["distance"], [np.hypot(2.1, 0.3)])
+    assert not near["peak_matched"][1] and not near["truth_matched"][0]
+
+
+def test_nearest_rule_takes_closest_pairs_first_and_respects_the_radius():
+    truth = [[0.0, 0.0], [5.0, 0.0], [50.0, 50.0]]
+    peaks = [[4.0, 0.0], [0.5, 0.0], [9.0, 0.0]]
+    m = match_peaks(truth, peaks, radius_px=4.5, rule="nearest")
+    pairs = dict(zip(m["truth_index"].tolist(), m["peak_index"].tolist()))
+    # (0, 0)-(0.5, 0) at 0.5, then (5, 0)-(4, 0) at 1; (9, 0), 4 px from (5, 0), is left: that source has its peak
+    assert pairs == {0: 1, 1: 0}
+    assert_allclose(np.sort(m["distance"]), [0.5, 1.0])
+    with pytest.raises(InputError, match="rule"):
+        match_peaks(truth, peaks, radius_px=1.0, rule="greedy")
