@@ -43,6 +43,7 @@ def test_report_has_the_keys_other_tools_read(tiny_run):
     ci = ph["headline"]["interval_68"]
     assert set(ci) >= {"bias_factor", "nmad_factor", "rms_factor", "rms_factor_all", "n_bootstrap"}
     assert "template_true_prior" in ph["diagnostics"]
+    assert ph["gmm_hr_minus_stamp_blends"] == ph["n_blends"] == 8  # fewer than INPUT_FIT_BLENDS: all of them
     assert {"nmad_factor", "rms_factor"} <= set(ph["diagnostics"]["template_true_prior"]["low1_enhanced2.dominant"])
     for method in ("template", "gmm", "photutils"):
         m = ph["methods"][method]

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             name, _, ckpt = item.partition("=")
             models[name] = ckpt
     note(f"galgan evaluate: {spec.n_blends} blends, {len(models)} enhancer(s); the default benchmark takes "
-         f"~6 min on 2 cores (sky and blends first, then a bar per enhancement and the baselines)")
+         f"~3 min on 2 idle cores (sky and blends first, then a bar per enhancement and the baselines)")
     out = evaluate(spec, models=models, work_dir=args.work_dir, real_galaxies=args.real_galaxies,
                    real_band=args.real_band, photometry=not args.no_photometry)
     written = write_report(out, args.out)
