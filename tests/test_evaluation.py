@@ -240,3 +240,14 @@ def test_photometry_association_measures_a_galaxy_at_the_peak_on_it():
     peaks_lr = [np.array([[21.6, 18.1], [36.8, 23.9]]) / 3.0]
     f = _assign_fluxes(peaks_lr, truth_lr, [np.array([1894.0, 207.0])], radius_px=1.0 / 0.18)
     assert np.isnan(f[0, 0]) and f[0, 1] == 1894.0
+
+
+def test_the_committed_specs_measure_photometry_on_every_blend():
+    """The headline factors are ratios of medians and scatters: on a subset they swing (on the first 1500
+    of the default benchmark's 5000 blends the bias factor read 17.9, bootstrap interval [11.8, 28.7]; on
+    all of them 8.6). The committed specs measure every blend."""
+    from importlib import resources
+
+    for name in ("benchmark_default.yaml", "benchmark_7band.yaml"):
+        spec = load_config(EvalSpec, str(resources.files("galgan_ray").joinpath("data", name)), [])
+        assert spec.photometry_blends >= spec.n_blends, name
