@@ -420,16 +420,17 @@ def evaluate_photometry(out: Mapping[str, Any], *, headline: str = "enhanced", c
                                                             "dependencies (see the photometry issue's closing note)"},
                               "methods": {}, "timing_s": {}}
     arrays: dict[str, dict[str, np.ndarray]] = {}
+    # What every method call shares (the prior and the peaks vary).
+    common = dict(images_lr=bb["image_lr"][:n, 0], sigma_lr=bb["sigma_lr"][:n, 0], psf_lr=out["psf_lr"],
+                  psf_mix=psf_lr_mix, degrader=degrader, config=config, template_config=template_config,
+                  scale_lr=scale_lr, scale_hr=scale_hr)
     for method in progress(methods, desc="photometry", unit="method"):
         t0 = time.perf_counter()
         mags, errs, flags = {}, {}, {}
         for label in ("low", "enhanced"):
             p_lr, p_hr = peak_sets[label]
-            fl, er, fg = _method_fluxes(method, images_lr=bb["image_lr"][:n, 0], sigma_lr=bb["sigma_lr"][:n, 0],
-                                        prior_hr=out["enhanced_images"][headline][:n, 0], peaks_lr=p_lr, peaks_hr=p_hr,
-                                        psf_lr=out["psf_lr"], psf_mix=psf_lr_mix, degrader=degrader, config=config,
-                                        template_config=template_config, scale_lr=scale_lr, scale_hr=scale_hr,
-                                        low=label == "low")
+            fl, er, fg = _method_fluxes(method, prior_hr=out["enhanced_images"][headline][:n, 0], peaks_lr=p_lr,
+                                        peaks_hr=p_hr, low=label == "low", **common)
             f = _assign_fluxes(p_lr, truth_lr, fl, radius_px=radius)
             e = _assign_fluxes(p_lr, truth_lr, er, radius_px=radius)
             mags[label] = _mag(f)
@@ -463,28 +464,22 @@ def evaluate_photometry(out: Mapping[str, Any], *, headline: str = "enhanced", c
     report["headline"]["interval_68"] = {**ci, "rms_factor_all": ci_all["rms_factor"], "n_bootstrap": n_bootstrap}
     if catalog_method == "template":
         # The same method with a perfect enhancer: the blend's own HR image as the prior.
-        _, p_hr = peak_sets["enhanced"]
-        fl, _, _ = _method_fluxes("template", images_lr=bb["image_lr"][:n, 0], sigma_lr=bb["sigma_lr"][:n, 0],
-                                  prior_hr=np.asarray(bb["image_hr"][:n, 0]), peaks_lr=peak_sets["enhanced"][0],
-                                  peaks_hr=p_hr, psf_lr=out["psf_lr"], psf_mix=psf_lr_mix, degrader=degrader,
-                                  config=config, template_config=template_config, scale_lr=scale_lr,
-                                  scale_hr=scale_hr, low=False)
-        d_true = _mag(_assign_fluxes(peak_sets["enhanced"][0], truth_lr, fl, radius_px=radius)) - mag_in
+        p_lr, p_hr = peak_sets["enhanced"]
+        fl, _, _ = _method_fluxes("template", prior_hr=np.asarray(bb["image_hr"][:n, 0]), peaks_lr=p_lr,
+                                  peaks_hr=p_hr, low=False, **common)
+        d_true = _mag(_assign_fluxes(p_lr, truth_lr, fl, radius_px=radius)) - mag_in
         report["diagnostics"] = {"template_true_prior": {
             f"{name}.dominant": improvement(pick(d_cat["low"], sel, False), pick(d_true, sel, False))
             for name, sel in (("all", every), ("low1_enhanced2", subset))}}
     if "gmm" in report["methods"] and catalog_method != "gmm":
         # The catalog's method at the enhanced peaks against the paper's baseline (GMM at the LR peaks).
         g = arrays["gmm"]["low"] - mag_in
-        c = arrays[catalog_method]["enhanced"] - mag_in
-        report["headline"]["vs_gmm_at_low_peaks"] = improvement(pick(g, subset, False), pick(c, subset, False))
+        report["headline"]["vs_gmm_at_low_peaks"] = improvement(pick(g, subset, False),
+                                                                pick(d_cat["enhanced"], subset, False))
     for key in ("all.dominant", "all.both", "low1_enhanced2.dominant", "low1_enhanced2.both"):
         report[key] = cat[key]
     report["headline_factor"] = cat["all.dominant"]["rms_factor"]
-    d_low = arrays[catalog_method]["low"] - mag_in
-    d_enh = arrays[catalog_method]["enhanced"] - mag_in
-    report["error_model"] = {"low": fit_error_model(dom_in, d_low[rows_, primary]),
-                             "enhanced": fit_error_model(dom_in, d_enh[rows_, primary])}
+    report["error_model"] = {lab: fit_error_model(dom_in, d_cat[lab][rows_, primary]) for lab in ("low", "enhanced")}
     return {"report": report, "mag_in": mag_in, "mag_low": arrays[catalog_method]["low"],
             "mag_enhanced": arrays[catalog_method]["enhanced"], "primary": primary, "subset": subset,
             "method": catalog_method}
